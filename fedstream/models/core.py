@@ -1,0 +1,143 @@
+"""The `Model` wrapper and the classification models of the foundation.
+
+A `Model` bundles a Flax Linen module with how to initialise it, apply it, and
+score it. Everything is a pure function of a params pytree (a plain dict), so
+the round runner can scan over client steps, shard clients over devices and
+checkpoint params without knowing anything about the module.
+
+Dropout keys are passed at call time (never stored in the model), so every
+client and every step draws its own mask (STACK_NOTES §6 pitfall).
+"""
+
+# No `from __future__ import annotations`: clu reads the Collection annotations.
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from clu import metrics
+from flax import linen as nn
+
+from fedstream.models.layers import Conv2D, ConvImpl, max_pool_2x2
+
+Params = Any
+
+
+@flax.struct.dataclass
+class TrainMetrics(metrics.Collection):
+    """Example-weighted mean loss and accuracy over the (masked) examples seen."""
+
+    loss: metrics.Average.from_output("loss")
+    accuracy: metrics.Accuracy
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A Flax module plus its input/label feature names and per-example loss.
+
+    Attributes:
+      module: the Linen module; `module.apply(vars, x, train=..., rngs=...)`.
+      input_shape: per-example input shape, e.g. (28, 28, 1).
+      num_classes: number of output logits.
+      input_key / label_key: dataset features holding inputs and labels.
+    """
+
+    module: nn.Module
+    input_shape: tuple[int, ...]
+    num_classes: int
+    input_key: str = "x"
+    label_key: str = "y"
+
+    def init(self, rng: jax.Array) -> Params:
+        """Initial params (a plain nested dict of arrays)."""
+        x = jnp.zeros((1, *self.input_shape), jnp.float32)
+        return self.module.init({"params": rng, "dropout": rng}, x, train=False)["params"]
+
+    def apply(self, params: Params, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        """Logits for a batch. With `rng`, runs in training mode (dropout on)."""
+        if rng is None:
+            return self.module.apply({"params": params}, x, train=False)
+        return self.module.apply({"params": params}, x, train=True, rngs={"dropout": rng})
+
+    def per_example_loss(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
+        """Softmax cross-entropy per example."""
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+    def metrics(self, logits: jax.Array, labels: jax.Array, mask: jax.Array) -> TrainMetrics:
+        """clu metrics of one batch, padded examples excluded by `mask`."""
+        return TrainMetrics.single_from_model_output(
+            logits=logits, labels=labels, loss=self.per_example_loss(logits, labels), mask=mask
+        )
+
+
+class LogisticRegression(nn.Module):
+    """Multinomial logistic regression on the flattened input."""
+
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
+
+
+class MLP(nn.Module):
+    """Dense ReLU layers (default 2x200, the 'dense' model of McMahan et al.)."""
+
+    num_classes: int
+    hidden: Sequence[int] = (200, 200)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = x.reshape(x.shape[0], -1)
+        for width in self.hidden:
+            x = nn.relu(nn.Dense(width)(x))
+        return nn.Dense(self.num_classes)(x)
+
+
+class EmnistCNN(nn.Module):
+    """The EMNIST CNN of Reddi et al. (2021) and FedJAX.
+
+    conv 32 3x3 -> conv 64 3x3 -> max-pool 2x2 -> dropout 0.25 -> dense 128
+    -> dropout 0.5 -> dense classes; 'VALID' convolutions, ReLU activations.
+    About 1.2M parameters for 28x28 inputs and 62 classes.
+    """
+
+    num_classes: int
+    conv_impl: ConvImpl = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = nn.relu(Conv2D(32, impl=self.conv_impl)(x))
+        x = nn.relu(Conv2D(64, impl=self.conv_impl)(x))
+        x = max_pool_2x2(x)
+        x = nn.Dropout(0.25, deterministic=not train)(x)
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(128)(x))
+        x = nn.Dropout(0.5, deterministic=not train)(x)
+        return nn.Dense(self.num_classes)(x)
+
+
+_FACTORIES: dict[str, Callable[..., nn.Module]] = {
+    "logistic": lambda num_classes, **kw: LogisticRegression(num_classes),
+    "mlp": lambda num_classes, hidden=(200, 200), **kw: MLP(num_classes, tuple(hidden)),
+    "cnn": lambda num_classes, conv_impl="auto", **kw: EmnistCNN(num_classes, conv_impl),
+}
+MODEL_NAMES = tuple(sorted(_FACTORIES))
+
+
+def get_model(
+    name: str,
+    input_shape: Sequence[int],
+    num_classes: int,
+    input_key: str = "x",
+    label_key: str = "y",
+    **options: Any,
+) -> Model:
+    """Builds a registered model by name ('logistic', 'mlp', 'cnn')."""
+    if name not in _FACTORIES:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
+    module = _FACTORIES[name](num_classes, **options)
+    return Model(module, tuple(int(d) for d in input_shape), int(num_classes), input_key, label_key)
