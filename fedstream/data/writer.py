@@ -1,0 +1,206 @@
+"""Streaming writer of a federated dataset directory (format version 1).
+
+Clients are added one at a time, so memory is bounded by one client. Every
+file goes into a temporary sibling directory that is renamed into place only
+by `close()`, after `metadata.json` and then `_SUCCESS`; an exception or a
+crash never leaves a directory that the reader accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import re
+import secrets
+import shutil
+from typing import Any, Mapping
+
+import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from fedstream.data.format import (FORMAT_VERSION, INDEX_FILE, METADATA_FILE, SUCCESS_FILE, FeatureSpec, Schema,
+                                   encode_example, schema_to_json)
+
+# group_size:1 keeps single records cheap to reach (STACK_NOTES §1).
+WRITER_OPTIONS = "group_size:1"
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _sha256(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclasses.dataclass
+class _SplitState:
+    directory: pathlib.Path
+    client_ids: list[str] = dataclasses.field(default_factory=list)
+    shard: list[int] = dataclasses.field(default_factory=list)
+    start: list[int] = dataclasses.field(default_factory=list)
+    count: list[int] = dataclasses.field(default_factory=list)
+    shards: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    seen: set[str] = dataclasses.field(default_factory=set)
+    writer: Any = None
+    records_in_shard: int = 0
+
+    def shard_path(self, i: int) -> pathlib.Path:
+        return self.directory / f"shard-{i:05d}.array_record"
+
+
+def _check_array(split: str, client_id: str, name: str, spec: FeatureSpec, value: Any) -> np.ndarray | list:
+    """Validates and casts one feature column; names split, client and feature on error."""
+    where = f"split {split!r}, client {client_id!r}, feature {name!r}"
+    target = np.dtype(spec.dtype)
+    if spec.variable:
+        items = [np.asarray(v) for v in value]
+        for v in items:
+            if v.shape[1:] != spec.shape[1:] or v.ndim != len(spec.shape):
+                raise ValueError(f"{where}: example shape {v.shape} does not match the schema {spec.shape}")
+        return [_cast(v, target, where) for v in items]
+    value = np.asarray(value)
+    if value.shape[1:] != spec.shape:
+        raise ValueError(f"{where}: per-example shape {value.shape[1:]} does not match the schema {spec.shape}")
+    return _cast(value, target, where)
+
+
+def _cast(value: np.ndarray, target: np.dtype, where: str) -> np.ndarray:
+    if value.dtype == target:
+        return value
+    if value.dtype.kind in "iub" and target.kind in "iub":
+        if value.size and (value.min() < np.iinfo(target).min if target.kind != "b" else False
+                           or value.max() > (np.iinfo(target).max if target.kind != "b" else 1)):
+            raise ValueError(f"{where}: values {value.min()}..{value.max()} do not fit {target.name}")
+        return value.astype(target)
+    if np.can_cast(value.dtype, target, casting="same_kind") or (value.dtype.kind in "iub" and target.kind == "f"):
+        return value.astype(target)
+    raise ValueError(f"{where}: dtype {value.dtype.name} cannot be stored as {target.name}")
+
+
+class DatasetWriter:
+    """Writes a dataset directory client by client.
+
+    Usage:
+        with DatasetWriter(out_dir, schema, metadata={"recipe": ...}) as w:
+            w.add_client("train", "client_00000", {"x": x, "y": y})
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, schema: Schema, *, metadata: Mapping[str, Any] | None = None,
+                 records_per_shard: int = 4096) -> None:
+        if not schema:
+            raise ValueError("a dataset needs at least one feature")
+        self.output_dir = pathlib.Path(output_dir).absolute()
+        self.schema = dict(schema)
+        self.metadata = dict(metadata or {})
+        self.records_per_shard = int(records_per_shard)
+        self.output_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir = self.output_dir.with_name(f".{self.output_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        self.tmp_dir.mkdir()
+        self._splits: dict[str, _SplitState] = {}
+        self._closed = False
+
+    def __enter__(self) -> DatasetWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def _split(self, split: str) -> _SplitState:
+        if split not in self._splits:
+            if not isinstance(split, str) or not _SAFE_NAME.match(split) or split == METADATA_FILE:
+                raise ValueError(f"invalid split name {split!r}: use letters, digits, '_', '-', '.'")
+            directory = self.tmp_dir / split
+            directory.mkdir()
+            self._splits[split] = _SplitState(directory)
+        return self._splits[split]
+
+    def add_client(self, split: str, client_id: str, examples: Mapping[str, Any]) -> None:
+        """Appends one client's examples (feature -> array with leading dim n; n may be 0)."""
+        if self._closed:
+            raise RuntimeError("the writer is closed")
+        if not isinstance(client_id, str) or not client_id:
+            raise ValueError(f"split {split!r}: client id must be a non-empty string, got {client_id!r}")
+        state = self._split(split)
+        if client_id in state.seen:
+            raise ValueError(f"split {split!r}: client {client_id!r} was already added")
+        if set(examples) != set(self.schema):
+            raise ValueError(f"split {split!r}, client {client_id!r}: features {sorted(examples)} "
+                             f"do not match the schema {list(self.schema)}")
+        columns = {name: _check_array(split, client_id, name, spec, examples[name])
+                   for name, spec in self.schema.items()}
+        lengths = {name: len(v) for name, v in columns.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"split {split!r}, client {client_id!r}: features have different example counts {lengths}")
+        n = next(iter(lengths.values()))
+        records = [encode_example(self.schema, {name: columns[name][i] for name in self.schema}) for i in range(n)]
+
+        if state.writer is None or (state.records_in_shard >= self.records_per_shard and n):
+            self._finish_shard(state)
+            state.writer = ArrayRecordWriter(str(state.shard_path(len(state.shards))), WRITER_OPTIONS)
+            state.shards.append({"file": f"{split}/{state.shard_path(len(state.shards)).name}"})
+            state.records_in_shard = 0
+        for record in records:
+            state.writer.write(record)
+        state.client_ids.append(client_id)
+        state.seen.add(client_id)
+        state.shard.append(len(state.shards) - 1)
+        state.start.append(state.records_in_shard)
+        state.count.append(n)
+        state.records_in_shard += n
+
+    def _finish_shard(self, state: _SplitState) -> None:
+        if state.writer is None:
+            return
+        state.writer.close()
+        state.writer = None
+        path = state.shard_path(len(state.shards) - 1)
+        state.shards[-1].update(num_records=state.records_in_shard, bytes=path.stat().st_size, sha256=_sha256(path))
+
+    def close(self) -> pathlib.Path:
+        """Finishes every shard, writes index, metadata and `_SUCCESS`, and renames into place."""
+        if self._closed:
+            return self.output_dir
+        try:
+            splits_meta = {}
+            for split, state in self._splits.items():
+                self._finish_shard(state)
+                ids = np.array(state.client_ids, dtype=str) if state.client_ids else np.zeros(0, "<U1")
+                np.savez(state.directory / INDEX_FILE, client_ids=ids, shard=np.array(state.shard, np.int32),
+                         start=np.array(state.start, np.int64), count=np.array(state.count, np.int64))
+                splits_meta[split] = {"num_clients": len(state.client_ids), "num_examples": int(sum(state.count)),
+                                      "shards": state.shards}
+            from fedstream import __version__
+
+            metadata = {**self.metadata, "format_version": FORMAT_VERSION, "schema": schema_to_json(self.schema),
+                        "splits": splits_meta, "created_by": f"fedstream {__version__}"}
+            (self.tmp_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=1, sort_keys=True, default=str))
+            (self.tmp_dir / SUCCESS_FILE).write_text("")
+            old = None
+            if self.output_dir.exists():
+                old = self.output_dir.with_name(f".{self.output_dir.name}.old-{secrets.token_hex(4)}")
+                os.replace(self.output_dir, old)
+            os.replace(self.tmp_dir, self.output_dir)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+        return self.output_dir
+
+    def abort(self) -> None:
+        """Drops everything written so far."""
+        for state in self._splits.values():
+            if state.writer is not None:
+                state.writer.close()
+                state.writer = None
+        self._closed = True
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)

@@ -1,0 +1,112 @@
+"""Where metrics go: `metrics.jsonl` in the workdir, TensorBoard, a progress line.
+
+`metrics.jsonl` has one JSON object per line: `{"round": r, "kind": "train" |
+"eval", ...}`. On resume from round k the lines of later rounds (written
+before the crash, not covered by a checkpoint) are dropped, so the file always
+matches the restored state.
+
+TensorBoard scalars are written through `clu.metric_writers`, which imports
+TensorFlow; that is the optional extra `fedstream[tensorboard]`. Without it
+the JSONL file is the record and a one-line note says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Any, Mapping, TextIO
+
+
+def _tensorboard_writer(logdir: pathlib.Path) -> Any | None:
+    try:
+        from clu import metric_writers
+    except ImportError:
+        return None
+    return metric_writers.SummaryWriter(str(logdir))
+
+
+def truncate_jsonl(path: pathlib.Path, last_round: int) -> None:
+    """Keeps only lines with round <= last_round (atomically rewritten)."""
+    if not path.exists():
+        return
+    kept = []
+    with path.open() as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            if int(record.get("round", -1)) <= last_round:
+                kept.append(json.dumps(record) + "\n")
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """Appends metrics to `<workdir>/metrics.jsonl` and TensorBoard (if installed)."""
+
+    def __init__(self, workdir: str | pathlib.Path, resume_round: int, tensorboard: bool = True) -> None:
+        self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        truncate_jsonl(self.path, resume_round)
+        self._file: TextIO = self.path.open("a")
+        self._tb = _tensorboard_writer(pathlib.Path(workdir) / "tensorboard") if tensorboard else None
+        self.tensorboard_enabled = self._tb is not None
+
+    def write(self, round_index: int, kind: str, values: Mapping[str, Any]) -> None:
+        """Appends one record; numbers also go to TensorBoard as `kind/name`."""
+        record = {"round": int(round_index), "kind": kind, **{k: _plain(v) for k, v in values.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            scalars = {f"{kind}/{k}": v for k, v in record.items()
+                       if k not in ("round", "kind") and isinstance(v, (int, float))}
+            self._tb.write_scalars(int(round_index), scalars)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class Progress:
+    """A throttled one-line progress report: round, rounds/s, examples/s, ETA, last eval."""
+
+    def __init__(self, total_rounds: int, start_round: int, stream: TextIO = sys.stdout, every_secs: float = 2.0):
+        self.total, self.start = total_rounds, start_round
+        self.stream, self.every = stream, every_secs
+        self.t0 = time.perf_counter()
+        self.last_print = -math.inf
+        self.examples = 0
+        self.last_eval = ""
+
+    def update(self, round_done: int, examples: int, train: Mapping[str, float], force: bool = False) -> None:
+        self.examples += examples
+        now = time.perf_counter()
+        if not force and now - self.last_print < self.every and round_done < self.total:
+            return
+        self.last_print = now
+        elapsed = max(now - self.t0, 1e-9)
+        rate = (round_done - self.start) / elapsed
+        eta = (self.total - round_done) / rate if rate > 0 else float("inf")
+        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
+        line = (f"round {round_done}/{self.total} | {rate:.2f} rounds/s | {self.examples / elapsed:,.0f} ex/s | "
+                f"ETA {eta_text} | train loss {train.get('loss', float('nan')):.4f} "
+                f"acc {train.get('accuracy', float('nan')):.4f}")
+        if self.last_eval:
+            line += f" | {self.last_eval}"
+        print(line, file=self.stream, flush=True)

@@ -1,0 +1,192 @@
+"""The train loop: one obvious loop around the jitted round.
+
+    state <- restore latest checkpoint, or init(seed)
+    for r in rounds not done yet:
+        batch <- next(cohort iterator)        # Grain, prefetched in threads
+        state, stats <- round(state, batch)   # one sharded XLA program
+        log metrics; async Orbax save; evaluate every k rounds
+    final evaluation over all test clients
+
+Running the same command on the same workdir resumes. Everything a round
+computes is a function of (config, round, server state), so a resumed run
+ends bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from fedstream.algorithms.fedavg import FedAvg, ServerState, make_optimizer
+from fedstream.config import ConfigError
+from fedstream.data.cohort import ClientBatching, CohortPipeline, EvalPipeline
+from fedstream.models import get_model
+from fedstream.training.checkpoint import RunCheckpointer, check_config_unchanged
+from fedstream.training.metrics_log import MetricsLog, Progress
+from fedstream.training.rounds import build_eval, build_train_round, make_mesh, replicate, shard_batch,
+                                       summarize_eval
+
+# Test hook: "kill_during_save:K" sends SIGKILL to this process right after
+# the asynchronous save of round K has started; "kill_after_round:K" after
+# round K's checkpoint is committed. Used by the kill-and-resume tests.
+FAULT_ENV = "FEDSTREAM_FAULT"
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a finished `train` call returns."""
+
+    state: ServerState
+    rounds_done: int
+    final_eval: dict[str, float]
+    workdir: pathlib.Path
+
+
+def open_dataset(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> Any:
+    """Opens `config.data.path`, preprocessing it first with `config.data.recipe` if missing."""
+    from fedstream.data.reader import FederatedDataset
+
+    path = pathlib.Path(config.data.path)
+    if not (path / "_SUCCESS").exists() and config.data.recipe:
+        from fedstream.data.preprocessing import run_preprocess
+
+        log(f"dataset {path} not found: preprocessing recipe {config.data.recipe!r} into it")
+        run_preprocess(config.data.recipe, path, progress=log)
+    return FederatedDataset(path)
+
+
+def build_algorithm(config: ml_collections.ConfigDict, dataset: Any) -> FedAvg:
+    """The model and FedAvg/FedOpt algorithm the config describes."""
+    schema = dataset.schema
+    input_key, label_key = "x", "y"
+    for key in (input_key, label_key):
+        if key not in schema:
+            raise ConfigError(f"dataset {config.data.path} has no feature {key!r} (features: {', '.join(schema)})")
+    model = get_model(config.model.name, schema[input_key].shape, config.model.num_classes,
+                      hidden=tuple(config.model.hidden), conv_impl=config.model.conv_impl)
+    client_tx = make_optimizer(config.client.optimizer, config.client.learning_rate, momentum=config.client.momentum)
+    server_tx = make_optimizer(config.server.optimizer, config.server.learning_rate, momentum=config.server.momentum,
+                               b1=config.server.b1, b2=config.server.b2, eps=config.server.eps)
+    return FedAvg(model, client_tx, server_tx)
+
+
+def _fault_point() -> tuple[str, int] | None:
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec:
+        return None
+    kind, _, k = spec.partition(":")
+    return kind, int(k)
+
+
+def evaluate(algorithm: FedAvg, params: Any, dataset: Any, config: ml_collections.ConfigDict,
+             mesh: jax.sharding.Mesh, eval_fn: Callable | None = None) -> dict[str, float]:
+    """Loss and accuracy over all clients of the test split (example-weighted and client-averaged)."""
+    chunk = int(config.eval.chunk_clients)
+    pipeline = EvalPipeline(dataset, config.data.test_split, (algorithm.model.input_key, algorithm.model.label_key),
+                            int(config.eval.batch_size), mesh.size, chunk, int(config.data_threads))
+    eval_fn = eval_fn or build_eval(algorithm, mesh, chunk)
+    sums: dict[str, list[np.ndarray]] = {"loss_sum": [], "correct": [], "count": []}
+    for part in pipeline.chunks():
+        out = jax.device_get(eval_fn(params, shard_batch(part["batch"], mesh)))
+        for key in sums:
+            sums[key].append(np.asarray(out[key])[: len(part["clients"])])
+    return summarize_eval({k: np.concatenate(v) if v else np.zeros(0) for k, v in sums.items()})
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+          log: Callable[[str], None] = print) -> TrainResult:
+    """Runs (or resumes) the experiment `config` in `workdir`."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_dict = config.to_dict()
+    if config.aggregation not in ("example", "uniform"):
+        raise ConfigError(f"config key 'aggregation' must be 'example' or 'uniform', got {config.aggregation!r}")
+
+    checkpointer = RunCheckpointer(workdir, every=config.checkpoint.every, keep=config.checkpoint.keep)
+    latest = checkpointer.latest_round()
+    if latest is not None:
+        check_config_unchanged(checkpointer.read_meta(latest)["config"], config_dict, workdir)
+
+    dataset = open_dataset(config, log)
+    algorithm = build_algorithm(config, dataset)
+    mesh = make_mesh()
+    batching = ClientBatching(int(config.client.batch_size), int(config.client.epochs),
+                              int(config.client.max_examples), int(config.client.max_steps))
+    pipeline = CohortPipeline(dataset, config.data.train_split, (algorithm.model.input_key, algorithm.model.label_key),
+                              seed=int(config.seed), cohort_size=int(config.clients_per_round), batching=batching,
+                              num_devices=mesh.size, uniform_weights=config.aggregation == "uniform",
+                              data_threads=int(config.data_threads))
+    num_rounds = int(config.num_rounds)
+
+    state = algorithm.init(jax.random.PRNGKey(int(config.seed)))
+    start = 0
+    iterator = pipeline.iterator(max(num_rounds, 1))
+    if latest is not None:
+        state, meta = checkpointer.restore(latest, state)
+        start = int(state.round)
+        iterator.set_state(meta["data_iterator"])
+        log(f"resumed {workdir} from the checkpoint after round {start}")
+    state = replicate(state, mesh)
+    metrics_log = MetricsLog(workdir, resume_round=start)
+    if not metrics_log.tensorboard_enabled and start == 0:
+        log("TensorBoard summaries off (install fedstream[tensorboard]); metrics go to metrics.jsonl")
+
+    train_round = build_train_round(algorithm, mesh, seed=int(config.seed))
+    eval_fn = build_eval(algorithm, mesh, int(config.eval.chunk_clients))
+    progress = Progress(num_rounds, start)
+    fault = _fault_point()
+    final_eval: dict[str, float] = {}
+    try:
+        for r in range(start, num_rounds):
+            t0 = time.perf_counter()
+            element = next(iterator)
+            if element["round"] != r:
+                raise RuntimeError(f"data iterator yielded round {element['round']} for round {r}")
+            t_data = time.perf_counter()
+            state, stats = train_round(state, shard_batch(element["batch"], mesh))
+            train_metrics = {k: float(v) for k, v in stats["metrics"].compute().items()}
+            seconds = time.perf_counter() - t0
+            metrics_log.write(r + 1, "train", {
+                **train_metrics,
+                "clients": element["num_clients_trained"],
+                "empty_clients_skipped": element["num_clients_empty"],
+                "examples": element["num_examples"],
+                "steps": element["num_steps"],
+                "round_seconds": seconds,
+                "data_wait_seconds": t_data - t0,
+                "examples_per_second": element["num_examples"] / max(seconds, 1e-9),
+            })
+            done = r + 1
+            evaluate_now = done == num_rounds or (config.eval.every and done % int(config.eval.every) == 0)
+            if evaluate_now:
+                final_eval = evaluate(algorithm, state.params, dataset, config, mesh, eval_fn)
+                metrics_log.write(done, "eval", final_eval)
+                progress.last_eval = f"test acc {final_eval['accuracy']:.4f}"
+            meta = {"config": config_dict, "round": done, "seed": int(config.seed),
+                    "data_iterator": iterator.get_state()}
+            saved = checkpointer.save(done, state, meta, force=done == num_rounds)
+            progress.update(done, element["num_examples"], train_metrics, force=bool(evaluate_now))
+            if fault and fault[1] == done and saved:
+                if fault[0] == "kill_after_round":
+                    checkpointer.wait()
+                os.kill(os.getpid(), signal.SIGKILL)
+        if start >= num_rounds:
+            final_eval = evaluate(algorithm, state.params, dataset, config, mesh, eval_fn)
+            log(f"run already complete ({start} rounds); final evaluation repeated")
+    finally:
+        checkpointer.close()
+        metrics_log.close()
+        iterator.close() if hasattr(iterator, "close") else None
+    if final_eval:
+        log(f"final test accuracy {final_eval['accuracy']:.4f} (example-weighted), "
+            f"{final_eval['client_mean_accuracy']:.4f} (client mean), loss {final_eval['loss']:.4f} "
+            f"over {final_eval['num_clients']} clients / {final_eval['num_examples']} examples")
+    return TrainResult(state, max(start, num_rounds), final_eval, workdir)

@@ -1,0 +1,130 @@
+"""The cohort pipeline: purity in (seed, round), packing, caps, masks, resume."""
+
+import numpy as np
+import pytest
+
+from fedstream.data.cohort import (ClientBatching, CohortPipeline, bucket_steps, client_example_order,
+                                   pack_clients, sample_cohort)
+from support import InMemorySource
+
+SIZES = [0, 1, 3, 12, 25, 7, 40, 2, 9, 16, 5, 30, 0, 11, 19, 4]
+
+
+def make_pipeline(num_devices=1, threads=0, batching=ClientBatching(4, epochs=2), cohort=6, seed=7, source=None):
+    return CohortPipeline(source or InMemorySource(SIZES), "train", ("x", "y"), seed=seed, cohort_size=cohort,
+                          batching=batching, num_devices=num_devices, data_threads=threads)
+
+
+def unpack(element, source):
+    """Rebuilds {client: (x rows, labels, mask)} from a packed round, checking stream structure."""
+    b = element["batch"]
+    out = {}
+    num_devices, length = b["first"].shape
+    for d in range(num_devices):
+        t = 0
+        while t < length:
+            if not b["first"][d, t]:
+                assert not b["mask"][d, t].any(), "examples outside any client's steps"
+                t += 1
+                continue
+            client = int(b["client"][d, t])
+            end = t
+            while not b["last"][d, end]:
+                end += 1
+                assert not b["first"][d, end], "a client starts before the previous one ended"
+            assert (b["client"][d, t:end + 1] == client).all()
+            assert (b["step"][d, t:end + 1] == np.arange(end + 1 - t)).all()
+            assert client not in out, "client packed twice"
+            out[client] = (b["x"][d, t:end + 1], b["y"][d, t:end + 1], b["mask"][d, t:end + 1],
+                           float(b["weight"][d, end]))
+            t = end + 1
+    return out
+
+
+def test_cohort_sampling_is_pure_and_uniform():
+    a = sample_cohort(1, 5, 100, 10)
+    assert (a == sample_cohort(1, 5, 100, 10)).all()
+    assert len(set(a.tolist())) == 10
+    assert not (a == sample_cohort(1, 6, 100, 10)).all()
+    counts = np.bincount(np.concatenate([sample_cohort(0, r, 20, 5) for r in range(4000)]), minlength=20)
+    # Each client is picked with probability 5/20 per round: 1000 +- 3 sigma (sigma ~ 27).
+    assert np.abs(counts - 1000).max() < 100
+    with pytest.raises(ValueError, match="exceeds"):
+        sample_cohort(0, 0, 3, 4)
+
+
+def test_client_order_epochs_and_caps():
+    batching = ClientBatching(4, epochs=3)
+    order = client_example_order(0, 0, 2, 10, batching)
+    assert order.size == 8 * 4  # ceil(30/4) steps
+    real = order[order >= 0]
+    assert real.size == 30 and (np.bincount(real, minlength=10) == 3).all()
+    for e in range(3):  # every epoch is a permutation
+        assert sorted(real[e * 10:(e + 1) * 10]) == list(range(10))
+    capped = ClientBatching(4, epochs=2, max_examples=5, max_steps=2)
+    order = client_example_order(0, 0, 2, 10, capped)
+    assert order.size == 8 and (order >= 0).all() and len(set(order.tolist())) == 5
+    assert capped.num_steps(10) == 2 and capped.examples_used(10) == 5
+
+
+@pytest.mark.parametrize("num_devices", [1, 3, 4])
+def test_packed_round_holds_each_client_exactly(num_devices):
+    source = InMemorySource(SIZES)
+    batching = ClientBatching(4, epochs=2)
+    element = next(make_pipeline(num_devices, source=source, batching=batching).iterator(1))
+    cohort = sample_cohort(7, 0, len(SIZES), 6)
+    clients = unpack(element, source)
+    nonempty = [int(c) for c in cohort if SIZES[c] > 0]
+    assert sorted(clients) == sorted(nonempty)
+    assert element["num_clients_empty"] == sum(SIZES[c] == 0 for c in cohort)
+    for c, (x, y, mask, weight) in clients.items():
+        order = client_example_order(7, 0, c, SIZES[c], batching).reshape(-1, 4)
+        assert mask.shape == order.shape and (mask == (order >= 0)).all()
+        np.testing.assert_array_equal(x[mask], source.clients[c]["x"][order[order >= 0]])
+        np.testing.assert_array_equal(y[mask], source.clients[c]["y"][order[order >= 0]])
+        assert weight == SIZES[c]
+
+
+def test_rounds_do_not_depend_on_threads_or_device_count():
+    def client_data(num_devices, threads):
+        it = make_pipeline(num_devices, threads).iterator(3)
+        return [unpack(next(it), None) for _ in range(3)]
+
+    base = client_data(1, 0)
+    for num_devices, threads in [(1, 2), (4, 2), (2, 0)]:
+        other = client_data(num_devices, threads)
+        for a, b in zip(base, other):
+            assert sorted(a) == sorted(b)
+            for c in a:
+                for u, v in zip(a[c], b[c]):
+                    np.testing.assert_array_equal(u, v)
+
+
+def test_iterator_state_resumes_exactly():
+    it = make_pipeline(threads=2).iterator(5)
+    next(it), next(it)
+    state = it.get_state()
+    rest = [next(it) for _ in range(3)]
+    fresh = make_pipeline(threads=2).iterator(5)
+    fresh.set_state(state)
+    for a in rest:
+        b = next(fresh)
+        assert a["round"] == b["round"]
+        for k in a["batch"]:
+            np.testing.assert_array_equal(a["batch"][k], b["batch"][k])
+
+
+def test_bucketing_bounds_shapes_and_padding():
+    lengths = {bucket_steps(s) for s in range(1, 2049)}
+    assert len(lengths) <= 2 + 2 * 10  # 2 per power of two
+    for s in range(1, 5000):
+        assert s <= bucket_steps(s) <= max(s * 1.5, s + 1)
+
+
+def test_pack_clients_balances_load():
+    steps = [50, 3, 20, 20, 7, 1, 30, 12]
+    device, offset, load = pack_clients(steps, 3)
+    assert load.sum() == sum(steps) and load.max() <= 50
+    for d in range(3):  # no overlap within a device's stream
+        spans = sorted((offset[i], offset[i] + steps[i]) for i in range(len(steps)) if device[i] == d)
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
