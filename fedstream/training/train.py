@@ -31,8 +31,8 @@ from fedstream.data.cohort import ClientBatching, CohortPipeline, EvalPipeline
 from fedstream.models import get_model
 from fedstream.training.checkpoint import RunCheckpointer, check_config_unchanged
 from fedstream.training.metrics_log import MetricsLog, Progress
-from fedstream.training.rounds import build_eval, build_train_round, make_mesh, replicate, shard_batch,
-                                       summarize_eval
+from fedstream.training.rounds import (build_eval, build_train_round, make_mesh, replicate, shard_batch,
+                                       summarize_eval)
 
 # Test hook: "kill_during_save:K" sends SIGKILL to this process right after
 # the asynchronous save of round K has started; "kill_after_round:K" after
