@@ -11,6 +11,7 @@ or paths to `.py` files with a `get_config()`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -80,7 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.verify:
                 FederatedDataset(args.path).verify()
                 print("verify: all shard checksums match")
-    except (ConfigError, DatasetFormatError, FileNotFoundError) as e:
+    except (ConfigError, DatasetFormatError, FileNotFoundError, ValueError) as e:
+        # Bad input (config, dataset, recipe arguments): one line, no traceback,
+        # unless FEDSTREAM_DEBUG is set.
+        if os.environ.get("FEDSTREAM_DEBUG"):
+            raise
         print(f"fedstream: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -71,10 +71,12 @@ def run_preprocess(
             now = time.perf_counter()
             if now - last > 2.0:
                 last = now
-                say(f"  {clients:,} clients, {examples:,} examples written ({examples / (now - start):,.0f} ex/s)")
+                say(f"  {clients:,} client splits, {examples:,} examples written ({examples / (now - start):,.0f} ex/s)")
         if hasattr(module, "expected_counts"):
             _check_counts(writer, module.expected_counts(config), recipe_name)
-    say(f"wrote {clients:,} clients / {examples:,} examples to {output} in {time.perf_counter() - start:.1f} s")
+        summary = "; ".join(f"{split}: {len(state.client_ids):,} clients / {sum(state.count):,} examples"
+                            for split, state in writer._splits.items())
+    say(f"wrote {summary} to {output} in {time.perf_counter() - start:.1f} s")
     return output
 
 
