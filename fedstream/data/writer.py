@@ -70,14 +70,17 @@ def _check_array(split: str, client_id: str, name: str, spec: FeatureSpec, value
 
 
 def _cast(value: np.ndarray, target: np.dtype, where: str) -> np.ndarray:
+    """Casts to the schema dtype only when no value can change (ints must fit; floats widen or narrow)."""
     if value.dtype == target:
         return value
-    if value.dtype.kind in "iub" and target.kind in "iub":
-        if value.size and (value.min() < np.iinfo(target).min if target.kind != "b" else False
-                           or value.max() > (np.iinfo(target).max if target.kind != "b" else 1)):
+    if value.dtype.kind in "iub" and target.kind in "iu":
+        info = np.iinfo(target)
+        if value.size and (value.min() < info.min or value.max() > info.max):
             raise ValueError(f"{where}: values {value.min()}..{value.max()} do not fit {target.name}")
         return value.astype(target)
-    if np.can_cast(value.dtype, target, casting="same_kind") or (value.dtype.kind in "iub" and target.kind == "f"):
+    if value.dtype.kind == "b" and target.kind == "b":
+        return value
+    if value.dtype.kind in "iubf" and target.kind == "f":
         return value.astype(target)
     raise ValueError(f"{where}: dtype {value.dtype.name} cannot be stored as {target.name}")
 
