@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe name (e.g. digits, synthetic, arrays) or path to a recipe .py")
     p.add_argument("--output", required=True, help="dataset directory to create")
     p.add_argument("--force", action="store_true", help="rewrite a complete output directory")
+    p.add_argument("--compression", default="uncompressed",
+                   help="shard compression: uncompressed (fastest to read, default), snappy, zstd:1, zstd:3, ...")
     t = sub.add_parser("train", help="run or resume an experiment")
     t.add_argument("pipeline", help="pipeline name (e.g. digits_fedavg) or path to a config .py")
     t.add_argument("--workdir", required=True, help="run directory (checkpoints, metrics); resumed if it exists")
@@ -66,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "preprocess":
             from fedstream.data.preprocessing import run_preprocess
 
-            run_preprocess(args.recipe, args.output, overrides, force=args.force)
+            run_preprocess(args.recipe, args.output, overrides, force=args.force, compression=args.compression)
         elif args.command == "train":
             from fedstream.config import load_config
             from fedstream.training.train import train

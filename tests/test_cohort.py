@@ -16,28 +16,24 @@ def make_pipeline(num_devices=1, threads=0, batching=ClientBatching(4, epochs=2)
 
 
 def unpack(element, source):
-    """Rebuilds {client: (x rows, labels, mask)} from a packed round, checking stream structure."""
+    """Rebuilds {client: (x, y, mask, weight)} from a packed round, checking the stream structure."""
     b = element["batch"]
     out = {}
-    num_devices, length = b["first"].shape
+    num_devices, length = b["mask"].shape[:2]
     for d in range(num_devices):
-        t = 0
-        while t < length:
-            if not b["first"][d, t]:
-                assert not b["mask"][d, t].any(), "examples outside any client's steps"
-                t += 1
+        covered = np.zeros(length, bool)
+        for k in range(b["slot_steps"].shape[1]):
+            steps, offset = int(b["slot_steps"][d, k]), int(b["slot_offset"][d, k])
+            if steps == 0:
+                assert b["slot_weight"][d, k] == 0
                 continue
-            client = int(b["client"][d, t])
-            end = t
-            while not b["last"][d, end]:
-                end += 1
-                assert not b["first"][d, end], "a client starts before the previous one ended"
-            assert (b["client"][d, t:end + 1] == client).all()
-            assert (b["step"][d, t:end + 1] == np.arange(end + 1 - t)).all()
+            assert offset + steps <= length and not covered[offset:offset + steps].any(), "overlapping clients"
+            covered[offset:offset + steps] = True
+            client = int(b["slot_client"][d, k])
             assert client not in out, "client packed twice"
-            out[client] = (b["x"][d, t:end + 1], b["y"][d, t:end + 1], b["mask"][d, t:end + 1],
-                           float(b["weight"][d, end]))
-            t = end + 1
+            window = slice(offset, offset + steps)
+            out[client] = (b["x"][d, window], b["y"][d, window], b["mask"][d, window], float(b["slot_weight"][d, k]))
+        assert not b["mask"][d, ~covered].any(), "examples outside any client's steps"
     return out
 
 

@@ -11,8 +11,8 @@ model at each client's first step). Clients are assigned longest-first to the
 least-loaded device, and the stream length is rounded up to one of a few
 bucket sizes (2^k or 1.5 * 2^k), so unequal client sizes waste little compute and the number of
 compiled round shapes stays small. Leaves are shaped `[devices, steps, batch,
-...]`, plus per-step `first`/`last`/`weight`/`client`/`step` fields and a
-per-example `mask`.
+...]` with a per-example `mask`, plus per device one slot per cohort client
+(offset and number of its steps in the stream, weight, client index).
 """
 
 from __future__ import annotations
@@ -175,27 +175,20 @@ class CohortPipeline:
         return _cached_cohort(self.seed, round_index, len(self.sizes), self.cohort_size)
 
     def load_slot(self, slot: int) -> dict[str, Any]:
-        """One client of one round, laid out as `[steps, batch, ...]` (Grain map)."""
+        """One client of one round: its decoded examples and their step order (Grain map, in threads)."""
         round_index, position = divmod(slot, self.cohort_size)
         client = int(self.cohort(round_index)[position])
         num_examples = int(self.sizes[client])
         element: dict[str, Any] = {"round": round_index, "client": client, "num_examples": num_examples}
         if num_examples == 0:
-            element.update(steps=0, weight=0.0, examples_used=0, data=None)
+            element.update(steps=0, weight=0.0, examples_used=0, data=None, order=None)
             return element
         order = client_example_order(self.seed, round_index, client, num_examples, self.batching)
         data = self.source.get_client(self.split, client)
-        steps = order.size // self.batching.batch_size
-        valid = order >= 0
-        take = np.where(valid, order, 0)
-        batch_shape = (steps, self.batching.batch_size)
-        element["data"] = {
-            name: np.asarray(data[name])[take].reshape(batch_shape + np.shape(data[name])[1:])
-            for name in self.features
-        }
-        element["data"]["mask"] = valid.reshape(batch_shape)
         used = self.batching.examples_used(num_examples)
-        element.update(steps=steps, examples_used=used, weight=1.0 if self.uniform_weights else float(used))
+        element.update(data={name: np.asarray(data[name]) for name in self.features}, order=order,
+                       steps=order.size // self.batching.batch_size, examples_used=used,
+                       weight=1.0 if self.uniform_weights else float(used))
         return element
 
     def pack(self, elements: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -203,7 +196,12 @@ class CohortPipeline:
         return pack_round(elements, self.source.schema, self.features, self.batching.batch_size, self.num_devices)
 
     def iterator(self, num_rounds: int) -> grain.DatasetIterator:
-        """Iterator over rounds 0..num_rounds-1; prefetches upcoming clients in threads."""
+        """Iterator over rounds 0..num_rounds-1.
+
+        Clients are read and decoded in `data_threads` threads, and whole
+        packed rounds are prepared one round ahead in a background thread, so
+        round r+1's data is ready while round r computes.
+        """
         threads = max(int(self.data_threads), 0)
         dataset = (
             grain.MapDataset.range(num_rounds * self.cohort_size)
@@ -212,6 +210,8 @@ class CohortPipeline:
                 num_threads=threads, prefetch_buffer_size=2 * self.cohort_size if threads else 0))
             .batch(self.cohort_size, drop_remainder=True, batch_fn=self.pack)
         )
+        if threads:
+            dataset = grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=1)
         return iter(dataset)
 
 
@@ -220,6 +220,26 @@ def _cached_cohort(seed: int, round_index: int, num_clients: int, cohort_size: i
     cohort = sample_cohort(seed, round_index, num_clients, cohort_size)
     cohort.setflags(write=False)
     return cohort
+
+
+def empty_round_batch(schema: Any, features: Sequence[str], batch_size: int, num_devices: int, length: int,
+                      slots: int) -> dict[str, np.ndarray]:
+    """An all-padding round batch: step streams `[devices, length, batch, ...]` and `slots` client slots per device.
+
+    Client slot k of device d trains `slot_steps[d, k]` steps starting at step
+    `slot_offset[d, k]` of that device's stream; its update is weighted by
+    `slot_weight[d, k]` (0 for unused slots) and its RNG keys derive from
+    `slot_client[d, k]`.
+    """
+    lead = (num_devices, length)
+    batch = {name: np.zeros(lead + (batch_size, *schema[name].shape), np.dtype(schema[name].dtype))
+             for name in features}
+    batch["mask"] = np.zeros(lead + (batch_size,), bool)
+    batch["slot_offset"] = np.zeros((num_devices, slots), np.int32)
+    batch["slot_steps"] = np.zeros((num_devices, slots), np.int32)
+    batch["slot_weight"] = np.zeros((num_devices, slots), np.float32)
+    batch["slot_client"] = np.zeros((num_devices, slots), np.int32)
+    return batch
 
 
 def pack_round(
@@ -231,34 +251,30 @@ def pack_round(
 ) -> dict[str, Any]:
     """Packs client elements (from `CohortPipeline.load_slot`) onto devices.
 
-    Returns a dict with `batch` (device arrays, leading dims `[devices,
-    steps]`) and host-side round statistics.
+    Returns a dict with `batch` (see `empty_round_batch`; one slot per
+    cohort position) and host-side round statistics.
     """
     steps = [int(e["steps"]) for e in elements]
     device, offset, load = pack_clients(steps, num_devices)
     length = bucket_steps(int(load.max()) if load.size else 1)
-    lead = (num_devices, length)
-    batch: dict[str, np.ndarray] = {}
-    for name in features:
-        spec = schema[name]
-        batch[name] = np.zeros(lead + (batch_size, *spec.shape), np.dtype(spec.dtype))
-    batch["mask"] = np.zeros(lead + (batch_size,), bool)
-    batch["first"] = np.zeros(lead, bool)
-    batch["last"] = np.zeros(lead, bool)
-    batch["weight"] = np.zeros(lead, np.float32)
-    batch["client"] = np.zeros(lead, np.int32)
-    batch["step"] = np.zeros(lead, np.int32)
+    batch = empty_round_batch(schema, features, batch_size, num_devices, length, len(elements))
+    used = np.zeros(num_devices, np.int64)
     for e, d, o, s in zip(elements, device, offset, steps):
         if s == 0:
             continue
-        window = (d, slice(o, o + s))
-        for name in (*features, "mask"):
-            batch[name][window] = e["data"][name]
-        batch["first"][d, o] = True
-        batch["last"][d, o + s - 1] = True
-        batch["weight"][d, o + s - 1] = e["weight"]
-        batch["client"][window] = e["client"]
-        batch["step"][window] = np.arange(s)
+        order = e["order"]
+        valid = order >= 0
+        batch["mask"][d, o:o + s] = valid.reshape(s, batch_size)
+        take = np.where(valid, order, 0)
+        for name in features:  # gather straight into the packed batch (no intermediate copy)
+            out = batch[name][d, o:o + s].reshape(s * batch_size, *batch[name].shape[3:])
+            np.take(e["data"][name], take, axis=0, out=out)
+        k = used[d]
+        used[d] += 1
+        batch["slot_offset"][d, k] = o
+        batch["slot_steps"][d, k] = s
+        batch["slot_weight"][d, k] = e["weight"]
+        batch["slot_client"][d, k] = e["client"]
     rounds = {int(e["round"]) for e in elements}
     if len(rounds) != 1:
         raise RuntimeError(f"a packed round mixes rounds {sorted(rounds)}; the cohort pipeline is misaligned")

@@ -107,7 +107,8 @@ def decode_examples(schema: Schema, records: Sequence[bytes], source: str = "") 
             raise DatasetFormatError(f"{source}: record {bad} has {len(records[bad])} bytes, "
                                      f"the schema needs {fixed.itemsize}")
         table = np.frombuffer(b"".join(records), dtype=fixed)
-        return {name: table[name].astype(np.dtype(spec.dtype), copy=True) for name, spec in schema.items()}
+        # Read-only views into one buffer (no copy on little-endian hosts); callers gather from them.
+        return {name: table[name].astype(np.dtype(spec.dtype), copy=False) for name, spec in schema.items()}
     columns: dict[str, list[np.ndarray]] = {name: [] for name in schema}
     for i, record in enumerate(records):
         offset = 0

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 from fedstream import __version__
 from fedstream.config import ConfigError, load_config, load_module, to_json
 from fedstream.data.format import METADATA_FILE, SUCCESS_FILE
-from fedstream.data.writer import DatasetWriter
+from fedstream.data.writer import DEFAULT_COMPRESSION, DatasetWriter
 
 RECIPES_PACKAGE = "fedstream.recipes"
 
@@ -36,9 +36,13 @@ def run_preprocess(
     overrides: Sequence[str] = (),
     *,
     force: bool = False,
+    compression: str = DEFAULT_COMPRESSION,
     progress: Callable[[str], None] | None = print,
 ) -> pathlib.Path:
-    """Writes the dataset of `recipe` (name or .py path) with config `overrides` into `output`."""
+    """Writes the dataset of `recipe` (name or .py path) with config `overrides` into `output`.
+
+    `compression` is the shards' ArrayRecord compression (see `DatasetWriter`).
+    """
     say = progress or (lambda _: None)
     module = load_module(recipe, RECIPES_PACKAGE)
     for attr in ("get_config", "schema", "generate"):
@@ -51,19 +55,21 @@ def run_preprocess(
 
     if (output / SUCCESS_FILE).exists():
         existing = json.loads((output / METADATA_FILE).read_text())
-        if existing.get("recipe") == recipe_name and existing.get("config") == config_json and not force:
+        same = (existing.get("recipe") == recipe_name and existing.get("config") == config_json
+                and existing.get("shard_options") == f"group_size:1,{compression}")
+        if same and not force:
             say(f"{output} is up to date ({recipe_name}); pass --force to rebuild it")
             return output
         if not force:
             raise ConfigError(f"{output} already holds a dataset from recipe {existing.get('recipe')!r} with a "
-                              "different config; pass --force to replace it or choose another --output")
+                              "different config or compression; pass --force to replace it or choose another --output")
 
     metadata = {"recipe": recipe_name, "config": config_json, "source": getattr(module, "SOURCE", ""),
                 "seed": config_json.get("seed"), "fedstream_version": __version__}
     say(f"preprocessing {recipe_name} into {output}")
     start = last = time.perf_counter()
     clients = examples = 0
-    with DatasetWriter(output, module.schema(config), metadata=metadata) as writer:
+    with DatasetWriter(output, module.schema(config), metadata=metadata, compression=compression) as writer:
         for split, client_id, data in module.generate(config):
             writer.add_client(split, client_id, data)
             clients += 1

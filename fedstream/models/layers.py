@@ -28,15 +28,26 @@ def resolve_conv_impl(impl: ConvImpl) -> str:
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, padding: str, impl: str) -> jax.Array:
-    """A stride-1 NHWC convolution with an HWIO kernel, by `impl`."""
-    dims = ("NHWC", "HWIO", "NHWC")
+    """A stride-1 NHWC convolution with an HWIO kernel, by `impl`.
+
+    'patches' is im2col written with slices: the kh*kw shifted views of the
+    input are concatenated on the channel axis and multiplied by the
+    flattened kernel. Its gradient is slicing and padding, which XLA:CPU
+    runs fast in loops (the gradient of `lax.conv_general_dilated_patches`
+    is itself a convolution and was ~3x slower, see docs/performance.md).
+    """
     if impl == "xla":
-        return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=dims)
+        return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
     kh, kw, cin, cout = kernel.shape
-    # Patches come out channel-major: feature index = c * kh * kw + i * kw + j.
-    patches = jax.lax.conv_general_dilated_patches(x, (kh, kw), (1, 1), padding, dimension_numbers=dims)
-    flat_kernel = jnp.transpose(kernel, (2, 0, 1, 3)).reshape(cin * kh * kw, cout)
-    return patches @ flat_kernel
+    if padding == "SAME":
+        top, left = (kh - 1) // 2, (kw - 1) // 2
+        x = jnp.pad(x, ((0, 0), (top, kh - 1 - top), (left, kw - 1 - left), (0, 0)))
+    elif padding != "VALID":
+        raise ValueError(f"padding must be 'SAME' or 'VALID', got {padding!r}")
+    ho, wo = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    # Feature index of the patches = (i * kw + j) * cin + c, matching kernel.reshape.
+    patches = jnp.concatenate([x[:, i:i + ho, j:j + wo, :] for i in range(kh) for j in range(kw)], axis=-1)
+    return patches @ kernel.reshape(kh * kw * cin, cout)
 
 
 class Conv2D(nn.Module):

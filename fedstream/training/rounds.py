@@ -1,12 +1,12 @@
 """One federated round (and one evaluation pass) as a single jitted program.
 
 The round is a `jax.shard_map` over a one-dimensional `('clients',)` mesh of
-all devices. Each device runs one `lax.scan` over its packed step stream
-(see `fedstream.data.cohort`): at a client's first step the local model is
-reset to the server model, at its last step the weighted client delta is
-added to the device's running sum, padding steps are skipped by `lax.cond`.
-The sums are `psum`-ed over devices and the server update runs once,
-replicated.
+all devices. Each device scans over its client slots (see
+`fedstream.data.cohort`): a client starts from the server model, runs a
+`fori_loop` over exactly its own steps, read from the device's packed step
+stream, and adds its weighted delta to the device's running sum. Padding
+steps are never executed and no per-step branch touches the model. The sums
+are `psum`-ed over devices and the server update runs once, replicated.
 
 Per-step dropout keys are `fold_in(fold_in(fold_in(key(seed), round),
 client), step)`: a function of the client and its step only, never of the
@@ -73,10 +73,6 @@ def _varying(tree: Any) -> Any:
     return jax.tree.map(cast, tree)
 
 
-def _tree_where(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
-    return jax.lax.cond(pred, lambda: on_true, lambda: on_false)
-
-
 def build_train_round(
     algorithm: FedAvg, mesh: jax.sharding.Mesh, seed: int
 ) -> Callable[[ServerState, Mapping[str, jax.Array]], tuple[ServerState, dict[str, jax.Array]]]:
@@ -88,39 +84,36 @@ def build_train_round(
     """
 
     def device_round(state: ServerState, batch: Mapping[str, jax.Array]):
-        batch = jax.tree.map(lambda a: a[0], batch)  # this device's stream
+        batch = jax.tree.map(lambda a: a[0], batch)  # this device's part
+        stream = {k: v for k, v in batch.items() if not k.startswith("slot_")}
+        slots = {k: v for k, v in batch.items() if k.startswith("slot_")}
         # Without this pcast, gradients of the replicated params would be
         # silently psum-ed across devices (STACK_NOTES §4).
         server_params = _varying(state.params)
-        client0 = algorithm.client_init(server_params)
-        zeros = jax.tree.map(jnp.zeros_like, server_params)
-        metrics0 = _varying(TrainMetrics.empty())
 
-        def step(carry, s):
-            client, delta_sum, weight_sum, metrics = carry
-            client = _tree_where(s["first"], algorithm.client_init(server_params), client)
-            key = step_key(seed, state.round, s["client"], s["step"])
+        def run_client(carry, slot):
+            def train(carry):
+                delta_sum, weight_sum, metrics = carry
 
-            def train(c):
-                return _varying(algorithm.client_step(c, s, key))
+                def local_step(t, inner):
+                    client, metrics = inner
+                    step_batch = jax.tree.map(
+                        lambda a: jax.lax.dynamic_index_in_dim(a, slot["slot_offset"] + t, keepdims=False), stream)
+                    key = step_key(seed, state.round, slot["slot_client"], t)
+                    client, step_metrics = algorithm.client_step(client, step_batch, key)
+                    return _varying((client, metrics.merge(step_metrics)))
 
-            def skip(c):
-                return c, metrics0
-
-            client, step_metrics = jax.lax.cond(jnp.any(s["mask"]), train, skip, client)
-            metrics = _varying(metrics.merge(step_metrics))
-
-            def accumulate(acc):
-                total, weight = acc
+                start = _varying((algorithm.client_init(server_params), metrics))
+                client, metrics = jax.lax.fori_loop(0, slot["slot_steps"], local_step, start)
                 delta = algorithm.client_delta(client, server_params)
-                total = jax.tree.map(lambda t, d: t + s["weight"] * d, total, delta)
-                return total, weight + s["weight"]
+                delta_sum = jax.tree.map(lambda total, d: total + slot["slot_weight"] * d, delta_sum, delta)
+                return delta_sum, weight_sum + slot["slot_weight"], metrics
 
-            delta_sum, weight_sum = jax.lax.cond(s["last"], accumulate, lambda acc: acc, (delta_sum, weight_sum))
-            return (client, delta_sum, weight_sum, metrics), None
+            return jax.lax.cond(slot["slot_steps"] > 0, train, lambda c: c, carry), None
 
-        init = (client0, zeros, _varying(jnp.zeros((), jnp.float32)), metrics0)
-        (_, delta_sum, weight_sum, metrics), _ = jax.lax.scan(step, init, batch)
+        init = _varying((jax.tree.map(jnp.zeros_like, server_params), jnp.zeros((), jnp.float32),
+                         TrainMetrics.empty()))
+        (delta_sum, weight_sum, metrics), _ = jax.lax.scan(run_client, init, slots)
         return jax.lax.psum((delta_sum, weight_sum, metrics), AXIS)
 
     sharded = jax.shard_map(device_round, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P())

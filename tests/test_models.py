@@ -1,0 +1,47 @@
+"""Models: the im2col convolution equals lax.conv; dropout keys matter; parameter counts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedstream.models import get_model
+from fedstream.models.layers import conv2d
+
+
+@pytest.mark.parametrize("padding", ["VALID", "SAME"])
+@pytest.mark.parametrize("kernel", [(3, 3), (5, 3), (2, 2)])
+def test_patches_conv_matches_lax_conv(padding, kernel):
+    kx, kk = jax.random.split(jax.random.PRNGKey(0))
+    x = jax.random.normal(kx, (3, 11, 9, 4))
+    w = jax.random.normal(kk, (*kernel, 4, 6))
+    np.testing.assert_allclose(conv2d(x, w, padding, "patches"), conv2d(x, w, padding, "xla"), rtol=1e-5, atol=1e-5)
+    # Gradients too (they drive training).
+    g1 = jax.grad(lambda x, w: jnp.sum(jnp.sin(conv2d(x, w, padding, "patches"))), (0, 1))(x, w)
+    g2 = jax.grad(lambda x, w: jnp.sum(jnp.sin(conv2d(x, w, padding, "xla"))), (0, 1))(x, w)
+    for a, b in zip(g1, g2):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_emnist_cnn_shape_params_and_dropout():
+    model = get_model("cnn", (28, 28, 1), 62)
+    params = model.init(jax.random.PRNGKey(0))
+    assert sum(p.size for p in jax.tree.leaves(params)) == 1_206_590  # Reddi et al.'s CNN, 62 classes
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 28, 28, 1))
+    eval_logits = model.apply(params, x)
+    assert eval_logits.shape == (4, 62)
+    a = model.apply(params, x, rng=jax.random.PRNGKey(2))
+    b = model.apply(params, x, rng=jax.random.PRNGKey(3))
+    assert not np.allclose(a, b)  # different keys, different dropout masks
+    np.testing.assert_array_equal(a, model.apply(params, x, rng=jax.random.PRNGKey(2)))
+    xla = get_model("cnn", (28, 28, 1), 62, conv_impl="xla")
+    np.testing.assert_allclose(xla.apply(params, x), eval_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_metrics_respect_mask():
+    model = get_model("logistic", (2,), 3)
+    logits = jnp.array([[5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0]])
+    m = model.metrics(logits, jnp.array([0, 0, 2]), jnp.array([True, False, True])).compute()
+    assert float(m["accuracy"]) == 1.0
+    with pytest.raises(ValueError, match="unknown model"):
+        get_model("resnet", (2,), 3)
