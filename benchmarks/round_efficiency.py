@@ -1,94 +1,144 @@
 """Round efficiency: fedstream's round time against the in-memory `lax.scan` limit.
 
-    python benchmarks/round_efficiency.py                     # both models, 10 and 50 clients/round
-    python benchmarks/round_efficiency.py --models mlp --clients-per-round 50 --rounds 6
-    python benchmarks/round_efficiency.py --conv-check        # lax.conv vs im2col inside lax.scan
+Reproduce (about 10 minutes on a 2-core CPU VM, plus ~2 minutes the first time
+to write the 2 GiB dataset):
+
+    python benchmarks/round_efficiency.py                     # cnn and mlp, 10 and 50 clients/round
+    python benchmarks/round_efficiency.py --models mlp --clients-per-round 50 --rounds 9
+    python benchmarks/round_efficiency.py --conv-check        # only: lax.conv vs im2col inside lax.scan
 
 Data: a federated-EMNIST-shaped synthetic dataset (3,400 clients, example
-counts log-normal with mean ~200, 28x28x1 float32 pixels, 62 classes),
-written once through the real `DatasetWriter` into a cache directory.
+counts log-normal with mean ~200, 28x28x1 float32 pixels in [0, 1), 62
+classes), written once with the real `DatasetWriter` into a cache directory
+(default: `<system temp dir>/fedstream_bench/emnist_like`, `--data-dir` to
+move it) and reused while its generator parameters match.
 
-fedstream round time: wall time per round of the train loop's work, i.e.
-`next(iterator)` (Grain: ArrayRecord reads, shuffling, packing, prefetched in
-threads while the previous round computes) + device transfer + the jitted
-sharded round + waiting for its result. Round shapes are compiled before
-timing (one call per stream length on an all-padding batch).
+Workload: FedAdam as in FedJAX's EMNIST experiments: batch 20, 1 local epoch,
+client SGD lr 10^-1.5, server Adam lr 10^-2.5 (b1 0.9, b2 0.999, eps 1e-4);
+the EMNIST CNN (compute-bound) and the 2x200 dense model (overhead-bound).
 
-Limit: the same number of SGD steps on the same batches (the round's real
-steps, partial last batches masked the same way), with the data already on
-the device, as one jitted `lax.scan` of the client step on a single model:
-no data pipeline, no client resets, no aggregation, no server update.
+Measured per (model, clients per round), all in one process:
 
-Batch 20, 1 local epoch, client SGD lr 10^-1.5, server Adam lr 10^-2.5
-(b1 0.9, b2 0.999, eps 1e-4), as in FedJAX's EMNIST FedAdam experiments.
-Medians over the timed rounds; ratio = fedstream median / limit median.
+* fedstream: wall time per round of what the train loop pays:
+  `next(iterator)` (Grain: ArrayRecord reads, per-client shuffles, packing,
+  prefetched in background threads while the previous round computes) +
+  `shard_batch` (host -> device) + the jitted sharded round + waiting for its
+  result. Every stream length the measured rounds use is compiled first (on
+  all-padding batches), then `--warmup-rounds` real rounds run untimed, then
+  `--rounds` rounds are timed.
+* limit: the same SGD steps on the same batches (each timed round's real
+  steps, i.e. the steps whose mask has any example, partial last batches
+  masked the same way) with the data already on the device, as one jitted
+  `lax.scan` of `FedAvg.client_step` on a single client state: no data
+  pipeline, no client resets, no delta accumulation, no server update.
+  Compiled ahead of time per round (step counts differ), then timed once.
+* ratio = median(fedstream) / median(limit). Target: <= 1.10 at 50 clients.
+
+Breakdown (same rounds, measured after the timed loop, interleaved with the
+limit, no background threads running): `data_wait` (time spent inside
+`next()` during the timed loop), `pipeline_serial` (producing one round with
+no reader threads, i.e. the data pipeline's CPU cost), `transfer`
+(`shard_batch`), `round_only` (the jitted round on pre-fetched, pre-placed
+data). `round_only / limit` is the compiled round's own overhead; the rest of
+the ratio is the data pipeline (its exposed wait plus the CPU it takes from
+XLA while prefetching).
+
+Finally (unless `--no-conv-check`) the CNN client step inside `lax.scan` is
+timed with `conv_impl='xla'` (lax.conv) and `'patches'` (im2col; the CPU
+default), plus lax.conv in a Python loop of jitted steps, with the max
+absolute difference of their outputs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import statistics
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedstream.algorithms.fedavg import ClientState, FedAvg, make_optimizer
-from fedstream.data.cohort import ClientBatching, CohortPipeline, bucket_steps, empty_round_batch, pack_clients
+from fedstream.algorithms.fedavg import FedAvg, make_optimizer
+from fedstream.data.cohort import (ClientBatching, CohortPipeline, auto_data_threads, bucket_steps,
+                                   empty_round_batch, pack_clients)
 from fedstream.data.format import FeatureSpec
 from fedstream.data.reader import FederatedDataset
 from fedstream.data.writer import DEFAULT_COMPRESSION, DatasetWriter
 from fedstream.models import get_model
+from fedstream.models.layers import resolve_conv_impl
 from fedstream.training.rounds import build_train_round, make_mesh, replicate, shard_batch
 
 NUM_CLIENTS = 3400
 MEAN_EXAMPLES = 200
-SIGMA = 0.6
+SIGMA = 0.6  # log-normal sigma of the client sizes (std ~130 examples at mean 200)
 NUM_CLASSES = 62
 SHAPE = (28, 28, 1)
 BATCH = 20
+RECORDS_PER_SHARD = 4096
+
+
+def _dir_bytes(path: pathlib.Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def dataset_dir(root: pathlib.Path) -> pathlib.Path:
-    """Writes the EMNIST-shaped dataset once (reused while its parameters match)."""
+    """Writes the EMNIST-shaped dataset under `root` once; reuses it while its parameters match.
+
+    Client sizes are `max(1, int(lognormal(mu, SIGMA)))` with `mu` chosen so
+    the log-normal mean is MEAN_EXAMPLES; pixels are uniform in [0, 1) on a
+    1/255 grid, labels uniform over the classes (nothing needs to be learnable).
+    """
     params = {"clients": NUM_CLIENTS, "mean": MEAN_EXAMPLES, "sigma": SIGMA, "classes": NUM_CLASSES, "seed": 0,
               "compression": DEFAULT_COMPRESSION}
     path = root / "emnist_like"
-    if (path / "_SUCCESS").exists() and FederatedDataset(path).metadata.get("generator") == params:
-        return path
+    if (path / "_SUCCESS").exists():
+        existing = FederatedDataset(path)
+        if existing.metadata.get("generator") == params:
+            sizes = existing.client_sizes("train")
+            print(f"reusing {path}: {len(sizes)} clients, {int(sizes.sum()):,} examples "
+                  f"(mean {sizes.mean():.1f}), {_dir_bytes(path) / 2**30:.2f} GiB", flush=True)
+            return path
     rng = np.random.default_rng(0)
     sizes = np.maximum(1, rng.lognormal(np.log(MEAN_EXAMPLES) - SIGMA**2 / 2, SIGMA, NUM_CLIENTS).astype(int))
     schema = {"x": FeatureSpec("float32", SHAPE), "y": FeatureSpec("int32", ())}
     t0 = time.perf_counter()
-    with DatasetWriter(path, schema, metadata={"recipe": "benchmark", "generator": params}) as writer:
+    with DatasetWriter(path, schema, metadata={"recipe": "benchmark", "generator": params},
+                       records_per_shard=RECORDS_PER_SHARD) as writer:
         for i, n in enumerate(sizes):
             pixels = rng.integers(0, 256, (n, *SHAPE), dtype=np.uint8).astype(np.float32) / 255.0
-            writer.add_client("train", f"c{i:05d}", {"x": pixels, "y": rng.integers(0, NUM_CLASSES, n)})
-    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    print(f"wrote {sizes.sum():,} examples ({size / 2**30:.2f} GiB) in {time.perf_counter() - t0:.0f} s to {path}")
+            labels = rng.integers(0, NUM_CLASSES, n).astype(np.int32)
+            writer.add_client("train", f"c{i:05d}", {"x": pixels, "y": labels})
+    print(f"wrote {len(sizes)} clients, {int(sizes.sum()):,} examples (mean {sizes.mean():.1f}), "
+          f"{_dir_bytes(path) / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s to {path}", flush=True)
     return path
 
 
 def make_algorithm(model_name: str, conv_impl: str = "auto") -> FedAvg:
-    options = {"hidden": (200, 200)} if model_name == "mlp" else {"conv_impl": conv_impl}
+    """FedAdam with the issue's settings for 'cnn' or 'mlp' (2x200)."""
+    options: dict[str, Any] = {"hidden": (200, 200)} if model_name == "mlp" else {"conv_impl": conv_impl}
     model = get_model(model_name, SHAPE, NUM_CLASSES, **options)
     return FedAvg(model, make_optimizer("sgd", 10**-1.5),
                   make_optimizer("adam", 10**-2.5, b1=0.9, b2=0.999, eps=1e-4))
 
 
-def build_limit(algorithm: FedAvg):
-    """One jitted lax.scan of client steps over in-memory batches."""
+def build_limit(algorithm: FedAvg) -> Callable[[Any, dict[str, jax.Array]], Any]:
+    """`limit(params, batches) -> params`: one jitted lax.scan of client steps over `[S, B, ...]` batches.
+
+    One client state for all S steps; the dropout key of step i is
+    `fold_in(PRNGKey(0), i)`.
+    """
 
     @jax.jit
     def limit(params: Any, batches: dict[str, jax.Array]) -> Any:
         key = jax.random.PRNGKey(0)
 
-        def step(state, xs):
+        def step(state: Any, xs: tuple[jax.Array, dict[str, jax.Array]]) -> tuple[Any, None]:
             i, batch = xs
             state, _ = algorithm.client_step(state, batch, jax.random.fold_in(key, i))
             return state, None
@@ -101,7 +151,7 @@ def build_limit(algorithm: FedAvg):
 
 
 def real_steps(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The steps of a packed round that hold examples, as one `[S, B, ...]` stream."""
+    """The steps of a packed round that hold examples, as one `[S, B, ...]` stream (devices flattened)."""
     keep = batch["mask"].any(-1)
     return {k: batch[k][keep] for k in ("x", "y", "mask")}
 
@@ -115,101 +165,201 @@ def stream_lengths(pipeline: CohortPipeline, rounds: range) -> set[int]:
     return lengths
 
 
-def run(ds: FederatedDataset, model_name: str, cohort: int, rounds: int, threads: int) -> dict[str, Any]:
+def _median_ms(values: list[float], per: float = 1.0) -> float:
+    return 1e3 * statistics.median(values) / per
+
+
+def run(ds: FederatedDataset, model_name: str, cohort: int, rounds: int, warmup: int,
+        threads: int) -> dict[str, Any]:
+    """Times `rounds` fedstream rounds after warm-up, then the breakdown and the limit on the same rounds."""
     algorithm = make_algorithm(model_name)
     mesh = make_mesh()
-    pipeline = CohortPipeline(ds, "train", ("x", "y"), seed=0, cohort_size=cohort, batching=ClientBatching(BATCH),
-                              num_devices=mesh.size, data_threads=threads)
+    total = warmup + rounds
+
+    def pipeline(data_threads: int) -> CohortPipeline:
+        return CohortPipeline(ds, "train", ("x", "y"), seed=0, cohort_size=cohort,
+                              batching=ClientBatching(BATCH, 1), num_devices=mesh.size,
+                              data_threads=data_threads)
+
+    pipe = pipeline(auto_data_threads(threads))
     round_fn = build_train_round(algorithm, mesh, seed=0)
     state = replicate(algorithm.init(jax.random.PRNGKey(0)), mesh)
 
+    # 1. Compile every round shape we will run (an all-padding batch runs no step).
     t0 = time.perf_counter()
-    for length in sorted(stream_lengths(pipeline, range(rounds))):  # compile every shape we will time
+    for length in sorted(stream_lengths(pipe, range(total))):
         dummy = empty_round_batch(ds.schema, ("x", "y"), BATCH, mesh.size, length, cohort)
         jax.block_until_ready(round_fn(state, shard_batch(dummy, mesh)))
     compile_s = time.perf_counter() - t0
     compiles = round_fn._cache_size()
 
-    iterator = pipeline.iterator(rounds)
-    fed_times, data_waits, streams, steps = [], [], [], []
-    time.sleep(1.0)  # let the prefetch threads fill the first round, as after a round of compute
-    for _ in range(rounds):
+    # 2. The train loop's rounds: warm-up rounds untimed, then timed rounds.
+    iterator = pipe.iterator(total)
+    fed_s, wait_s, elements = [], [], []
+    for r in range(total):
         t0 = time.perf_counter()
         element = next(iterator)
         t1 = time.perf_counter()
         state, stats = round_fn(state, shard_batch(element["batch"], mesh))
         jax.block_until_ready((state, stats))
-        fed_times.append(time.perf_counter() - t0)
-        data_waits.append(t1 - t0)
-        streams.append(real_steps(element["batch"]))
-        steps.append(element["num_steps"])
+        if r >= warmup:
+            fed_s.append(time.perf_counter() - t0)
+            wait_s.append(t1 - t0)
+            elements.append(element)
     iterator.close()
-    assert round_fn._cache_size() == compiles, "a timed round compiled a new shape"
+    if round_fn._cache_size() != compiles:
+        raise RuntimeError("a timed round compiled a new shape; the warm-up missed a stream length")
 
+    # 3. Data pipeline alone, serial (no reader threads): its CPU cost per round.
+    serial_s = []
+    serial_it = pipeline(0).iterator(total)
+    for r in range(total):
+        t0 = time.perf_counter()
+        next(serial_it)
+        if r >= warmup:
+            serial_s.append(time.perf_counter() - t0)
+    serial_it.close()
+
+    # 4. Per timed round, interleaved: transfer, round alone on placed data, limit.
     limit_fn = build_limit(algorithm)
     params = jax.device_get(state.params)
-    limit_times = []
-    for stream in streams:
-        on_device = jax.device_put(stream)
-        jax.block_until_ready(limit_fn(params, on_device))  # compile (excluded)
+    transfer_s, round_only_s, limit_s, steps = [], [], [], []
+    for element in elements:
         t0 = time.perf_counter()
-        jax.block_until_ready(limit_fn(params, on_device))
-        limit_times.append(time.perf_counter() - t0)
-    fed, lim = statistics.median(fed_times), statistics.median(limit_times)
-    return {"model": model_name, "clients_per_round": cohort, "rounds": rounds, "devices": mesh.size,
-            "steps_per_round": int(statistics.median(steps)), "fedstream_median_s": fed, "limit_median_s": lim,
-            "ratio": fed / lim, "data_wait_median_s": statistics.median(data_waits),
-            "fedstream_ms_per_step": 1e3 * fed / statistics.median(steps),
-            "limit_ms_per_step": 1e3 * lim / statistics.median(steps), "compiles": compiles,
-            "compile_s": compile_s}
+        placed = jax.block_until_ready(shard_batch(element["batch"], mesh))
+        transfer_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        jax.block_until_ready(round_fn(state, placed))
+        round_only_s.append(time.perf_counter() - t0)
+        del placed
+
+        stream = jax.device_put(real_steps(element["batch"]))
+        assert stream["mask"].shape[0] == element["num_steps"]
+        compiled = limit_fn.lower(params, stream).compile()  # ahead of time: compile cost excluded
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(params, stream))
+        limit_s.append(time.perf_counter() - t0)
+        steps.append(element["num_steps"])
+        del stream
+
+    n_steps = statistics.median(steps)
+    fed, lim = statistics.median(fed_s), statistics.median(limit_s)
+    return {
+        "model": model_name, "clients_per_round": cohort, "rounds": rounds, "warmup_rounds": warmup,
+        "devices": mesh.size, "data_threads": pipe.data_threads, "steps_per_round": int(n_steps),
+        "stream_lengths": sorted({int(e["stream_length"]) for e in elements}),
+        "fedstream_median_s": fed, "limit_median_s": lim, "ratio": fed / lim,
+        "fedstream_ms_per_step": 1e3 * fed / n_steps, "limit_ms_per_step": 1e3 * lim / n_steps,
+        "fedstream_s": fed_s, "limit_s": limit_s, "steps": steps,
+        "data_wait_median_s": statistics.median(wait_s), "pipeline_serial_median_s": statistics.median(serial_s),
+        "transfer_median_s": statistics.median(transfer_s), "round_only_median_s": statistics.median(round_only_s),
+        "round_only_ratio": statistics.median(round_only_s) / lim, "compiles": compiles, "compile_s": compile_s,
+    }
 
 
-def conv_check(steps: int = 3) -> None:
-    """Per-step time of the CNN client step inside lax.scan: lax.conv vs im2col (patches + dot)."""
+def format_result(r: dict[str, Any]) -> str:
+    """The result line (one per model and cohort size) and its breakdown line."""
+    main = (f"model={r['model']} clients_per_round={r['clients_per_round']} rounds={r['rounds']} "
+            f"steps/round={r['steps_per_round']} fedstream_median_s={r['fedstream_median_s']:.3f} "
+            f"limit_median_s={r['limit_median_s']:.3f} ratio={r['ratio']:.3f} "
+            f"fedstream_ms/step={r['fedstream_ms_per_step']:.2f} limit_ms/step={r['limit_ms_per_step']:.2f} "
+            f"compiles={r['compiles']}")
+    detail = (f"  breakdown: data_wait_s={r['data_wait_median_s']:.3f} "
+              f"pipeline_serial_s={r['pipeline_serial_median_s']:.3f} transfer_s={r['transfer_median_s']:.3f} "
+              f"round_only_s={r['round_only_median_s']:.3f} round_only/limit={r['round_only_ratio']:.3f} "
+              f"data_threads={r['data_threads']} stream_lengths={r['stream_lengths']} "
+              f"compile_s={r['compile_s']:.1f}")
+    return main + "\n" + detail
+
+
+def _time_calls(fn: Callable[[], Any], calls: int) -> float:
+    """Seconds per call of `fn` (already compiled), blocking on each result."""
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        jax.block_until_ready(fn())
+    return (time.perf_counter() - t0) / calls
+
+
+def conv_check(xla_steps: int = 3, patch_steps: int = 20) -> dict[str, float]:
+    """CNN client step (batch 20) inside lax.scan with conv_impl 'xla' vs 'patches', and max output difference.
+
+    Also times lax.conv in a Python loop of single jitted steps (not in a
+    scan), which is the case XLA:CPU handles well.
+    """
     rng = np.random.default_rng(0)
+    steps = max(xla_steps, patch_steps)
     batches = {"x": jnp.asarray(rng.random((steps, BATCH, *SHAPE), np.float32)),
                "y": jnp.asarray(rng.integers(0, NUM_CLASSES, (steps, BATCH)).astype(np.int32)),
                "mask": jnp.ones((steps, BATCH), bool)}
-    results = {}
-    for impl in ("patches", "xla"):
-        algorithm = make_algorithm("cnn", conv_impl=impl)
-        params = algorithm.model.init(jax.random.PRNGKey(0))
-        limit = build_limit(algorithm)
-        jax.block_until_ready(limit(params, batches))
-        t0 = time.perf_counter()
-        results[impl] = jax.block_until_ready(limit(params, batches))
-        per_step = (time.perf_counter() - t0) / steps
-        print(f"conv_impl={impl:8s} scanned CNN client step: {1e3 * per_step:.1f} ms/step (batch {BATCH})")
-    diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(results["patches"]),
-                                                           jax.tree.leaves(results["xla"])))
-    print(f"max |params(patches) - params(xla)| after {steps} steps: {diff:.2e}")
+    algorithms = {impl: make_algorithm("cnn", conv_impl=impl) for impl in ("patches", "xla")}
+    params = algorithms["patches"].model.init(jax.random.PRNGKey(0))  # same layout for both impls
+    out: dict[str, float] = {}
+    trained = {}
+    for impl, n in (("patches", patch_steps), ("xla", xla_steps)):
+        limit = build_limit(algorithms[impl])
+        sub = jax.tree.map(lambda a: a[:n], batches)
+        compiled = limit.lower(params, sub).compile()
+        out[f"{impl}_scan_ms"] = 1e3 * _time_calls(lambda: compiled(params, sub), 1) / n
+        # Same `xla_steps` batches for both, to compare the trained params.
+        trained[impl] = limit(params, jax.tree.map(lambda a: a[:xla_steps], batches))
+        print(f"conv_impl={impl} in lax.scan: {out[f'{impl}_scan_ms']:.1f} ms/step "
+              f"(CNN client step, batch {BATCH}, {n} steps)", flush=True)
+
+    xla = algorithms["xla"]
+    one_step = jax.jit(lambda s, b, k: xla.client_step(s, b, k)[0])
+    client = xla.client_init(params)
+    first = jax.tree.map(lambda a: a[0], batches)
+    key = jax.random.PRNGKey(0)
+    jax.block_until_ready(one_step(client, first, key))
+    out["xla_python_loop_ms"] = 1e3 * _time_calls(lambda: one_step(client, first, key), 10)
+    print(f"conv_impl=xla, Python loop of jitted steps: {out['xla_python_loop_ms']:.1f} ms/step", flush=True)
+
+    x = batches["x"][0]
+    logits = {impl: jax.jit(a.model.apply)(params, x) for impl, a in algorithms.items()}
+    out["max_abs_logit_diff"] = float(jnp.abs(logits["patches"] - logits["xla"]).max())
+    out["max_abs_param_diff"] = max(float(jnp.abs(a - b).max()) for a, b in
+                                    zip(jax.tree.leaves(trained["patches"]), jax.tree.leaves(trained["xla"])))
+    out["xla_over_patches"] = out["xla_scan_ms"] / out["patches_scan_ms"]
+    print(f"xla/patches in lax.scan: {out['xla_over_patches']:.1f}x; max |logits(patches) - logits(xla)| = "
+          f"{out['max_abs_logit_diff']:.1e}; max |params| difference after {xla_steps} scanned steps = "
+          f"{out['max_abs_param_diff']:.1e}; conv_impl='auto' resolves to {resolve_conv_impl('auto')!r} "
+          f"on {jax.default_backend()}", flush=True)
+    return out
 
 
 def main() -> None:
+    """Command-line entry point (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="cnn,mlp")
-    parser.add_argument("--clients-per-round", default="10,50")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per configuration")
-    parser.add_argument("--data-threads", type=int, default=2)
-    parser.add_argument("--data-dir", default=str(pathlib.Path(tempfile.gettempdir()) / "fedstream_bench"))
+    parser.add_argument("--models", default="cnn,mlp", help="comma-separated: cnn, mlp")
+    parser.add_argument("--clients-per-round", default="10,50", help="comma-separated cohort sizes")
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds per configuration")
+    parser.add_argument("--warmup-rounds", type=int, default=1, help="untimed real rounds before timing")
+    parser.add_argument("--data-threads", type=int, default=0,
+                        help="reader threads; 0 = auto, as the train loop (a quarter of the cores, at least 1)")
+    parser.add_argument("--data-dir", default=str(pathlib.Path(tempfile.gettempdir()) / "fedstream_bench"),
+                        help="cache directory of the synthetic dataset")
     parser.add_argument("--conv-check", action="store_true", help="only compare the two convolutions")
+    parser.add_argument("--no-conv-check", action="store_true", help="skip the convolution comparison")
     parser.add_argument("--json", help="also append the results as JSON lines to this file")
     args = parser.parse_args()
-    print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s)")
-    if args.conv_check:
-        conv_check()
-        return
-    ds = FederatedDataset(dataset_dir(pathlib.Path(args.data_dir)))
-    for model_name in args.models.split(","):
-        for cohort in (int(c) for c in args.clients_per_round.split(",")):
-            r = run(ds, model_name, cohort, args.rounds, args.data_threads)
-            print(f"model={r['model']} clients_per_round={cohort} rounds={r['rounds']} "
-                  f"steps/round={r['steps_per_round']} fedstream_median_s={r['fedstream_median_s']:.3f} "
-                  f"limit_median_s={r['limit_median_s']:.3f} ratio={r['ratio']:.3f} "
-                  f"data_wait_median_s={r['data_wait_median_s']:.3f} compiles={r['compiles']}", flush=True)
-            if args.json:
-                with open(args.json, "a") as f:
-                    f.write(json.dumps(r) + "\n")
+    start = time.perf_counter()
+    print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s), "
+          f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.2f}", flush=True)
+    results: list[dict[str, Any]] = []
+    if not args.conv_check:
+        ds = FederatedDataset(dataset_dir(pathlib.Path(args.data_dir)))
+        for model_name in args.models.split(","):
+            for cohort in (int(c) for c in args.clients_per_round.split(",")):
+                r = run(ds, model_name, cohort, args.rounds, args.warmup_rounds, args.data_threads)
+                results.append(r)
+                print(format_result(r), flush=True)
+    if not args.no_conv_check:
+        results.append({"conv_check": conv_check()})
+    if args.json:
+        with open(args.json, "a") as f:
+            for r in results:
+                f.write(json.dumps(r) + "\n")
+    print(f"total {time.perf_counter() - start:.0f} s, load average {os.getloadavg()[0]:.2f}", flush=True)
 
 
 if __name__ == "__main__":

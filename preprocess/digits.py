@@ -25,22 +25,24 @@ import numpy as np
 from fedstream.data.format import FeatureSpec, Schema
 from fedstream.data.partition import dirichlet_label_partition
 
-SOURCE = ("UCI Optical Recognition of Handwritten Digits (test set, 1,797 images), as bundled with "
-          "scikit-learn (BSD-3-Clause); embedded in fedstream")
+SOURCE = ("UCI ML Repository, Optical Recognition of Handwritten Digits (Alpaydin & Kaynak, 1998), test set of "
+          "1,797 images, CC BY 4.0; the copy bundled with scikit-learn (BSD-3-Clause), embedded in fedstream")
 NUM_EXAMPLES = 1797
 
 
 def get_config() -> ml_collections.ConfigDict:
+    """The recipe's knobs: 100 clients (~18 examples each), Dirichlet(0.5) label skew, 20% test."""
     c = ml_collections.ConfigDict()
     c.num_clients = 100
     c.alpha = 0.5
-    c.min_examples = 5  # every client gets at least this many examples
+    c.min_examples = 5  # every client gets >= 5 examples, so >= 4 train and >= 1 test at test_fraction 0.2
     c.test_fraction = 0.2
     c.seed = 0
     return c
 
 
 def schema(config: ml_collections.ConfigDict) -> Schema:
+    """`x` float32 (8, 8, 1) in [0, 1], `y` int32 label 0-9."""
     return {"x": FeatureSpec("float32", (8, 8, 1)), "y": FeatureSpec("int32", ())}
 
 
@@ -55,7 +57,13 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 def client_splits(config: ml_collections.ConfigDict, labels: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(train indices, test indices) per client: Dirichlet partition, then a per-client split."""
+    """(train indices, test indices) per client: Dirichlet partition, then a per-client split.
+
+    Indices are rows of the CSV. The per-client split uses its own stream
+    (seed, 1), so changing test_fraction does not change the partition.
+    """
+    if not 0.0 <= config.test_fraction < 1.0:
+        raise ValueError(f"config.test_fraction must be in [0, 1), got {config.test_fraction}")
     parts = dirichlet_label_partition(labels, config.num_clients, config.alpha, config.seed,
                                       min_examples=config.min_examples)
     rng = np.random.default_rng([config.seed, 1])
@@ -67,17 +75,24 @@ def client_splits(config: ml_collections.ConfigDict, labels: np.ndarray) -> list
     return out
 
 
+def client_id(i: int, num_clients: int) -> str:
+    """`client_00007`: zero-padded (at least 5 digits) so lexicographic order is numeric order."""
+    return f"client_{i:0{max(len(str(num_clients - 1)), 5)}d}"
+
+
 def generate(config: ml_collections.ConfigDict) -> Iterator[tuple[str, str, dict[str, np.ndarray]]]:
+    """Yields ('train', id, examples) then ('test', id, examples) for each client in order."""
     x, y = load_digits()
-    width = len(str(config.num_clients - 1))
     for i, (train, test) in enumerate(client_splits(config, y)):
-        client_id = f"client_{i:0{max(width, 5)}d}"
-        yield "train", client_id, {"x": x[train], "y": y[train]}
-        yield "test", client_id, {"x": x[test], "y": y[test]}
+        client = client_id(i, config.num_clients)
+        yield "train", client, {"x": x[train], "y": y[train]}
+        yield "test", client, {"x": x[test], "y": y[test]}
 
 
 def expected_counts(config: ml_collections.ConfigDict) -> dict[str, tuple[int, int]]:
+    """Every client in both splits, all 1,797 examples, test = sum of ceil(test_fraction * n_client)."""
     _, y = load_digits()
-    splits = client_splits(config, y)
-    return {"train": (config.num_clients, sum(len(a) for a, _ in splits)),
-            "test": (config.num_clients, sum(len(b) for _, b in splits))}
+    sizes = [len(p) for p in dirichlet_label_partition(y, config.num_clients, config.alpha, config.seed,
+                                                       min_examples=config.min_examples)]
+    num_test = sum(math.ceil(config.test_fraction * n) for n in sizes)
+    return {"train": (config.num_clients, NUM_EXAMPLES - num_test), "test": (config.num_clients, num_test)}

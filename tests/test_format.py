@@ -185,3 +185,17 @@ def test_describe_and_unknown_lookups(written):
         ds.client_ids("valid")
     with pytest.raises(DatasetFormatError, match="no client 'zz'"):
         ds.get_client("train", "zz")
+
+
+def test_stale_tmp_dirs_removed_and_foreign_dirs_kept(tmp_path):
+    stale = tmp_path / ".ds.tmp-999999999-abcd"
+    stale.mkdir()
+    with DatasetWriter(tmp_path / "ds", {"v": FeatureSpec("int32", ())}) as writer:
+        writer.add_client("train", "a", {"v": np.arange(2)})
+    assert not stale.exists()
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not a fedstream dataset"):
+        DatasetWriter(foreign, {"v": FeatureSpec("int32", ())})
+    assert (foreign / "notes.txt").exists()

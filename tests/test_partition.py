@@ -1,12 +1,13 @@
-"""Statistical properties of the partitioners."""
+"""Statistical and structural properties of the partitioners."""
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedstream.data.partition import dirichlet_label_partition, iid_partition, shards_partition
 
-RNG = np.random.default_rng(123)
-LABELS = RNG.integers(0, 10, 20000)
+LABELS = np.random.default_rng(123).integers(0, 10, 20000)
 
 
 def assert_exact_cover(parts, n):
@@ -19,6 +20,24 @@ def label_hist(parts, labels, k=10):
     return np.array([np.bincount(labels[p], minlength=k) for p in parts], float)
 
 
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 400), k=st.integers(1, 12), classes=st.integers(1, 6), seed=st.integers(0, 2**32 - 1),
+       s=st.integers(1, 3), alpha=st.sampled_from([0.05, 0.5, 5.0]))
+def test_exact_cover_all_partitioners(n, k, classes, seed, s, alpha):
+    labels = np.random.default_rng(seed).integers(0, classes, n)
+    if n >= k:
+        parts = iid_partition(n, k, seed)
+        assert len(parts) == k
+        assert_exact_cover(parts, n)
+    parts = dirichlet_label_partition(labels, k, alpha, seed, min_examples=0)
+    assert len(parts) == k
+    assert_exact_cover(parts, n)
+    if n >= k * s:
+        parts = shards_partition(labels, k, s, seed)
+        assert len(parts) == k
+        assert_exact_cover(parts, n)
+
+
 def test_iid_sizes_and_labels():
     parts = iid_partition(len(LABELS), 20, seed=0)
     assert_exact_cover(parts, len(LABELS))
@@ -26,8 +45,15 @@ def test_iid_sizes_and_labels():
     assert max(sizes) - min(sizes) <= 1
     hist = label_hist(parts, LABELS)
     expected = np.bincount(LABELS, minlength=10) / len(LABELS) * hist.sum(1, keepdims=True)
-    chi2 = ((hist - expected) ** 2 / expected).sum(1)  # ~ chi2(9) per client: mean 9, p(>35) ~ 1e-4
+    chi2 = ((hist - expected) ** 2 / expected).sum(1)  # ~ chi2(9) per client: mean 9, p(> 35) ~ 1e-4
     assert chi2.max() < 35
+    assert 5 < chi2.mean() < 14  # and not suspiciously uniform either (e.g. a stratified split)
+    assert all((np.diff(p) > 0).all() for p in parts)  # sorted within a client
+
+
+def test_iid_is_not_contiguous_blocks():
+    parts = iid_partition(1000, 10, seed=0)
+    assert all(p.max() - p.min() > 900 for p in parts)  # a random permutation, not np.array_split(arange)
 
 
 def test_dirichlet_large_alpha_is_near_iid_small_alpha_is_skewed():
@@ -36,34 +62,59 @@ def test_dirichlet_large_alpha_is_near_iid_small_alpha_is_skewed():
     for parts in (wide, skew):
         assert_exact_cover(parts, len(LABELS))
 
+    hist_wide = label_hist(wide, LABELS)
+    global_dist = np.bincount(LABELS, minlength=10) / len(LABELS)
+    assert np.abs(hist_wide / hist_wide.sum(1, keepdims=True) - global_dist).max() < 0.03
+
     def max_class_share(parts):
         hist = label_hist(parts, LABELS)
         return (hist.max(1) / np.maximum(hist.sum(1), 1)).mean()
 
-    assert max_class_share(wide) < 0.15  # global max share is ~0.1
+    assert max_class_share(wide) < 0.12  # the global max share is ~0.10
     assert max_class_share(skew) > 0.5
 
 
-@pytest.mark.parametrize("alpha", [0.3, 1.0, 5.0])
+@pytest.mark.parametrize("alpha", [0.1, 1.0, 5.0])
 def test_dirichlet_shares_match_dirichlet_moments(alpha):
-    # For each class, the clients' shares of it are one Dirichlet(alpha * 1_K) draw:
-    # mean 1/K, variance (1/K)(1 - 1/K) / (K alpha + 1).
-    k, labels = 10, np.repeat(np.arange(200), 500)  # 200 classes x 500 examples: many draws
-    parts = dirichlet_label_partition(labels, k, alpha=alpha, seed=1, min_examples=0)
-    assert_exact_cover(parts, len(labels))
-    shares = label_hist(parts, labels, 200) / 500.0  # [clients, classes]
+    # For each class, the K clients' shares of it are one Dirichlet(alpha * 1_K) draw:
+    # each share has mean 1/K and variance (1/K)(1 - 1/K) / (K alpha + 1).
+    k, num_classes, per_class = 10, 200, 500
+    labels = np.repeat(np.arange(num_classes), per_class)
     mean, var = 1 / k, (1 / k) * (1 - 1 / k) / (k * alpha + 1)
-    assert abs(shares.mean() - mean) < 1e-9  # shares of each class sum to 1
-    assert abs(shares.var() - var) < 0.15 * var + 1e-4
+    variances = []
+    for seed in range(3):
+        parts = dirichlet_label_partition(labels, k, alpha=alpha, seed=seed, min_examples=0)
+        assert_exact_cover(parts, len(labels))
+        shares = label_hist(parts, labels, num_classes) / per_class  # [clients, classes]
+        # No client is favoured: each client's mean share over the classes is 1/K.
+        assert np.abs(shares.mean(1) - mean).max() < 5 * np.sqrt(var / num_classes)
+        variances.append(shares.var())
+    # Wrong concentrations (alpha / K, alpha * K, alpha = 1) miss this by a factor of 1.8 or more.
+    assert abs(np.mean(variances) / var - 1) < 0.08
+
+
+def test_dirichlet_cuts_are_unbiased():
+    # Floor-rounded cuts would give the last client ~0.5 example more per class
+    # (1,000 more here); rounded cuts keep clients balanced when alpha is large.
+    labels = np.repeat(np.arange(2000), 50)
+    sizes = np.array([len(p) for p in dirichlet_label_partition(labels, 10, alpha=1000.0, seed=0)])
+    assert np.abs(sizes - 10000).max() < 100
 
 
 def test_dirichlet_min_examples_and_errors():
     parts = dirichlet_label_partition(LABELS[:500], 20, alpha=0.5, seed=3, min_examples=5)
+    assert_exact_cover(parts, 500)
     assert min(len(p) for p in parts) >= 5
-    with pytest.raises(ValueError, match="attempts"):
+    with pytest.raises(ValueError, match="in 5 attempts"):
         dirichlet_label_partition(LABELS[:200], 20, alpha=0.01, seed=0, min_examples=10, max_attempts=5)
     with pytest.raises(ValueError, match="alpha"):
         dirichlet_label_partition(LABELS, 5, alpha=0.0, seed=0)
+    with pytest.raises(ValueError, match="exceeds"):
+        dirichlet_label_partition(LABELS[:50], 10, alpha=1.0, seed=0, min_examples=6)
+    with pytest.raises(ValueError, match="1-D"):
+        dirichlet_label_partition(LABELS.reshape(-1, 2), 5, alpha=1.0, seed=0)
+    with pytest.raises(ValueError, match="num_clients"):
+        dirichlet_label_partition(LABELS, 0, alpha=1.0, seed=0)
 
 
 def test_shards_pathological_split():
@@ -71,7 +122,31 @@ def test_shards_pathological_split():
     parts = shards_partition(labels, 10, shards_per_client=2, seed=0)
     assert_exact_cover(parts, 1000)
     assert all(len(p) == 100 for p in parts)
-    assert all(len(np.unique(labels[p])) <= 2 for p in parts)
+    distinct = [len(np.unique(labels[p])) for p in parts]
+    assert max(distinct) <= 2
+    assert np.mean(distinct) > 1.2  # shards are dealt at random, not (mostly) two halves of one label
+    # Each shard is a pure-label run of 50: every (client, label) count is a multiple of 50.
+    assert (label_hist(parts, labels) % 50 == 0).all()
+
+
+def test_shards_uneven_and_errors():
+    parts = shards_partition(LABELS[:1003], 7, shards_per_client=3, seed=1)
+    assert_exact_cover(parts, 1003)
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= 3  # shards differ by at most one example
+    with pytest.raises(ValueError, match="shards"):
+        shards_partition(LABELS[:10], 6, shards_per_client=2, seed=0)
+    with pytest.raises(ValueError, match="shards_per_client"):
+        shards_partition(LABELS, 5, shards_per_client=0, seed=0)
+
+
+def test_iid_errors():
+    with pytest.raises(ValueError, match="num_clients"):
+        iid_partition(10, 0, seed=0)
+    with pytest.raises(ValueError, match="empty clients"):
+        iid_partition(3, 5, seed=0)
+    with pytest.raises(ValueError, match="integer"):
+        iid_partition(10.5, 2, seed=0)
 
 
 def test_determinism_in_seed():

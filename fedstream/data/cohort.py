@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import Any, Iterator, Protocol, Sequence
 
 import grain
@@ -73,6 +74,15 @@ class ClientBatching:
         """SGD steps a client of `num_examples` examples takes."""
         steps = math.ceil(self.examples_used(num_examples) * self.epochs / self.batch_size)
         return min(steps, self.max_steps) if self.max_steps else steps
+
+
+def auto_data_threads(requested: int = 0) -> int:
+    """Reader threads: `requested` if > 0, else a quarter of the CPU cores (at least 1).
+
+    The data pipeline shares the host's cores with XLA; on a 2-core machine
+    one reader thread measured faster than two (benchmarks/README.md).
+    """
+    return requested if requested > 0 else max(1, (os.cpu_count() or 2) // 4)
 
 
 def sample_cohort(seed: int, round_index: int, num_clients: int, cohort_size: int) -> np.ndarray:

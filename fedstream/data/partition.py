@@ -1,75 +1,104 @@
 """Partitioners: split a centralized dataset's examples over simulated clients.
 
-Each returns a list with one int64 index array per client; together they
-cover every example exactly once. Each is a pure function of its seed.
+Each returns a list with one int64 array of example indices per client
+(sorted ascending within a client); together they cover every example exactly
+once. Each is a pure function of its arguments: all randomness comes from
+`np.random.default_rng(seed)`, so the same seed gives the same split.
 """
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 
-def _check_clients(num_clients: int, num_examples: int) -> None:
-    if num_clients < 1:
-        raise ValueError(f"num_clients must be >= 1, got {num_clients}")
-    if num_examples < num_clients:
-        raise ValueError(f"cannot split {num_examples} examples over {num_clients} clients")
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_labels(labels: np.ndarray) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be a 1-D array (one label per example), got shape {labels.shape}")
+    return labels
 
 
 def iid_partition(num_examples: int, num_clients: int, seed: int) -> list[np.ndarray]:
     """A random permutation cut into `num_clients` parts whose sizes differ by at most one."""
-    _check_clients(num_clients, num_examples)
+    num_examples = _check_int("num_examples", num_examples, 0)
+    num_clients = _check_int("num_clients", num_clients, 1)
+    if num_examples < num_clients:
+        raise ValueError(f"cannot split {num_examples} examples over {num_clients} clients without empty clients")
     order = np.random.default_rng(seed).permutation(num_examples)
-    return [part.astype(np.int64) for part in np.array_split(order, num_clients)]
+    return [np.sort(part).astype(np.int64) for part in np.array_split(order, num_clients)]
 
 
-def dirichlet_label_partition(
-    labels: np.ndarray, num_clients: int, alpha: float, seed: int, min_examples: int = 1, max_attempts: int = 1000
-) -> list[np.ndarray]:
+def dirichlet_label_partition(labels: np.ndarray, num_clients: int, alpha: float, seed: int,
+                              min_examples: int = 1, max_attempts: int = 1000) -> list[np.ndarray]:
     """Label-skewed split (Hsu et al., 2019; Yurochkin et al., 2019).
 
-    For every class k, proportions p_k ~ Dirichlet(alpha * 1_clients) are drawn
-    and the class's shuffled examples are cut at the cumulative proportions.
-    Small alpha gives clients dominated by few classes; large alpha tends to
-    IID. The whole draw is repeated until every client has at least
-    `min_examples` examples (at most `max_attempts` times).
+    Exactly, for one attempt: for every class k in sorted order, the class's
+    example indices are shuffled, proportions p_k ~ Dirichlet(alpha * 1_K) are
+    drawn over the K clients, and the shuffled list is cut at
+    floor(cumsum(p_k)[:-1] * n_k), giving piece j to client j. So each client's
+    share of each class has mean 1/K and variance (1/K)(1 - 1/K)/(K alpha + 1):
+    small alpha gives clients dominated by a few classes, large alpha tends to IID.
+
+    Min-size rule: if some client ends up with fewer than `min_examples`
+    examples, the whole attempt is discarded and redrawn (the RNG stream
+    continues), at most `max_attempts` times; then a ValueError is raised.
+    `min_examples=0` accepts the first draw (clients may be empty).
     """
-    labels = np.asarray(labels)
-    _check_clients(num_clients, len(labels))
-    if alpha <= 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
+    labels = _check_labels(labels)
+    num_clients = _check_int("num_clients", num_clients, 1)
+    min_examples = _check_int("min_examples", min_examples, 0)
+    max_attempts = _check_int("max_attempts", max_attempts, 1)
+    if not (isinstance(alpha, numbers.Real) and np.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
     if min_examples * num_clients > len(labels):
-        raise ValueError(f"min_examples={min_examples} x {num_clients} clients exceeds {len(labels)} examples")
+        raise ValueError(f"min_examples={min_examples} x {num_clients} clients exceeds the {len(labels)} examples")
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
+    members_of = [np.flatnonzero(labels == k) for k in classes]
+    concentration = np.full(num_clients, float(alpha))
     for _ in range(max_attempts):
         parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
-        for k in classes:
-            members = rng.permutation(np.flatnonzero(labels == k))
-            proportions = rng.dirichlet(np.full(num_clients, float(alpha)))
-            cuts = (np.cumsum(proportions)[:-1] * len(members)).astype(np.int64)
-            for client, chunk in enumerate(np.split(members, cuts)):
+        for members in members_of:
+            members = rng.permutation(members)
+            proportions = rng.dirichlet(concentration)
+            cuts = np.rint(np.cumsum(proportions)[:-1] * len(members)).astype(np.int64)
+            for client, chunk in enumerate(np.split(members, np.minimum(cuts, len(members)))):
                 parts[client].append(chunk)
-        result = [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
+        result = [np.sort(np.concatenate(p)).astype(np.int64) if p else np.zeros(0, np.int64) for p in parts]
         if min(len(r) for r in result) >= min_examples:
             return result
-    raise ValueError(f"no Dirichlet(alpha={alpha}) split gave every one of {num_clients} clients "
-                     f">= {min_examples} examples in {max_attempts} attempts; lower num_clients or min_examples")
+    raise ValueError(f"no Dirichlet(alpha={alpha}) split of {len(labels)} examples gave every one of {num_clients} "
+                     f"clients >= {min_examples} examples in {max_attempts} attempts; "
+                     "lower num_clients or min_examples, or raise alpha")
 
 
 def shards_partition(labels: np.ndarray, num_clients: int, shards_per_client: int, seed: int) -> list[np.ndarray]:
     """Pathological non-IID split of McMahan et al. (2017).
 
     Examples are sorted by label (ties in random order), cut into
-    `num_clients * shards_per_client` equal shards, and each client receives
-    `shards_per_client` random shards. Leftover examples (when the count is
-    not divisible) go one each to the first shards.
+    `num_clients * shards_per_client` contiguous shards of equal size (when
+    the count is not divisible, the first shards hold one example more), and
+    each client receives `shards_per_client` shards chosen by a random
+    permutation of the shards. With shards that do not straddle two labels,
+    a client sees at most `shards_per_client` labels.
     """
-    labels = np.asarray(labels)
+    labels = _check_labels(labels)
+    num_clients = _check_int("num_clients", num_clients, 1)
+    shards_per_client = _check_int("shards_per_client", shards_per_client, 1)
     num_shards = num_clients * shards_per_client
-    if shards_per_client < 1:
-        raise ValueError(f"shards_per_client must be >= 1, got {shards_per_client}")
-    _check_clients(num_shards, len(labels))
+    if len(labels) < num_shards:
+        raise ValueError(f"cannot cut {len(labels)} examples into {num_clients} x {shards_per_client} = "
+                         f"{num_shards} non-empty shards")
     rng = np.random.default_rng(seed)
     tiebreak = rng.permutation(len(labels))
     order = tiebreak[np.argsort(labels[tiebreak], kind="stable")]

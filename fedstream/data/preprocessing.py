@@ -1,17 +1,20 @@
 """`fedstream preprocess`: run a recipe once into a dataset directory.
 
 A recipe is a module (in `preprocess/`, installed as `fedstream.recipes`, or
-any `.py` file) with:
+any `.py` file; see preprocess/README.md) with:
 
     get_config() -> ml_collections.ConfigDict       # every knob, incl. seed
     schema(config) -> Schema                        # feature name -> FeatureSpec
     generate(config) -> Iterator[(split, client_id, {feature: array[n, ...]})]
     SOURCE: str                                     # provenance and license
     expected_counts(config) -> {split: (clients, examples)}   # optional check
+    fingerprint(config) -> str                      # optional: identity of the inputs
 
 The output is streamed through `DatasetWriter` (temporary directory renamed
-into place at the end). Rerunning onto a complete output made by the same
-recipe and config is a no-op; a different one needs `force`.
+into place at the end, so a failure leaves nothing behind). Rerunning onto a
+complete output made by the same recipe, config, input fingerprint and
+compression is a no-op; a different one needs `force`. A directory that is
+not a fedstream dataset is never replaced.
 """
 
 from __future__ import annotations
@@ -20,14 +23,49 @@ import json
 import os
 import pathlib
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
+
+import ml_collections
 
 from fedstream import __version__
-from fedstream.config import ConfigError, load_config, load_module, to_json
+from fedstream.config import ConfigError, apply_overrides, load_module, to_json
 from fedstream.data.format import METADATA_FILE, SUCCESS_FILE
 from fedstream.data.writer import DEFAULT_COMPRESSION, DatasetWriter
 
 RECIPES_PACKAGE = "fedstream.recipes"
+PROGRESS_EVERY_S = 2.0
+
+
+def recipe_name(recipe: str) -> str:
+    """The name recorded in the metadata: the module name, or a recipe file's stem."""
+    if recipe.endswith(".py") or "/" in recipe:
+        return pathlib.Path(recipe).stem
+    return recipe.replace("-", "_")
+
+
+def _existing_metadata(output: pathlib.Path, force: bool) -> dict[str, Any] | None:
+    """Metadata of a complete dataset at `output`, None if there is nothing to compare with.
+
+    Refuses (even with `force`) to replace anything that is not a fedstream dataset.
+    """
+    if not output.exists():
+        return None
+    if not output.is_dir():
+        raise ConfigError(f"{output} exists and is not a directory; choose another --output")
+    if (output / SUCCESS_FILE).exists():
+        try:
+            return json.loads((output / METADATA_FILE).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            if force:
+                return None
+            raise ConfigError(f"{output / METADATA_FILE}: unreadable ({e}); "
+                              "pass --force to replace the dataset") from None
+    if not any(output.iterdir()):
+        return None
+    if (output / METADATA_FILE).exists() and force:
+        return None  # an incomplete fedstream dataset
+    raise ConfigError(f"{output} is a non-empty directory but not a complete fedstream dataset; refusing to "
+                      "replace it (remove it yourself or choose another --output)")
 
 
 def run_preprocess(
@@ -41,55 +79,70 @@ def run_preprocess(
 ) -> pathlib.Path:
     """Writes the dataset of `recipe` (name or .py path) with config `overrides` into `output`.
 
+    Overrides are `key=value` strings (an unknown key is a ConfigError naming it).
     `compression` is the shards' ArrayRecord compression (see `DatasetWriter`).
+    Returns the output path.
     """
     say = progress or (lambda _: None)
     module = load_module(recipe, RECIPES_PACKAGE)
     for attr in ("get_config", "schema", "generate"):
-        if not hasattr(module, attr):
+        if not callable(getattr(module, attr, None)):
             raise ConfigError(f"recipe {recipe!r} has no {attr}() function")
-    config = load_config(recipe, RECIPES_PACKAGE, overrides)
-    recipe_name = pathlib.Path(recipe).stem if recipe.endswith(".py") else recipe.replace("-", "_")
+    if not isinstance(getattr(module, "SOURCE", None), str):
+        raise ConfigError(f"recipe {recipe!r} has no SOURCE string (one line of provenance and license)")
+    config = module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"recipe {recipe!r}: get_config() must return an ml_collections.ConfigDict")
+    config = apply_overrides(config, overrides)
+    name = recipe_name(recipe)
     config_json = json.loads(to_json(config))
+    fingerprint = str(module.fingerprint(config)) if callable(getattr(module, "fingerprint", None)) else None
     output = pathlib.Path(output)
 
-    if (output / SUCCESS_FILE).exists():
-        existing = json.loads((output / METADATA_FILE).read_text())
-        same = (existing.get("recipe") == recipe_name and existing.get("config") == config_json
+    existing = _existing_metadata(output, force)
+    if existing is not None:
+        same = (existing.get("recipe") == name and existing.get("config") == config_json
+                and existing.get("input_fingerprint") == fingerprint
                 and existing.get("shard_options") == f"group_size:1,{compression}")
         if same and not force:
-            say(f"{output} is up to date ({recipe_name}); pass --force to rebuild it")
+            say(f"{output} is up to date ({name}, same config); pass --force to rebuild it")
             return output
         if not force:
             raise ConfigError(f"{output} already holds a dataset from recipe {existing.get('recipe')!r} with a "
-                              "different config or compression; pass --force to replace it or choose another --output")
+                              "different config, input or compression; pass --force to replace it or choose "
+                              "another --output")
 
-    metadata = {"recipe": recipe_name, "config": config_json, "source": getattr(module, "SOURCE", ""),
-                "seed": config_json.get("seed"), "fedstream_version": __version__}
-    say(f"preprocessing {recipe_name} into {output}")
+    metadata = {"recipe": name, "config": config_json, "source": module.SOURCE, "seed": config_json.get("seed"),
+                "fedstream_version": __version__}
+    if fingerprint is not None:
+        metadata["input_fingerprint"] = fingerprint
+    schema = module.schema(config)
+    say(f"preprocessing {name} into {output}")
+    counts: dict[str, list[int]] = {}  # split -> [clients, examples]
     start = last = time.perf_counter()
-    clients = examples = 0
-    with DatasetWriter(output, module.schema(config), metadata=metadata, compression=compression) as writer:
+    with DatasetWriter(output, schema, metadata=metadata, compression=compression) as writer:
         for split, client_id, data in module.generate(config):
             writer.add_client(split, client_id, data)
-            clients += 1
-            examples += len(next(iter(data.values())))
+            tally = counts.setdefault(split, [0, 0])
+            tally[0] += 1
+            tally[1] += len(next(iter(data.values())))
             now = time.perf_counter()
-            if now - last > 2.0:
+            if now - last >= PROGRESS_EVERY_S:
                 last = now
-                say(f"  {clients:,} client splits, {examples:,} examples written ({examples / (now - start):,.0f} ex/s)")
-        if hasattr(module, "expected_counts"):
-            _check_counts(writer, module.expected_counts(config), recipe_name)
-        summary = "; ".join(f"{split}: {len(state.client_ids):,} clients / {sum(state.count):,} examples"
-                            for split, state in writer._splits.items())
-    say(f"wrote {summary} to {output} in {time.perf_counter() - start:.1f} s")
+                clients, examples = (sum(t[i] for t in counts.values()) for i in (0, 1))
+                say(f"  {clients:,} clients written ({examples:,} examples, {examples / (now - start):,.0f} ex/s)")
+        if callable(getattr(module, "expected_counts", None)):
+            _check_counts(counts, module.expected_counts(config), name)
+    summary = "; ".join(f"{split}: {c:,} clients / {n:,} examples" for split, (c, n) in counts.items())
+    say(f"wrote {summary or 'no clients'} to {output} in {time.perf_counter() - start:.1f} s")
     return output
 
 
-def _check_counts(writer: DatasetWriter, expected: dict, recipe: str) -> None:
-    for split, (num_clients, num_examples) in expected.items():
-        state = writer._splits.get(split)
-        got = (len(state.client_ids), sum(state.count)) if state else (0, 0)
-        if got != (num_clients, num_examples):
+def _check_counts(counts: Mapping[str, Sequence[int]], expected: Mapping[str, tuple[int, int]], recipe: str) -> None:
+    """Raises if the written (clients, examples) per split differ from the recipe's expectation."""
+    for split in sorted(set(expected) | set(counts)):
+        got = tuple(counts.get(split, (0, 0)))
+        want = tuple(expected.get(split, (0, 0)))
+        if got != want:
             raise ValueError(f"recipe {recipe!r}: split {split!r} has {got[0]} clients / {got[1]} examples, "
-                             f"expected {num_clients} / {num_examples}")
+                             f"expected {want[0]} / {want[1]}")

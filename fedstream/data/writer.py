@@ -74,7 +74,8 @@ def _check_array(split: str, client_id: str, name: str, spec: FeatureSpec, value
 
 
 def _cast(value: np.ndarray, target: np.dtype, where: str) -> np.ndarray:
-    """Casts to the schema dtype only when no value can change (ints must fit; floats widen or narrow)."""
+    """Casts to the schema dtype: integers must fit exactly; numbers may be stored as floats of any width
+    (float64 -> float32 rounds, as recipes intend when they declare float32)."""
     if value.dtype == target:
         return value
     if value.dtype.kind in "iub" and target.kind in "iu":
@@ -87,6 +88,18 @@ def _cast(value: np.ndarray, target: np.dtype, where: str) -> np.ndarray:
     if value.dtype.kind in "iubf" and target.kind == "f":
         return value.astype(target)
     raise ValueError(f"{where}: dtype {value.dtype.name} cannot be stored as {target.name}")
+
+
+def _remove_stale_tmp_dirs(output_dir: pathlib.Path) -> None:
+    """Deletes temporary directories of earlier writers of `output_dir` whose process is gone."""
+    for tmp in output_dir.parent.glob(f".{output_dir.name}.tmp-*"):
+        pid = tmp.name.rsplit(".tmp-", 1)[1].split("-")[0]
+        try:
+            os.kill(int(pid), 0)
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, owned by someone else
 
 
 class DatasetWriter:
@@ -109,7 +122,11 @@ class DatasetWriter:
         self.records_per_shard = int(records_per_shard)
         self.compression = compression
         self._options = f"group_size:1,{compression}"
+        if self.output_dir.exists() and not (self.output_dir / METADATA_FILE).exists() and (
+                not self.output_dir.is_dir() or any(self.output_dir.iterdir())):
+            raise ValueError(f"{self.output_dir} exists and is not a fedstream dataset; refusing to replace it")
         self.output_dir.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_tmp_dirs(self.output_dir)
         self.tmp_dir = self.output_dir.with_name(f".{self.output_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
         self.tmp_dir.mkdir()
         self._splits: dict[str, _SplitState] = {}

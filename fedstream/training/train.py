@@ -27,7 +27,7 @@ import numpy as np
 
 from fedstream.algorithms.fedavg import FedAvg, ServerState, make_optimizer
 from fedstream.config import ConfigError
-from fedstream.data.cohort import ClientBatching, CohortPipeline, EvalPipeline
+from fedstream.data.cohort import ClientBatching, CohortPipeline, EvalPipeline, auto_data_threads
 from fedstream.models import get_model
 from fedstream.training.checkpoint import RunCheckpointer, check_config_unchanged
 from fedstream.training.metrics_log import MetricsLog, Progress
@@ -91,7 +91,8 @@ def evaluate(algorithm: FedAvg, params: Any, dataset: Any, config: ml_collection
     """Loss and accuracy over all clients of the test split (example-weighted and client-averaged)."""
     chunk = int(config.eval.chunk_clients)
     pipeline = EvalPipeline(dataset, config.data.test_split, (algorithm.model.input_key, algorithm.model.label_key),
-                            int(config.eval.batch_size), mesh.size, chunk, int(config.data_threads))
+                            int(config.eval.batch_size), mesh.size, chunk,
+                            auto_data_threads(int(config.data_threads)))
     eval_fn = eval_fn or build_eval(algorithm, mesh, chunk)
     sums: dict[str, list[np.ndarray]] = {"loss_sum": [], "correct": [], "count": []}
     for part in pipeline.chunks():
@@ -123,7 +124,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     pipeline = CohortPipeline(dataset, config.data.train_split, (algorithm.model.input_key, algorithm.model.label_key),
                               seed=int(config.seed), cohort_size=int(config.clients_per_round), batching=batching,
                               num_devices=mesh.size, uniform_weights=config.aggregation == "uniform",
-                              data_threads=int(config.data_threads))
+                              data_threads=auto_data_threads(int(config.data_threads)))
     num_rounds = int(config.num_rounds)
 
     state = algorithm.init(jax.random.PRNGKey(int(config.seed)))
