@@ -1,10 +1,10 @@
 """Round efficiency: fedstream's round time against the in-memory `lax.scan` limit.
 
-Reproduce (about 10 minutes on a 2-core CPU VM, plus ~2 minutes the first time
-to write the 2 GiB dataset):
+Reproduce (the full default run took about 10 minutes on a 2-core CPU VM,
+plus a few minutes the first time to write the 2 GiB dataset):
 
     python benchmarks/round_efficiency.py                     # cnn and mlp, 10 and 50 clients/round
-    python benchmarks/round_efficiency.py --models mlp --clients-per-round 50 --rounds 9
+    python benchmarks/round_efficiency.py --models mlp --clients-per-round 50 --rounds 25
     python benchmarks/round_efficiency.py --conv-check        # only: lax.conv vs im2col inside lax.scan
 
 Data: a federated-EMNIST-shaped synthetic dataset (3,400 clients, example
@@ -17,31 +17,37 @@ Workload: FedAdam as in FedJAX's EMNIST experiments: batch 20, 1 local epoch,
 client SGD lr 10^-1.5, server Adam lr 10^-2.5 (b1 0.9, b2 0.999, eps 1e-4);
 the EMNIST CNN (compute-bound) and the 2x200 dense model (overhead-bound).
 
-Measured per (model, clients per round), all in one process:
+Measured per (model, clients per round), all in one process, interleaved
+round by round so that both sides see the same load on a shared machine:
 
-* fedstream: wall time per round of what the train loop pays:
-  `next(iterator)` (Grain: ArrayRecord reads, per-client shuffles, packing,
-  prefetched in background threads while the previous round computes) +
-  `shard_batch` (host -> device) + the jitted sharded round + waiting for its
-  result. Every stream length the measured rounds use is compiled first (on
-  all-padding batches), then `--warmup-rounds` real rounds run untimed, then
-  `--rounds` rounds are timed.
-* limit: the same SGD steps on the same batches (each timed round's real
-  steps, i.e. the steps whose mask has any example, partial last batches
-  masked the same way) with the data already on the device, as one jitted
-  `lax.scan` of `FedAvg.client_step` on a single client state: no data
-  pipeline, no client resets, no delta accumulation, no server update.
+* fedstream: wall time of one round of the train loop (page cache warm, as
+  in a long run: the dataset fits in memory): `next(iterator)`
+  (Grain: ArrayRecord reads, per-client shuffles, packing, prefetched in
+  background threads while the previous round computes) + `shard_batch`
+  (host -> device) + the jitted sharded round + waiting for its result.
+  Every stream length the measured rounds use is compiled first (on
+  all-padding batches, which run no step), then `--warmup-rounds` real rounds
+  run untimed, then `--rounds` rounds are timed.
+* limit: right after each timed round, once the pipeline's background
+  threads are idle, the same SGD steps on the same batches (that round's
+  real steps, i.e. the steps whose mask has any example, partial last
+  batches masked the same way) with the data already on the device, as one
+  jitted `lax.scan` of `FedAvg.client_step` on a single client state: no
+  data pipeline, no client resets, no delta accumulation, no server update.
   Compiled ahead of time per round (step counts differ), then timed once.
-* ratio = median(fedstream) / median(limit). Target: <= 1.10 at 50 clients.
+* ratio = median(fedstream) / median(limit) (the result line's `ratio=`);
+  `paired_ratio_median` is the median of the per-round ratios. Target:
+  ratio <= 1.10 at 50 clients per round.
 
-Breakdown (same rounds, measured after the timed loop, interleaved with the
-limit, no background threads running): `data_wait` (time spent inside
-`next()` during the timed loop), `pipeline_serial` (producing one round with
-no reader threads, i.e. the data pipeline's CPU cost), `transfer`
-(`shard_batch`), `round_only` (the jitted round on pre-fetched, pre-placed
-data). `round_only / limit` is the compiled round's own overhead; the rest of
-the ratio is the data pipeline (its exposed wait plus the CPU it takes from
-XLA while prefetching).
+Breakdown (printed under each result line): `data_wait` (time inside
+`next()` in the timed rounds: data not ready), `pipeline_serial` (producing
+one round with no reader threads and a warm page cache, i.e. the data
+pipeline's CPU cost per round), `transfer` (`shard_batch` alone),
+`round_only` (the same jitted round on the already-placed batch, timed next
+to the limit with no background threads). `round_only / limit` is the
+compiled round's own overhead (client resets, delta accumulation, metrics,
+server update); `fedstream / round_only` is what the data pipeline adds (its
+exposed wait, the transfer, and the CPU it takes from XLA while prefetching).
 
 Finally (unless `--no-conv-check`) the CNN client step inside `lax.scan` is
 timed with `conv_impl='xla'` (lax.conv) and `'patches'` (im2col; the CPU
@@ -81,6 +87,9 @@ NUM_CLASSES = 62
 SHAPE = (28, 28, 1)
 BATCH = 20
 RECORDS_PER_SHARD = 4096
+# Timed rounds per configuration when --rounds is 0: the dense model's rounds
+# take ~0.05-0.3 s and vary by +-20% on a shared machine, so it gets more.
+DEFAULT_ROUNDS = {"cnn": 7, "mlp": 25}
 
 
 def _dir_bytes(path: pathlib.Path) -> int:
@@ -165,13 +174,34 @@ def stream_lengths(pipeline: CohortPipeline, rounds: range) -> set[int]:
     return lengths
 
 
-def _median_ms(values: list[float], per: float = 1.0) -> float:
-    return 1e3 * statistics.median(values) / per
+def wait_until_idle(window_s: float = 0.1, busy_fraction: float = 0.1, max_wait_s: float = 30.0) -> float:
+    """Sleeps until this process's background threads stop using CPU (the prefetcher is full); returns the wait.
+
+    Idle means less than `busy_fraction` of one core used during two
+    consecutive `window_s` windows.
+    """
+    t0 = time.perf_counter()
+    quiet = 0
+    while quiet < 2 and time.perf_counter() - t0 < max_wait_s:
+        cpu = time.process_time()
+        time.sleep(window_s)
+        quiet = quiet + 1 if time.process_time() - cpu < busy_fraction * window_s else 0
+    return time.perf_counter() - t0
 
 
 def run(ds: FederatedDataset, model_name: str, cohort: int, rounds: int, warmup: int,
         threads: int) -> dict[str, Any]:
-    """Times `rounds` fedstream rounds after warm-up, then the breakdown and the limit on the same rounds."""
+    """Times fedstream rounds as the train loop runs them and, after each, the limit on the same steps.
+
+    Per timed round r: the fedstream round (while the background pipeline
+    prepares the next rounds, as in training); then, once the pipeline's
+    threads are idle, `shard_batch` alone, the jitted round alone on the
+    already-placed batch, and the limit on r's real steps. Interleaving makes
+    the pairs see the same machine load; waiting for idle threads keeps the
+    limit free of data-pipeline contention, while each fedstream round still
+    pays for producing one round in the background, as in steady-state
+    training.
+    """
     algorithm = make_algorithm(model_name)
     mesh = make_mesh()
     total = warmup + rounds
@@ -183,9 +213,22 @@ def run(ds: FederatedDataset, model_name: str, cohort: int, rounds: int, warmup:
 
     pipe = pipeline(auto_data_threads(threads))
     round_fn = build_train_round(algorithm, mesh, seed=0)
+    limit_fn = build_limit(algorithm)
     state = replicate(algorithm.init(jax.random.PRNGKey(0)), mesh)
 
-    # 1. Compile every round shape we will run (an all-padding batch runs no step).
+    # Data pipeline alone, serial (no reader threads): its CPU cost per round.
+    # The first pass only warms the page cache for these rounds' clients.
+    for _ in range(2):
+        serial_s = []
+        serial_it = pipeline(0).iterator(total)
+        for r in range(total):
+            t0 = time.perf_counter()
+            next(serial_it)
+            if r >= warmup:
+                serial_s.append(time.perf_counter() - t0)
+        serial_it.close()
+
+    # Compile every round shape we will run (an all-padding batch runs no step).
     t0 = time.perf_counter()
     for length in sorted(stream_lengths(pipe, range(total))):
         dummy = empty_round_batch(ds.schema, ("x", "y"), BATCH, mesh.size, length, cohort)
@@ -193,64 +236,52 @@ def run(ds: FederatedDataset, model_name: str, cohort: int, rounds: int, warmup:
     compile_s = time.perf_counter() - t0
     compiles = round_fn._cache_size()
 
-    # 2. The train loop's rounds: warm-up rounds untimed, then timed rounds.
     iterator = pipe.iterator(total)
-    fed_s, wait_s, elements = [], [], []
+    fed_s, wait_s, transfer_s, round_only_s, limit_s, steps, lengths = [], [], [], [], [], [], []
     for r in range(total):
         t0 = time.perf_counter()
         element = next(iterator)
         t1 = time.perf_counter()
         state, stats = round_fn(state, shard_batch(element["batch"], mesh))
         jax.block_until_ready((state, stats))
-        if r >= warmup:
-            fed_s.append(time.perf_counter() - t0)
-            wait_s.append(t1 - t0)
-            elements.append(element)
-    iterator.close()
-    if round_fn._cache_size() != compiles:
-        raise RuntimeError("a timed round compiled a new shape; the warm-up missed a stream length")
+        t2 = time.perf_counter()
+        if r < warmup:
+            continue
+        fed_s.append(t2 - t0)
+        wait_s.append(t1 - t0)
+        steps.append(element["num_steps"])
+        lengths.append(element["stream_length"])
 
-    # 3. Data pipeline alone, serial (no reader threads): its CPU cost per round.
-    serial_s = []
-    serial_it = pipeline(0).iterator(total)
-    for r in range(total):
-        t0 = time.perf_counter()
-        next(serial_it)
-        if r >= warmup:
-            serial_s.append(time.perf_counter() - t0)
-    serial_it.close()
-
-    # 4. Per timed round, interleaved: transfer, round alone on placed data, limit.
-    limit_fn = build_limit(algorithm)
-    params = jax.device_get(state.params)
-    transfer_s, round_only_s, limit_s, steps = [], [], [], []
-    for element in elements:
+        params = jax.device_put(jax.device_get(state.params))  # one device, like the stream
+        stream = jax.device_put(real_steps(element["batch"]))
+        if stream["mask"].shape[0] != element["num_steps"]:
+            raise RuntimeError("the real steps of the packed round do not match its num_steps")
+        limit = limit_fn.lower(params, stream).compile()  # ahead of time: compile cost excluded
+        wait_until_idle()
         t0 = time.perf_counter()
         placed = jax.block_until_ready(shard_batch(element["batch"], mesh))
         transfer_s.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         jax.block_until_ready(round_fn(state, placed))
         round_only_s.append(time.perf_counter() - t0)
-        del placed
-
-        stream = jax.device_put(real_steps(element["batch"]))
-        assert stream["mask"].shape[0] == element["num_steps"]
-        compiled = limit_fn.lower(params, stream).compile()  # ahead of time: compile cost excluded
         t0 = time.perf_counter()
-        jax.block_until_ready(compiled(params, stream))
+        jax.block_until_ready(limit(params, stream))
         limit_s.append(time.perf_counter() - t0)
-        steps.append(element["num_steps"])
-        del stream
+        del placed, stream, element
+    iterator.close()
+    if round_fn._cache_size() != compiles:
+        raise RuntimeError("a timed round compiled a new shape; the warm-up missed a stream length")
 
     n_steps = statistics.median(steps)
     fed, lim = statistics.median(fed_s), statistics.median(limit_s)
     return {
         "model": model_name, "clients_per_round": cohort, "rounds": rounds, "warmup_rounds": warmup,
         "devices": mesh.size, "data_threads": pipe.data_threads, "steps_per_round": int(n_steps),
-        "stream_lengths": sorted({int(e["stream_length"]) for e in elements}),
+        "stream_lengths": sorted(set(lengths)),
         "fedstream_median_s": fed, "limit_median_s": lim, "ratio": fed / lim,
+        "paired_ratio_median": statistics.median(f / l for f, l in zip(fed_s, limit_s)),
         "fedstream_ms_per_step": 1e3 * fed / n_steps, "limit_ms_per_step": 1e3 * lim / n_steps,
-        "fedstream_s": fed_s, "limit_s": limit_s, "steps": steps,
+        "fedstream_s": fed_s, "limit_s": limit_s, "round_only_s": round_only_s, "steps": steps,
         "data_wait_median_s": statistics.median(wait_s), "pipeline_serial_median_s": statistics.median(serial_s),
         "transfer_median_s": statistics.median(transfer_s), "round_only_median_s": statistics.median(round_only_s),
         "round_only_ratio": statistics.median(round_only_s) / lim, "compiles": compiles, "compile_s": compile_s,
@@ -267,6 +298,7 @@ def format_result(r: dict[str, Any]) -> str:
     detail = (f"  breakdown: data_wait_s={r['data_wait_median_s']:.3f} "
               f"pipeline_serial_s={r['pipeline_serial_median_s']:.3f} transfer_s={r['transfer_median_s']:.3f} "
               f"round_only_s={r['round_only_median_s']:.3f} round_only/limit={r['round_only_ratio']:.3f} "
+              f"paired_ratio_median={r['paired_ratio_median']:.3f} "
               f"data_threads={r['data_threads']} stream_lengths={r['stream_lengths']} "
               f"compile_s={r['compile_s']:.1f}")
     return main + "\n" + detail
@@ -332,7 +364,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="cnn,mlp", help="comma-separated: cnn, mlp")
     parser.add_argument("--clients-per-round", default="10,50", help="comma-separated cohort sizes")
-    parser.add_argument("--rounds", type=int, default=7, help="timed rounds per configuration")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help=f"timed rounds per configuration; 0 = {DEFAULT_ROUNDS} (more for the cheap model)")
     parser.add_argument("--warmup-rounds", type=int, default=1, help="untimed real rounds before timing")
     parser.add_argument("--data-threads", type=int, default=0,
                         help="reader threads; 0 = auto, as the train loop (a quarter of the cores, at least 1)")
@@ -342,15 +375,20 @@ def main() -> None:
     parser.add_argument("--no-conv-check", action="store_true", help="skip the convolution comparison")
     parser.add_argument("--json", help="also append the results as JSON lines to this file")
     args = parser.parse_args()
+    models = args.models.split(",")
+    if unknown := [m for m in models if m not in DEFAULT_ROUNDS]:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(DEFAULT_ROUNDS)}")
+    cohorts = [int(c) for c in args.clients_per_round.split(",")]
     start = time.perf_counter()
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s), "
           f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.2f}", flush=True)
     results: list[dict[str, Any]] = []
     if not args.conv_check:
         ds = FederatedDataset(dataset_dir(pathlib.Path(args.data_dir)))
-        for model_name in args.models.split(","):
-            for cohort in (int(c) for c in args.clients_per_round.split(",")):
-                r = run(ds, model_name, cohort, args.rounds, args.warmup_rounds, args.data_threads)
+        for model_name in models:
+            for cohort in cohorts:
+                rounds = args.rounds or DEFAULT_ROUNDS[model_name]
+                r = run(ds, model_name, cohort, rounds, args.warmup_rounds, args.data_threads)
                 results.append(r)
                 print(format_result(r), flush=True)
     if not args.no_conv_check:
