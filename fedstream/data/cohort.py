@@ -79,8 +79,9 @@ class ClientBatching:
 def auto_data_threads(requested: int = 0) -> int:
     """Reader threads: `requested` if > 0, else a quarter of the CPU cores (at least 1).
 
-    The data pipeline shares the host's cores with XLA; on a 2-core machine
-    one reader thread measured faster than two (benchmarks/README.md).
+    The data pipeline shares the host's cores with XLA, so it takes few of
+    them; on a 2-core machine one and two threads measured the same within
+    noise (benchmarks/README.md).
     """
     return requested if requested > 0 else max(1, (os.cpu_count() or 2) // 4)
 
@@ -297,7 +298,21 @@ def pack_round(
         "num_examples": int(sum(int(e["examples_used"]) for e in elements)),
         "num_steps": int(sum(steps)),
         "stream_length": length,
+        "padding_waste": padding_waste(load),
     }
+
+
+def padding_waste(device_steps: np.ndarray) -> float:
+    """Idle device-steps / device-steps executed in a round.
+
+    Devices run their clients' steps in parallel and meet at the psum, so a
+    round costs `devices * max(device_steps)` step slots, of which the
+    `sum(device_steps)` real steps are useful. (Stream padding beyond the
+    busiest device is skipped, not executed, and is not counted.)
+    """
+    load = np.asarray(device_steps, np.int64)
+    slots = load.size * int(load.max()) if load.size else 0
+    return float(slots - int(load.sum())) / slots if slots else 0.0
 
 
 @dataclasses.dataclass(frozen=True)

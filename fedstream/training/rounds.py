@@ -84,9 +84,10 @@ def build_train_round(
     """
 
     def device_round(state: ServerState, batch: Mapping[str, jax.Array]):
-        batch = jax.tree.map(lambda a: a[0], batch)  # this device's part
+        # This device's part. The stream keeps its leading axis of 1: taking
+        # `a[0]` of it would copy the whole packed stream every round.
         stream = {k: v for k, v in batch.items() if not k.startswith("slot_")}
-        slots = {k: v for k, v in batch.items() if k.startswith("slot_")}
+        slots = {k: v[0] for k, v in batch.items() if k.startswith("slot_")}
         # Without this pcast, gradients of the replicated params would be
         # silently psum-ed across devices (STACK_NOTES §4).
         server_params = _varying(state.params)
@@ -98,7 +99,8 @@ def build_train_round(
                 def local_step(t, inner):
                     client, metrics = inner
                     step_batch = jax.tree.map(
-                        lambda a: jax.lax.dynamic_index_in_dim(a, slot["slot_offset"] + t, keepdims=False), stream)
+                        lambda a: jax.lax.dynamic_index_in_dim(a, slot["slot_offset"] + t, axis=1, keepdims=False)[0],
+                        stream)
                     key = step_key(seed, state.round, slot["slot_client"], t)
                     client, step_metrics = algorithm.client_step(client, step_batch, key)
                     return _varying((client, metrics.merge(step_metrics)))
