@@ -37,6 +37,28 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return rest, overrides
 
 
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    try:
+        return int(value) if value else None
+    except ValueError:
+        raise SystemExit(f"fedstream: environment variable {name}={value!r} is not an integer") from None
+
+
+def init_distributed(args: argparse.Namespace) -> None:
+    """Joins a multi-process JAX run when asked to; must run before any other JAX call."""
+    explicit = (args.coordinator_address, args.num_processes, args.process_id)
+    if not args.distributed and all(v is None for v in explicit):
+        return
+    if not args.distributed and any(v is None for v in explicit):
+        raise SystemExit("fedstream: a multi-process run needs --coordinator-address, --num-processes and "
+                         "--process-id together (or --distributed on a cluster JAX detects)")
+    import jax
+
+    jax.distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+                               process_id=args.process_id)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedstream", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -49,6 +71,16 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="run or resume an experiment")
     t.add_argument("pipeline", help="pipeline name (e.g. digits_fedavg) or path to a config .py")
     t.add_argument("--workdir", required=True, help="run directory (checkpoints, metrics); resumed if it exists")
+    d = t.add_argument_group("multi-process (one command per host; see docs/multihost.md)")
+    d.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() with the cluster's auto-detected settings "
+                        "(TPU pods, SLURM, Open MPI, ...)")
+    d.add_argument("--coordinator-address", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                   help="host:port of process 0's coordinator (env JAX_COORDINATOR_ADDRESS)")
+    d.add_argument("--num-processes", type=int, default=_env_int("FEDSTREAM_NUM_PROCESSES"),
+                   help="number of processes (env FEDSTREAM_NUM_PROCESSES)")
+    d.add_argument("--process-id", type=int, default=_env_int("FEDSTREAM_PROCESS_ID"),
+                   help="this process's id, 0..num_processes-1 (env FEDSTREAM_PROCESS_ID)")
     i = sub.add_parser("inspect", help="summarise a preprocessed dataset")
     i.add_argument("path", help="dataset directory")
     i.add_argument("--verify", action="store_true", help="also check every shard's sha256")
@@ -74,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fedstream.training.train import train
 
             config = load_config(args.pipeline, "fedstream.pipelines", overrides)
+            init_distributed(args)
             train(config, args.workdir)
         else:
             from fedstream.data.inspect import describe_dataset

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from fedstream.data.cohort import (ClientBatching, CohortPipeline, bucket_steps, client_example_order,
-                                   pack_clients, sample_cohort)
+                                   pack_clients, padding_waste, sample_cohort)
 from support import InMemorySource
 
 SIZES = [0, 1, 3, 12, 25, 7, 40, 2, 9, 16, 5, 30, 0, 11, 19, 4]
@@ -124,3 +124,45 @@ def test_pack_clients_balances_load():
     for d in range(3):  # no overlap within a device's stream
         spans = sorted((offset[i], offset[i] + steps[i]) for i in range(len(steps)) if device[i] == d)
         assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+
+
+class CountingSource(InMemorySource):
+    """Records which clients were read."""
+
+    def __init__(self, sizes):
+        super().__init__(sizes)
+        self.reads = []
+
+    def get_client(self, split, client):
+        self.reads.append(int(client))
+        return super().get_client(split, client)
+
+
+@pytest.mark.parametrize("local", [(0,), (1, 3), (2,)])
+def test_a_process_reads_and_builds_only_its_own_devices(local):
+    """Multi-process: rows of the local devices equal the full pack's rows; nothing else is read."""
+    full_source, part_source = CountingSource(SIZES), CountingSource(SIZES)
+    full = make_pipeline(4, source=full_source, cohort=10)
+    part = CohortPipeline(part_source, "train", ("x", "y"), seed=7, cohort_size=10, batching=full.batching,
+                          num_devices=4, data_threads=0, local_devices=local)
+    it_full, it_part = full.iterator(3), part.iterator(3)
+    expected_reads = []
+    for r in range(3):
+        a, b = next(it_full), next(it_part)
+        for key, value in a["batch"].items():
+            np.testing.assert_array_equal(value[list(local)], b["batch"][key], err_msg=key)
+        assert {k: v for k, v in a.items() if k != "batch" and k != "clients"} == \
+               {k: v for k, v in b.items() if k != "batch" and k != "clients"}
+        device, _, _ = part.round_plan(r)
+        expected_reads += [int(c) for c, d in zip(part.cohort(r), device) if d in local and SIZES[c] > 0]
+    assert sorted(part_source.reads) == sorted(expected_reads)
+    assert len(part_source.reads) < len(full_source.reads)
+
+
+def test_padding_waste_counts_idle_device_steps():
+    steps = np.random.default_rng(3).lognormal(2.0, 1.2, 40).astype(int) + 1
+    for devices in (1, 3, 8):
+        _, _, load = pack_clients(steps, devices)
+        executed = devices * load.max()
+        assert padding_waste(load) == pytest.approx((executed - steps.sum()) / executed)
+    assert padding_waste(np.array([5])) == 0.0

@@ -8,6 +8,10 @@ its examples (`sample_cohort`, `client_example_order`), which is the
 pipeline's definition rather than arithmetic under test.
 """
 
+import pathlib
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -124,3 +128,23 @@ def test_rounds_match_numpy_reference(case):
     assert int(state.round) == rounds
     # The model moved: the comparison is not between two untouched inits.
     assert np.abs(W - w0).max() > 1e-2
+
+
+@pytest.mark.parametrize("num_devices", [1, 4])
+def test_packed_clients_of_very_different_sizes_match_one_at_a_time_reference(tmp_path, num_devices):
+    """Clients from 1 to 310 examples, several per device stream, against the client-by-client reference."""
+    import run_packed
+
+    out = tmp_path / "packed.npz"
+    subprocess.run([sys.executable, str(pathlib.Path(__file__).with_name("run_packed.py")), str(num_devices),
+                    str(out)], check=True, timeout=600)
+    got = np.load(out)
+    source = InMemorySource(run_packed.SIZES, input_shape=(4, 3, 1), num_classes=5, seed=2)
+    W, b = reference_fedavg(source, seed=run_packed.SEED, rounds=run_packed.ROUNDS, cohort=run_packed.COHORT,
+                            batching=ClientBatching(run_packed.BATCH), client_lr=run_packed.CLIENT_LR,
+                            server=NumpyServerOpt("sgd", 1.0), uniform=False, w0=got["w0"], b0=got["b0"])
+    np.testing.assert_allclose(got["W"], W, rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(got["b"], b, rtol=2e-4, atol=2e-5)
+    assert np.abs(W - got["w0"]).max() > 1e-2
+    if num_devices > 1:  # the 310-example client dominates: devices do wait for it
+        assert (got["waste"] > 0).all()

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -35,9 +36,15 @@ def train(workdir, digits, *extra, fault=None):
 
 
 def final_state(workdir):
-    with ocp.CheckpointManager(pathlib.Path(workdir) / "checkpoints", item_names=("state", "meta")) as manager:
+    """The latest checkpoint's state, restored onto this process's first device (whatever
+    device or process count saved it)."""
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with ocp.CheckpointManager(pathlib.Path(workdir) / "checkpoints", item_names=("state",),
+                               item_handlers={"state": ocp.StandardCheckpointHandler()}) as manager:
         step = manager.latest_step()
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        saved = manager.item_metadata(step)["state"]
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     return step, restored["state"]
 
 

@@ -172,10 +172,20 @@ class CohortPipeline:
     num_devices: int
     uniform_weights: bool = False
     data_threads: int = 2
+    local_devices: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         _fixed_features(self.source.schema, self.features)
         sample_cohort(self.seed, 0, len(self.sizes), self.cohort_size)  # validates the size
+        _check_local_devices(self.local_devices, self.num_devices)
+
+    def round_plan(self, round_index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`pack_clients` of a round's cohort: (device, offset, load), from client sizes alone.
+
+        Every process computes the same plan without reading any data, and
+        then reads only the clients of its own devices.
+        """
+        return _cached_plan(self, round_index)
 
     @functools.cached_property
     def sizes(self) -> np.ndarray:
@@ -194,17 +204,19 @@ class CohortPipeline:
         if num_examples == 0:
             element.update(steps=0, weight=0.0, examples_used=0, data=None, order=None)
             return element
-        order = client_example_order(self.seed, round_index, client, num_examples, self.batching)
-        data = self.source.get_client(self.split, client)
         used = self.batching.examples_used(num_examples)
-        element.update(data={name: np.asarray(data[name]) for name in self.features}, order=order,
-                       steps=order.size // self.batching.batch_size, examples_used=used,
-                       weight=1.0 if self.uniform_weights else float(used))
+        element.update(steps=self.batching.num_steps(num_examples), examples_used=used,
+                       weight=1.0 if self.uniform_weights else float(used), data=None, order=None)
+        if self.local_devices is None or int(self.round_plan(round_index)[0][position]) in self.local_devices:
+            order = client_example_order(self.seed, round_index, client, num_examples, self.batching)
+            data = self.source.get_client(self.split, client)
+            element.update(data={name: np.asarray(data[name]) for name in self.features}, order=order)
         return element
 
     def pack(self, elements: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """Packs one round's client elements into per-device step streams (Grain batch_fn)."""
-        return pack_round(elements, self.source.schema, self.features, self.batching.batch_size, self.num_devices)
+        return pack_round(elements, self.source.schema, self.features, self.batching.batch_size, self.num_devices,
+                          self.local_devices)
 
     def iterator(self, num_rounds: int) -> grain.DatasetIterator:
         """Iterator over rounds 0..num_rounds-1.
@@ -226,6 +238,24 @@ class CohortPipeline:
         return iter(dataset)
 
 
+def _check_local_devices(local_devices: tuple[int, ...] | None, num_devices: int) -> None:
+    if local_devices is not None and (not local_devices or sorted(set(local_devices)) != list(local_devices)
+                                      or local_devices[0] < 0 or local_devices[-1] >= num_devices):
+        raise ValueError(f"local_devices {local_devices} must be increasing mesh positions in 0..{num_devices - 1}")
+
+
+def local_rows(local_devices: tuple[int, ...] | None, num_devices: int) -> tuple[int, ...]:
+    """Mesh positions whose rows this process builds (all of them when `local_devices` is None)."""
+    return tuple(range(num_devices)) if local_devices is None else tuple(local_devices)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_plan(pipeline: CohortPipeline, round_index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    cohort = pipeline.cohort(round_index)
+    steps = [pipeline.batching.num_steps(int(pipeline.sizes[c])) for c in cohort]
+    return pack_clients(steps, pipeline.num_devices)
+
+
 @functools.lru_cache(maxsize=16)
 def _cached_cohort(seed: int, round_index: int, num_clients: int, cohort_size: int) -> np.ndarray:
     cohort = sample_cohort(seed, round_index, num_clients, cohort_size)
@@ -236,6 +266,9 @@ def _cached_cohort(seed: int, round_index: int, num_clients: int, cohort_size: i
 def empty_round_batch(schema: Any, features: Sequence[str], batch_size: int, num_devices: int, length: int,
                       slots: int) -> dict[str, np.ndarray]:
     """An all-padding round batch: step streams `[devices, length, batch, ...]` and `slots` client slots per device.
+
+    `num_devices` is the number of rows built here: all devices, or this
+    process's devices in a multi-process run.
 
     Client slot k of device d trains `slot_steps[d, k]` steps starting at step
     `slot_offset[d, k]` of that device's stream; its update is weighted by
@@ -259,21 +292,30 @@ def pack_round(
     features: Sequence[str],
     batch_size: int,
     num_devices: int,
+    local_devices: tuple[int, ...] | None = None,
 ) -> dict[str, Any]:
     """Packs client elements (from `CohortPipeline.load_slot`) onto devices.
 
     Returns a dict with `batch` (see `empty_round_batch`; one slot per
-    cohort position) and host-side round statistics.
+    cohort position) and host-side round statistics. With `local_devices`
+    (mesh positions), only those devices' rows are built, in that order; the
+    plan and the statistics are the same on every process.
     """
     steps = [int(e["steps"]) for e in elements]
     device, offset, load = pack_clients(steps, num_devices)
     length = bucket_steps(int(load.max()) if load.size else 1)
-    batch = empty_round_batch(schema, features, batch_size, num_devices, length, len(elements))
-    used = np.zeros(num_devices, np.int64)
-    for e, d, o, s in zip(elements, device, offset, steps):
-        if s == 0:
+    rows = local_rows(local_devices, num_devices)
+    row_of = {d: i for i, d in enumerate(rows)}
+    batch = empty_round_batch(schema, features, batch_size, len(rows), length, len(elements))
+    used = np.zeros(len(rows), np.int64)
+    for e, device_position, o, s in zip(elements, device, offset, steps):
+        if s == 0 or int(device_position) not in row_of:
             continue
+        d = row_of[int(device_position)]
         order = e["order"]
+        if order is None or order.size != s * batch_size:
+            raise RuntimeError(f"client {e['client']} of round {e['round']} was not loaded for device "
+                               f"{int(device_position)}; the cohort pipeline and the packing disagree")
         valid = order >= 0
         batch["mask"][d, o:o + s] = valid.reshape(s, batch_size)
         take = np.where(valid, order, 0)
@@ -331,9 +373,16 @@ class EvalPipeline:
     num_devices: int
     chunk_clients: int = 256
     data_threads: int = 2
+    local_devices: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         _fixed_features(self.source.schema, self.features)
+        _check_local_devices(self.local_devices, self.num_devices)
+
+    def chunk_plan(self, chunk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`pack_clients` of one chunk of clients, from their sizes alone (same on every process)."""
+        sizes = self.sizes[chunk * self.chunk_clients:(chunk + 1) * self.chunk_clients]
+        return pack_clients([math.ceil(int(n) / self.batch_size) for n in sizes], self.num_devices)
 
     @functools.cached_property
     def sizes(self) -> np.ndarray:
@@ -344,7 +393,8 @@ class EvalPipeline:
         n = int(self.sizes[client])
         steps = math.ceil(n / self.batch_size)
         element: dict[str, Any] = {"client": client, "num_examples": n, "steps": steps, "data": None}
-        if n:
+        chunk, position = divmod(client, self.chunk_clients)
+        if n and (self.local_devices is None or int(self.chunk_plan(chunk)[0][position]) in self.local_devices):
             data = self.source.get_client(self.split, client)
             pad = steps * self.batch_size - n
             shape = (steps, self.batch_size)
@@ -362,7 +412,9 @@ class EvalPipeline:
         steps = [int(e["steps"]) for e in elements]
         device, offset, load = pack_clients(steps, self.num_devices)
         length = bucket_steps(int(load.max()) if load.size else 1)
-        lead = (self.num_devices, length)
+        rows = local_rows(self.local_devices, self.num_devices)
+        row_of = {d: i for i, d in enumerate(rows)}
+        lead = (len(rows), length)
         batch: dict[str, np.ndarray] = {
             name: np.zeros(lead + (self.batch_size, *self.source.schema[name].shape),
                            np.dtype(self.source.schema[name].dtype))
@@ -370,9 +422,10 @@ class EvalPipeline:
         }
         batch["mask"] = np.zeros(lead + (self.batch_size,), bool)
         batch["slot"] = np.zeros(lead, np.int32)
-        for slot, (e, d, o, s) in enumerate(zip(elements, device, offset, steps)):
-            if s == 0:
+        for slot, (e, device_position, o, s) in enumerate(zip(elements, device, offset, steps)):
+            if s == 0 or int(device_position) not in row_of:
                 continue
+            d = row_of[int(device_position)]
             for name in (*self.features, "mask"):
                 batch[name][d, o:o + s] = e["data"][name]
             batch["slot"][d, o:o + s] = slot

@@ -48,10 +48,19 @@ def truncate_jsonl(path: pathlib.Path, last_round: int) -> None:
 
 
 class MetricsLog:
-    """Appends metrics to `<workdir>/metrics.jsonl` and TensorBoard (if installed)."""
+    """Appends metrics to `<workdir>/metrics.jsonl` and TensorBoard (if installed).
 
-    def __init__(self, workdir: str | pathlib.Path, resume_round: int, tensorboard: bool = True) -> None:
+    With `enabled=False` (processes other than 0 of a multi-process run) it
+    writes nothing.
+    """
+
+    def __init__(self, workdir: str | pathlib.Path, resume_round: int, tensorboard: bool = True,
+                 enabled: bool = True) -> None:
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        self.enabled = enabled
+        if not enabled:
+            self._file, self._tb, self.tensorboard_enabled = None, None, False
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         truncate_jsonl(self.path, resume_round)
         self._file: TextIO = self.path.open("a")
@@ -60,6 +69,8 @@ class MetricsLog:
 
     def write(self, round_index: int, kind: str, values: Mapping[str, Any]) -> None:
         """Appends one record; numbers also go to TensorBoard as `kind/name`."""
+        if not self.enabled:
+            return
         record = {"round": int(round_index), "kind": kind, **{k: _plain(v) for k, v in values.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
@@ -69,7 +80,9 @@ class MetricsLog:
             self._tb.write_scalars(int(round_index), scalars)
 
     def close(self) -> None:
-        self._file.close()
+        """Flushes and closes the files."""
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
@@ -86,8 +99,9 @@ def _plain(value: Any) -> Any:
 class Progress:
     """A throttled one-line progress report: round, rounds/s, examples/s, ETA, last eval."""
 
-    def __init__(self, total_rounds: int, start_round: int, stream: TextIO = sys.stdout, every_secs: float = 2.0):
-        self.total, self.start = total_rounds, start_round
+    def __init__(self, total_rounds: int, start_round: int, stream: TextIO = sys.stdout, every_secs: float = 2.0,
+                 enabled: bool = True):
+        self.total, self.start, self.enabled = total_rounds, start_round, enabled
         self.stream, self.every = stream, every_secs
         self.t0 = time.perf_counter()
         self.last_print = -math.inf
@@ -97,7 +111,7 @@ class Progress:
     def update(self, round_done: int, examples: int, train: Mapping[str, float], force: bool = False) -> None:
         self.examples += examples
         now = time.perf_counter()
-        if not force and now - self.last_print < self.every and round_done < self.total:
+        if not self.enabled or (not force and now - self.last_print < self.every and round_done < self.total):
             return
         self.last_print = now
         elapsed = max(now - self.t0, 1e-9)

@@ -38,19 +38,48 @@ def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
     return jax.sharding.Mesh(np.array(devices), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
+def local_device_positions(mesh: jax.sharding.Mesh) -> tuple[int, ...]:
+    """Positions on the mesh of this process's devices (all of them in a single-process run)."""
+    me = jax.process_index()
+    return tuple(i for i, d in enumerate(mesh.devices.flat) if d.process_index == me)
+
+
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-    """Puts `[devices, ...]` host arrays onto the mesh, one slice per device."""
+    """Puts this process's rows of a round batch onto its devices, as global `[devices, ...]` arrays.
+
+    `batch` holds one row per local device, in mesh order (see
+    `local_device_positions`); in a single-process run that is every device.
+    """
     sharding = NamedSharding(mesh, P(AXIS))
-    return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+    if jax.process_count() == 1:
+        return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+    devices = mesh.devices.flat
+    positions = local_device_positions(mesh)
+    out = {}
+    for k, v in batch.items():
+        if v.shape[0] != len(positions):
+            raise ValueError(f"batch leaf {k!r} has {v.shape[0]} rows for {len(positions)} local devices")
+        shards = [jax.device_put(v[i:i + 1], devices[p]) for i, p in enumerate(positions)]
+        out[k] = jax.make_array_from_single_device_arrays((mesh.size, *v.shape[1:]), sharding, shards)
+    return out
 
 
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
     """Places a pytree (e.g. the server state) replicated on every device of `mesh`.
 
     The round returns its state this way; giving it the same placement on
-    the first call avoids one extra compilation.
+    the first call avoids one extra compilation. Every process must pass the
+    same values.
     """
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+    sharding = NamedSharding(mesh, P())
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def put(leaf: Any) -> jax.Array:
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree)
 
 
 def step_key(seed: int, round_index: jax.Array, client: jax.Array, step: jax.Array) -> jax.Array:

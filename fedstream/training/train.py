@@ -31,8 +31,8 @@ from fedstream.data.cohort import ClientBatching, CohortPipeline, EvalPipeline, 
 from fedstream.models import get_model
 from fedstream.training.checkpoint import RunCheckpointer, check_config_unchanged
 from fedstream.training.metrics_log import MetricsLog, Progress
-from fedstream.training.rounds import (build_eval, build_train_round, make_mesh, replicate, shard_batch,
-                                       summarize_eval)
+from fedstream.training.rounds import (build_eval, build_train_round, local_device_positions, make_mesh, replicate,
+                                       shard_batch, summarize_eval)
 
 # Test hook: "kill_during_save:K" sends SIGKILL to this process right after
 # the asynchronous save of round K has started; "kill_after_round:K" after
@@ -86,13 +86,18 @@ def _fault_point() -> tuple[str, int] | None:
     return kind, int(k)
 
 
+def _local_devices(mesh: jax.sharding.Mesh) -> tuple[int, ...] | None:
+    """This process's mesh positions in a multi-process run (it reads only their clients), else None."""
+    return local_device_positions(mesh) if jax.process_count() > 1 else None
+
+
 def evaluate(algorithm: FedAvg, params: Any, dataset: Any, config: ml_collections.ConfigDict,
              mesh: jax.sharding.Mesh, eval_fn: Callable | None = None) -> dict[str, float]:
     """Loss and accuracy over all clients of the test split (example-weighted and client-averaged)."""
     chunk = int(config.eval.chunk_clients)
     pipeline = EvalPipeline(dataset, config.data.test_split, (algorithm.model.input_key, algorithm.model.label_key),
                             int(config.eval.batch_size), mesh.size, chunk,
-                            auto_data_threads(int(config.data_threads)))
+                            auto_data_threads(int(config.data_threads)), local_devices=_local_devices(mesh))
     eval_fn = eval_fn or build_eval(algorithm, mesh, chunk)
     sums: dict[str, list[np.ndarray]] = {"loss_sum": [], "correct": [], "count": []}
     for part in pipeline.chunks():
@@ -104,8 +109,17 @@ def evaluate(algorithm: FedAvg, params: Any, dataset: Any, config: ml_collection
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
           log: Callable[[str], None] = print) -> TrainResult:
-    """Runs (or resumes) the experiment `config` in `workdir`."""
+    """Runs (or resumes) the experiment `config` in `workdir`.
+
+    In a multi-process run (after `jax.distributed.initialize`) every process
+    calls this with the same config and workdir: each reads only its own
+    devices' clients, all take part in Orbax's checkpointing, and process 0
+    alone writes metrics and progress.
+    """
     workdir = pathlib.Path(workdir)
+    primary = jax.process_index() == 0
+    if not primary:
+        log = lambda *_: None  # noqa: E731
     workdir.mkdir(parents=True, exist_ok=True)
     config_dict = config.to_dict()
     if config.aggregation not in ("example", "uniform"):
@@ -124,10 +138,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     pipeline = CohortPipeline(dataset, config.data.train_split, (algorithm.model.input_key, algorithm.model.label_key),
                               seed=int(config.seed), cohort_size=int(config.clients_per_round), batching=batching,
                               num_devices=mesh.size, uniform_weights=config.aggregation == "uniform",
-                              data_threads=auto_data_threads(int(config.data_threads)))
+                              data_threads=auto_data_threads(int(config.data_threads)),
+                              local_devices=_local_devices(mesh))
     num_rounds = int(config.num_rounds)
 
-    state = algorithm.init(jax.random.PRNGKey(int(config.seed)))
+    state = replicate(algorithm.init(jax.random.PRNGKey(int(config.seed))), mesh)
     start = 0
     iterator = pipeline.iterator(max(num_rounds, 1))
     if latest is not None:
@@ -135,14 +150,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
         start = int(state.round)
         iterator.set_state(meta["data_iterator"])
         log(f"resumed {workdir} from the checkpoint after round {start}")
-    state = replicate(state, mesh)
-    metrics_log = MetricsLog(workdir, resume_round=start)
+    metrics_log = MetricsLog(workdir, resume_round=start, enabled=primary)
     if not metrics_log.tensorboard_enabled and start == 0:
         log("TensorBoard summaries off (install fedstream[tensorboard]); metrics go to metrics.jsonl")
 
     train_round = build_train_round(algorithm, mesh, seed=int(config.seed))
     eval_fn = build_eval(algorithm, mesh, int(config.eval.chunk_clients))
-    progress = Progress(num_rounds, start)
+    progress = Progress(num_rounds, start, enabled=primary)
     fault = _fault_point()
     final_eval: dict[str, float] = {}
     try:
