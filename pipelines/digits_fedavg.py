@@ -22,12 +22,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.recipe = "digits"  # preprocess it with this recipe if missing ('' = never)
     c.data.train_split = "train"
     c.data.test_split = "test"
+    c.data.augment = ""  # per-client augmentation in the pipeline ('' = none; 'crop_flip' for CIFAR)
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "mlp"
     c.model.hidden = (200, 200)
     c.model.num_classes = 10
     c.model.conv_impl = "auto"
+    c.model.options = ml_collections.ConfigDict()  # extra keyword arguments of the model's factory
+    c.model.loss_mask_ids = ()  # label ids scored by neither loss nor accuracy (e.g. PAD)
+    c.model.accuracy_mask_ids = ()  # label ids left out of the accuracy (e.g. BOS, EOS, OOV)
 
     c.client = ml_collections.ConfigDict()
     c.client.optimizer = "sgd"

@@ -166,3 +166,33 @@ def test_padding_waste_counts_idle_device_steps():
         executed = devices * load.max()
         assert padding_waste(load) == pytest.approx((executed - steps.sum()) / executed)
     assert padding_waste(np.array([5])) == 0.0
+
+
+def test_crop_flip_is_a_shifted_window_of_the_padded_image():
+    from fedstream.data.augment import random_crop_flip
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, size=(64, 8, 6, 3)).astype(np.uint8)
+    out = random_crop_flip({"x": images, "y": np.arange(64)}, np.random.default_rng(1), pad=2)["x"]
+    assert out.shape == images.shape and out.dtype == images.dtype
+    padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)))
+    flips = 0
+    for i in range(64):  # each output is one of the 5x5 windows, flipped or not
+        windows = [(w, f) for dy in range(5) for dx in range(5) for f in (False, True)
+                   for w in [padded[i, dy:dy + 8, dx:dx + 6][:, ::-1 if f else 1]] if np.array_equal(w, out[i])]
+        assert windows, f"example {i} is not a crop of its padded image"
+        flips += windows[0][1]
+    assert 10 < flips < 54  # about half are flipped
+
+
+def test_augmentation_is_a_function_of_seed_round_and_client():
+    from fedstream.data.augment import random_crop_flip
+
+    source = InMemorySource(SIZES, input_shape=(6, 6, 1))
+    make = lambda: CohortPipeline(source, "train", ("x", "y"), seed=7, cohort_size=6, batching=ClientBatching(4),  # noqa: E731
+                                  num_devices=2, data_threads=0, augment=random_crop_flip)
+    a, b = next(make().iterator(1)), next(make().iterator(1))
+    plain = next(make_pipeline(2, source=source, batching=ClientBatching(4)).iterator(1))
+    np.testing.assert_array_equal(a["batch"]["x"], b["batch"]["x"])
+    assert not np.array_equal(a["batch"]["x"], plain["batch"]["x"])
+    np.testing.assert_array_equal(a["batch"]["y"], plain["batch"]["y"])

@@ -45,3 +45,28 @@ def test_metrics_respect_mask():
     assert float(m["accuracy"]) == 1.0
     with pytest.raises(ValueError, match="unknown model"):
         get_model("resnet", (2,), 3)
+
+
+def test_sequence_scores_mask_special_tokens_like_a_numpy_reference():
+    """Token-level loss masks PAD; in-vocabulary accuracy also masks BOS/EOS/OOV."""
+    pad, bos, eos, oov = 0, 1, 2, 3
+    model = get_model("logistic", (5,), 7, loss_mask_ids=(pad,), accuracy_mask_ids=(pad, bos, eos, oov))
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 5, 7)).astype(np.float32)
+    labels = rng.integers(0, 7, size=(3, 5)).astype(np.int32)
+    labels[0, 3:] = pad
+    labels[1, 0] = oov
+    labels[2, 4] = eos
+    mask = np.array([True, True, False])
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(log_p, labels[..., None], -1)[..., 0]
+    in_loss = (labels != pad) & mask[:, None]
+    in_acc = in_loss & ~np.isin(labels, [bos, eos, oov])
+    hit = logits.argmax(-1) == labels
+    expected_loss = (nll * in_loss).sum() / in_loss.sum()
+    expected_acc = (hit & in_acc).sum() / in_acc.sum()
+    np.testing.assert_allclose(model.batch_loss(jnp.array(logits), jnp.array(labels), jnp.array(mask)),
+                               expected_loss, rtol=1e-5)
+    m = model.metrics(jnp.array(logits), jnp.array(labels), jnp.array(mask)).compute()
+    np.testing.assert_allclose(float(m["loss"]), expected_loss, rtol=1e-5)
+    np.testing.assert_allclose(float(m["accuracy"]), expected_acc, rtol=1e-6)

@@ -76,9 +76,7 @@ class FedAvg:
 
         def loss_fn(params: Params) -> tuple[jax.Array, jax.Array]:
             logits = self.model.apply(params, x, rng=rng)
-            per_example = self.model.per_example_loss(logits, y)
-            weights = mask.astype(per_example.dtype)
-            return jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0), logits
+            return self.model.batch_loss(logits, y, mask), logits
 
         (_, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = self.client_optimizer.update(grads, state.opt_state, state.params)

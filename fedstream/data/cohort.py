@@ -21,7 +21,7 @@ import dataclasses
 import functools
 import math
 import os
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import grain
 import numpy as np
@@ -30,6 +30,7 @@ import numpy as np
 # share random numbers.
 _COHORT_STREAM = 0
 _SHUFFLE_STREAM = 1
+_AUGMENT_STREAM = 2
 
 
 class ClientDataSource(Protocol):
@@ -173,6 +174,7 @@ class CohortPipeline:
     uniform_weights: bool = False
     data_threads: int = 2
     local_devices: tuple[int, ...] | None = None
+    augment: Callable[[Mapping[str, np.ndarray], np.random.Generator], dict[str, np.ndarray]] | None = None
 
     def __post_init__(self) -> None:
         _fixed_features(self.source.schema, self.features)
@@ -210,7 +212,10 @@ class CohortPipeline:
         if self.local_devices is None or int(self.round_plan(round_index)[0][position]) in self.local_devices:
             order = client_example_order(self.seed, round_index, client, num_examples, self.batching)
             data = self.source.get_client(self.split, client)
-            element.update(data={name: np.asarray(data[name]) for name in self.features}, order=order)
+            data = {name: np.asarray(data[name]) for name in self.features}
+            if self.augment is not None:
+                data = self.augment(data, np.random.default_rng([self.seed, round_index, client, _AUGMENT_STREAM]))
+            element.update(data=data, order=order)
         return element
 
     def pack(self, elements: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -28,21 +28,29 @@ Params = Any
 
 @flax.struct.dataclass
 class TrainMetrics(metrics.Collection):
-    """Example-weighted mean loss and accuracy over the (masked) examples seen."""
+    """Mean loss and accuracy over the scored targets seen (examples, or tokens for sequence models)."""
 
-    loss: metrics.Average.from_output("loss")
-    accuracy: metrics.Accuracy
+    loss: metrics.Average
+    accuracy: metrics.Average
 
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-    """A Flax module plus its input/label feature names and per-example loss.
+    """A Flax module plus its input/label feature names and how it is scored.
+
+    Classification models score one label per example. Sequence models
+    (labels `[batch, T]`, logits `[batch, T, vocab]`) score every target
+    token, except that tokens in `loss_mask_ids` (e.g. PAD) count in neither
+    loss nor accuracy and tokens in `accuracy_mask_ids` (e.g. PAD, BOS, EOS,
+    OOV: "in-vocabulary accuracy") are left out of the accuracy.
 
     Attributes:
       module: the Linen module; `module.apply(vars, x, train=..., rngs=...)`.
-      input_shape: per-example input shape, e.g. (28, 28, 1).
-      num_classes: number of output logits.
+      input_shape: per-example input shape, e.g. (28, 28, 1) or (20,).
+      num_classes: number of output logits (the vocabulary size for text).
       input_key / label_key: dataset features holding inputs and labels.
+      input_dtype: dtype of the input feature (int32 for token ids).
+      loss_mask_ids / accuracy_mask_ids: label ids left out of the scores.
     """
 
     module: nn.Module
@@ -50,10 +58,13 @@ class Model:
     num_classes: int
     input_key: str = "x"
     label_key: str = "y"
+    input_dtype: str = "float32"
+    loss_mask_ids: tuple[int, ...] = ()
+    accuracy_mask_ids: tuple[int, ...] = ()
 
     def init(self, rng: jax.Array) -> Params:
         """Initial params (a plain nested dict of arrays)."""
-        x = jnp.zeros((1, *self.input_shape), jnp.float32)
+        x = jnp.zeros((1, *self.input_shape), self.input_dtype)
         return self.module.init({"params": rng, "dropout": rng}, x, train=False)["params"]
 
     def apply(self, params: Params, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
@@ -62,15 +73,45 @@ class Model:
             return self.module.apply({"params": params}, x, train=False)
         return self.module.apply({"params": params}, x, train=True, rngs={"dropout": rng})
 
-    def per_example_loss(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
-        """Softmax cross-entropy per example."""
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    def example_scores(self, logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+        """Per-example sums `[batch]`: `loss` (cross-entropy summed over scored targets),
+        `loss_count` (targets in the loss), `correct` and `accuracy_count` (targets in the accuracy).
+
+        For a classifier the counts are 1 and `loss` is the example's cross-entropy.
+        """
+        cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        hit = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+        in_loss = _not_in(labels, self.loss_mask_ids)
+        in_accuracy = in_loss * _not_in(labels, self.accuracy_mask_ids)
+        per_target = lambda v: v.reshape(v.shape[0], -1).sum(-1)  # noqa: E731 (sums over T for sequences)
+        return {"loss": per_target(cross_entropy * in_loss), "loss_count": per_target(in_loss),
+                "correct": per_target(hit * in_accuracy), "accuracy_count": per_target(in_accuracy)}
+
+    def batch_loss(self, logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+        """Mean cross-entropy over the batch's scored targets (padded examples excluded by `mask`)."""
+        scores = self.example_scores(logits, labels)
+        weights = mask.astype(jnp.float32)
+        return jnp.sum(scores["loss"] * weights) / jnp.maximum(jnp.sum(scores["loss_count"] * weights), 1.0)
 
     def metrics(self, logits: jax.Array, labels: jax.Array, mask: jax.Array) -> TrainMetrics:
         """clu metrics of one batch, padded examples excluded by `mask`."""
-        return TrainMetrics.single_from_model_output(
-            logits=logits, labels=labels, loss=self.per_example_loss(logits, labels), mask=mask
-        )
+        scores = self.example_scores(logits, labels)
+        weights = mask.astype(jnp.float32)
+
+        def average(total: str, count: str) -> metrics.Average:
+            return metrics.Average(total=jnp.sum(scores[total] * weights),
+                                   count=jnp.sum(scores[count] * weights).astype(jnp.int32))
+
+        return TrainMetrics.empty().replace(loss=average("loss", "loss_count"),
+                                            accuracy=average("correct", "accuracy_count"))
+
+
+def _not_in(labels: jax.Array, ids: tuple[int, ...]) -> jax.Array:
+    """1.0 where a label is none of `ids`, else 0.0."""
+    keep = jnp.ones(labels.shape, jnp.float32)
+    for i in ids:
+        keep = keep * (labels != i)
+    return keep
 
 
 class LogisticRegression(nn.Module):
@@ -128,16 +169,28 @@ _FACTORIES: dict[str, Callable[..., nn.Module]] = {
 MODEL_NAMES = tuple(sorted(_FACTORIES))
 
 
+def register_model(name: str, factory: Callable[..., nn.Module]) -> None:
+    """Adds a model factory `factory(num_classes, **options) -> nn.Module` under `name`."""
+    global MODEL_NAMES
+    _FACTORIES[name] = factory
+    MODEL_NAMES = tuple(sorted(_FACTORIES))
+
+
 def get_model(
     name: str,
     input_shape: Sequence[int],
     num_classes: int,
     input_key: str = "x",
     label_key: str = "y",
+    *,
+    input_dtype: str = "float32",
+    loss_mask_ids: Sequence[int] = (),
+    accuracy_mask_ids: Sequence[int] = (),
     **options: Any,
 ) -> Model:
-    """Builds a registered model by name ('logistic', 'mlp', 'cnn')."""
+    """Builds a registered model by name (see `MODEL_NAMES`); `options` go to its factory."""
     if name not in _FACTORIES:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(_FACTORIES))}")
     module = _FACTORIES[name](num_classes, **options)
-    return Model(module, tuple(int(d) for d in input_shape), int(num_classes), input_key, label_key)
+    return Model(module, tuple(int(d) for d in input_shape), int(num_classes), input_key, label_key,
+                 str(input_dtype), tuple(int(i) for i in loss_mask_ids), tuple(int(i) for i in accuracy_mask_ids))

@@ -27,6 +27,8 @@ from fedstream.algorithms.fedavg import FedAvg, ServerState
 from fedstream.models import TrainMetrics
 
 AXIS = "clients"
+# Per-client sums of an evaluation: `Model.example_scores` plus the example count.
+EVAL_SUMS = ("loss", "loss_count", "correct", "accuracy_count", "count")
 
 
 def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
@@ -166,53 +168,52 @@ def build_eval(
 ) -> Callable[[Any, Mapping[str, jax.Array]], dict[str, jax.Array]]:
     """Returns `evaluate(params, batch) -> per-client sums` for `EvalPipeline` chunks.
 
-    The result holds `[num_slots]` arrays `loss_sum`, `correct`, `count`
-    (per client of the chunk), from which the caller forms example-weighted
-    and client-averaged loss and accuracy.
+    The result holds `[num_slots]` arrays (per client of the chunk) of
+    `EVAL_SUMS`, from which `summarize_eval` forms example-weighted (for
+    sequence models: token-weighted) and client-averaged loss and accuracy.
     """
     model = algorithm.model
 
     def device_eval(params, batch):
         batch = jax.tree.map(lambda a: a[0], batch)
         params = _varying(params)
-        zeros = _varying(jnp.zeros((num_slots,), jnp.float32))
+        zeros = _varying({key: jnp.zeros((num_slots,), jnp.float32) for key in EVAL_SUMS})
 
         def step(acc, s):
             def score(acc):
                 logits = model.apply(params, s[model.input_key])
-                labels = s[model.label_key]
                 w = s["mask"].astype(jnp.float32)
-                loss = jnp.sum(model.per_example_loss(logits, labels) * w)
-                correct = jnp.sum((jnp.argmax(logits, -1) == labels) * w)
-                loss_sum, correct_sum, count = acc
+                scores = {**model.example_scores(logits, s[model.label_key]), "count": jnp.ones_like(w)}
                 slot = s["slot"]
-                return loss_sum.at[slot].add(loss), correct_sum.at[slot].add(correct), count.at[slot].add(jnp.sum(w))
+                return {key: acc[key].at[slot].add(jnp.sum(scores[key] * w)) for key in EVAL_SUMS}
 
             return jax.lax.cond(jnp.any(s["mask"]), score, lambda a: a, acc), None
 
-        (loss_sum, correct, count), _ = jax.lax.scan(step, (zeros, zeros, zeros), batch)
-        return jax.lax.psum({"loss_sum": loss_sum, "correct": correct, "count": count}, AXIS)
+        sums, _ = jax.lax.scan(step, zeros, batch)
+        return jax.lax.psum(sums, AXIS)
 
     sharded = jax.shard_map(device_eval, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P())
     return jax.jit(sharded)
 
 
 def summarize_eval(per_client: Mapping[str, np.ndarray]) -> dict[str, float]:
-    """Example-weighted and client-averaged loss/accuracy from per-client sums.
+    """Pooled and client-averaged loss/accuracy from per-client sums (see `EVAL_SUMS`).
 
-    Clients without examples count in neither average.
+    Pooled numbers weight every scored target equally (an example for a
+    classifier, a token for a sequence model). Clients without scored
+    targets count in neither average.
     """
-    loss_sum = np.asarray(per_client["loss_sum"], np.float64)
-    correct = np.asarray(per_client["correct"], np.float64)
-    count = np.asarray(per_client["count"], np.float64)
-    has = count > 0
-    total = max(count.sum(), 1.0)
-    return {
-        "loss": float(loss_sum.sum() / total),
-        "accuracy": float(correct.sum() / total),
-        "client_mean_loss": float(np.mean(loss_sum[has] / count[has])) if has.any() else float("nan"),
-        "client_mean_accuracy": float(np.mean(correct[has] / count[has])) if has.any() else float("nan"),
-        "num_clients": int(has.sum()),
-        "num_examples": int(count.sum()),
-    }
+    sums = {key: np.asarray(per_client[key], np.float64) for key in EVAL_SUMS}
+    has_loss, has_acc = sums["loss_count"] > 0, sums["accuracy_count"] > 0
 
+    def client_mean(total: str, count: str, has: np.ndarray) -> float:
+        return float(np.mean(sums[total][has] / sums[count][has])) if has.any() else float("nan")
+
+    return {
+        "loss": float(sums["loss"].sum() / max(sums["loss_count"].sum(), 1.0)),
+        "accuracy": float(sums["correct"].sum() / max(sums["accuracy_count"].sum(), 1.0)),
+        "client_mean_loss": client_mean("loss", "loss_count", has_loss),
+        "client_mean_accuracy": client_mean("correct", "accuracy_count", has_acc),
+        "num_clients": int((sums["count"] > 0).sum()),
+        "num_examples": int(sums["count"].sum()),
+    }

@@ -27,12 +27,13 @@ import numpy as np
 
 from fedstream.algorithms.fedavg import FedAvg, ServerState, make_optimizer
 from fedstream.config import ConfigError
+from fedstream.data.augment import get_augmentation
 from fedstream.data.cohort import ClientBatching, CohortPipeline, EvalPipeline, auto_data_threads
 from fedstream.models import get_model
 from fedstream.training.checkpoint import RunCheckpointer, check_config_unchanged
 from fedstream.training.metrics_log import MetricsLog, Progress
-from fedstream.training.rounds import (build_eval, build_train_round, local_device_positions, make_mesh, replicate,
-                                       shard_batch, summarize_eval)
+from fedstream.training.rounds import (EVAL_SUMS, build_eval, build_train_round, local_device_positions, make_mesh,
+                                       replicate, shard_batch, summarize_eval)
 
 # Test hook: "kill_during_save:K" sends SIGKILL to this process right after
 # the asynchronous save of round K has started; "kill_after_round:K" after
@@ -70,8 +71,12 @@ def build_algorithm(config: ml_collections.ConfigDict, dataset: Any) -> FedAvg:
     for key in (input_key, label_key):
         if key not in schema:
             raise ConfigError(f"dataset {config.data.path} has no feature {key!r} (features: {', '.join(schema)})")
+    options = config.model.options.to_dict() if "options" in config.model else {}
     model = get_model(config.model.name, schema[input_key].shape, config.model.num_classes,
-                      hidden=tuple(config.model.hidden), conv_impl=config.model.conv_impl)
+                      input_dtype=schema[input_key].dtype,
+                      loss_mask_ids=tuple(config.model.get("loss_mask_ids", ())),
+                      accuracy_mask_ids=tuple(config.model.get("accuracy_mask_ids", ())),
+                      hidden=tuple(config.model.hidden), conv_impl=config.model.conv_impl, **options)
     client_tx = make_optimizer(config.client.optimizer, config.client.learning_rate, momentum=config.client.momentum)
     server_tx = make_optimizer(config.server.optimizer, config.server.learning_rate, momentum=config.server.momentum,
                                b1=config.server.b1, b2=config.server.b2, eps=config.server.eps)
@@ -99,7 +104,7 @@ def evaluate(algorithm: FedAvg, params: Any, dataset: Any, config: ml_collection
                             int(config.eval.batch_size), mesh.size, chunk,
                             auto_data_threads(int(config.data_threads)), local_devices=_local_devices(mesh))
     eval_fn = eval_fn or build_eval(algorithm, mesh, chunk)
-    sums: dict[str, list[np.ndarray]] = {"loss_sum": [], "correct": [], "count": []}
+    sums: dict[str, list[np.ndarray]] = {key: [] for key in EVAL_SUMS}
     for part in pipeline.chunks():
         out = jax.device_get(eval_fn(params, shard_batch(part["batch"], mesh)))
         for key in sums:
@@ -139,7 +144,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                               seed=int(config.seed), cohort_size=int(config.clients_per_round), batching=batching,
                               num_devices=mesh.size, uniform_weights=config.aggregation == "uniform",
                               data_threads=auto_data_threads(int(config.data_threads)),
-                              local_devices=_local_devices(mesh))
+                              local_devices=_local_devices(mesh),
+                              augment=get_augmentation(str(config.data.get("augment", ""))))
     num_rounds = int(config.num_rounds)
 
     state = replicate(algorithm.init(jax.random.PRNGKey(int(config.seed))), mesh)
