@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe name (e.g. digits, synthetic, arrays) or path to a recipe .py")
     p.add_argument("--output", required=True, help="dataset directory to create")
     p.add_argument("--force", action="store_true", help="rewrite a complete output directory")
+    p.add_argument("--source", help="an already-downloaded upstream file or directory for recipes that download "
+                                    "(the same as --config.source=...)")
     p.add_argument("--compression", default="uncompressed",
                    help="shard compression: uncompressed (fastest to read, default), snappy, zstd:1, zstd:3, ...")
     t = sub.add_parser("train", help="run or resume an experiment")
@@ -100,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "preprocess":
             from fedstream.data.preprocessing import run_preprocess
 
+            if args.source:
+                overrides.append(f"source={args.source}")
             run_preprocess(args.recipe, args.output, overrides, force=args.force, compression=args.compression)
         elif args.command == "train":
             from fedstream.config import load_config

@@ -437,3 +437,22 @@ def test_stale_tmp_dirs_removed_and_foreign_dirs_kept(tmp_path):
     with pytest.raises(ValueError, match="not a fedstream dataset"):
         DatasetWriter(foreign, {"v": FeatureSpec("int32", ())})
     assert (foreign / "notes.txt").exists()
+
+
+def test_assets_round_trip_and_corruption_is_named(tmp_path):
+    schema = {"y": FeatureSpec("int32", ())}
+    vocab = json.dumps(["<pad>", "the", "ü"]).encode()
+    with DatasetWriter(tmp_path / "ds", schema) as writer:
+        writer.add_client("train", "a", {"y": np.arange(3)})
+        writer.add_asset("vocab.json", vocab)
+        with pytest.raises(ValueError, match="duplicate asset"):
+            writer.add_asset("vocab.json", b"")
+        with pytest.raises(ValueError, match="invalid"):
+            writer.add_asset("../escape", b"")
+    ds = FederatedDataset(tmp_path / "ds")
+    assert ds.asset("vocab.json") == vocab
+    with pytest.raises(DatasetFormatError, match="no asset 'words'"):
+        ds.asset("words")
+    (tmp_path / "ds" / "assets" / "vocab.json").write_bytes(vocab.replace(b"the", b"tha"))
+    with pytest.raises(DatasetFormatError, match=r"assets/vocab.json: size or sha256"):
+        ds.asset("vocab.json")

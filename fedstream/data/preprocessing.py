@@ -131,6 +131,9 @@ def run_preprocess(
                 last = now
                 clients, examples = (sum(t[i] for t in counts.values()) for i in (0, 1))
                 say(f"  {clients:,} clients written ({examples:,} examples, {examples / (now - start):,.0f} ex/s)")
+        if callable(getattr(module, "assets", None)):  # e.g. a vocabulary, stored as assets/<name>
+            for asset_name, data in module.assets(config).items():
+                writer.add_asset(asset_name, data)
         if callable(getattr(module, "expected_counts", None)):
             _check_counts(counts, module.expected_counts(config), name)
     summary = "; ".join(f"{split}: {c:,} clients / {n:,} examples" for split, (c, n) in counts.items())

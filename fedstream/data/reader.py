@@ -9,6 +9,7 @@ thread), so it can be handed to Grain workers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -22,7 +23,7 @@ from array_record.python.array_record_module import ArrayRecordReader
 
 from fedstream.data.format import (FORMAT_VERSION, INDEX_FILE, METADATA_FILE, SUCCESS_FILE, DatasetFormatError,
                                    Schema, decode_examples, schema_from_json)
-from fedstream.data.writer import _sha256, is_safe_split_name
+from fedstream.data.writer import ASSETS_DIR, _sha256, is_safe_split_name
 
 # Random-access reader options: no readahead fill per seek (STACK_NOTES §1).
 READER_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"
@@ -208,6 +209,21 @@ class FederatedDataset:
                 raise DatasetFormatError(f"{self.path / file}: cannot read client {client_id!r} of split "
                                          f"{split!r} ({e})") from None
         return decode_examples(self.schema, records, source=f"{self.path / file} (split {split!r}, client {client_id!r})")
+
+    def asset(self, name: str) -> bytes:
+        """A file stored with the dataset (e.g. `vocab.json`), checked against its size and sha256."""
+        info = self.metadata.get("assets", {}).get(name) if isinstance(self.metadata.get("assets"), dict) else None
+        if not isinstance(info, dict):
+            known = ", ".join(sorted(self.metadata.get("assets", {}) or {})) or "none"
+            raise DatasetFormatError(f"{self.path}: no asset {name!r} (assets: {known})")
+        path = self.path / ASSETS_DIR / name
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise DatasetFormatError(f"{path}: unreadable asset ({e})") from None
+        if len(data) != info.get("bytes") or hashlib.sha256(data).hexdigest() != info.get("sha256"):
+            raise DatasetFormatError(f"{path}: size or sha256 does not match {METADATA_FILE} (corrupted)")
+        return data
 
     def verify(self) -> None:
         """Checks every shard's sha256 and record count against the metadata (reads all data)."""

@@ -32,7 +32,8 @@ COMPRESSIONS = ("uncompressed", "snappy", "zstd:1", "zstd:3", "zstd:6", "brotli:
 DEFAULT_COMPRESSION = "uncompressed"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Keys of metadata.json that the writer owns; caller metadata may not use them.
-RESERVED_METADATA_KEYS = ("format_version", "schema", "splits", "shard_options", "created_by")
+RESERVED_METADATA_KEYS = ("format_version", "schema", "splits", "shard_options", "created_by", "assets")
+ASSETS_DIR = "assets"
 
 
 def is_safe_split_name(split: Any) -> bool:
@@ -148,6 +149,7 @@ class DatasetWriter:
         self.tmp_dir = self.output_dir.with_name(f".{self.output_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
         self.tmp_dir.mkdir()
         self._splits: dict[str, _SplitState] = {}
+        self._assets: dict[str, dict[str, Any]] = {}
         self._closed = False
 
     def __enter__(self) -> DatasetWriter:
@@ -203,6 +205,20 @@ class DatasetWriter:
         state.count.append(n)
         state.records_in_shard += n
 
+    def add_asset(self, name: str, data: bytes) -> None:
+        """Stores a file that belongs to the dataset (e.g. `vocab.json`) under `assets/<name>`.
+
+        Its size and sha256 go into the metadata; the reader checks them.
+        """
+        if self._closed:
+            raise RuntimeError("the writer is closed")
+        if not isinstance(name, str) or not _SAFE_NAME.match(name) or name in self._assets:
+            raise ValueError(f"invalid or duplicate asset name {name!r}")
+        directory = self.tmp_dir / ASSETS_DIR
+        directory.mkdir(exist_ok=True)
+        (directory / name).write_bytes(bytes(data))
+        self._assets[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
     def _finish_shard(self, state: _SplitState) -> None:
         if state.writer is None:
             return
@@ -229,6 +245,8 @@ class DatasetWriter:
             metadata = {**self.metadata, "format_version": FORMAT_VERSION, "schema": schema_to_json(self.schema),
                         "shard_options": self._options,
                         "splits": splits_meta, "created_by": f"fedstream {__version__}"}
+            if self._assets:
+                metadata["assets"] = self._assets
             (self.tmp_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=1, sort_keys=True, default=str))
             (self.tmp_dir / SUCCESS_FILE).write_text("")
             old = None
