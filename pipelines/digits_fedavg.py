@@ -33,6 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.loss_mask_ids = ()  # label ids scored by neither loss nor accuracy (e.g. PAD)
     c.model.accuracy_mask_ids = ()  # label ids left out of the accuracy (e.g. BOS, EOS, OOV)
 
+    c.algorithm = ml_collections.ConfigDict()
+    c.algorithm.name = "fedavg"  # see `fedstream list`
+    c.algorithm.options = ml_collections.ConfigDict()  # the algorithm's own knobs (e.g. proximal_weight)
+
     c.client = ml_collections.ConfigDict()
     c.client.optimizer = "sgd"
     c.client.learning_rate = 0.1

@@ -1,0 +1,44 @@
+"""Federated algorithms, selectable by name from a pipeline config (`config.algorithm`).
+
+Every algorithm follows `FedAvg`'s hooks (see its docstring); the round
+runner executes them sharded over devices, streamed and checkpointed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import optax
+
+from fedstream.algorithms.fedavg import FedAvg, ServerState, make_optimizer
+from fedstream.models import Model
+
+AlgorithmFactory = Callable[..., FedAvg]
+_ALGORITHMS: dict[str, tuple[AlgorithmFactory, str]] = {
+    "fedavg": (FedAvg, "FedAvg / FedOpt (McMahan et al. 2017; Reddi et al. 2021): server optimizer on the mean delta"),
+}
+
+
+def register_algorithm(name: str, factory: AlgorithmFactory, description: str) -> None:
+    """Adds `factory(model, client_optimizer, server_optimizer, **options)` under `name`."""
+    _ALGORITHMS[name] = (factory, description)
+
+
+def algorithm_names() -> dict[str, str]:
+    """Registered algorithm names and one-line descriptions."""
+    return {name: description for name, (_, description) in sorted(_ALGORITHMS.items())}
+
+
+def build_algorithm(name: str, model: Model, client_optimizer: optax.GradientTransformation,
+                    server_optimizer: optax.GradientTransformation, **options: Any) -> FedAvg:
+    """Builds the algorithm `name` with its options (config key `algorithm.options`)."""
+    if name not in _ALGORITHMS:
+        raise ValueError(f"unknown algorithm {name!r} (config key algorithm.name); known: {', '.join(sorted(_ALGORITHMS))}")
+    factory, _ = _ALGORITHMS[name]
+    try:
+        return factory(model, client_optimizer, server_optimizer, **options)
+    except TypeError as e:
+        raise ValueError(f"algorithm {name!r}: bad options {sorted(options)} (config key algorithm.options): {e}") from None
+
+
+__all__ = ["FedAvg", "ServerState", "make_optimizer", "register_algorithm", "algorithm_names", "build_algorithm"]

@@ -277,8 +277,9 @@ def empty_round_batch(schema: Any, features: Sequence[str], batch_size: int, num
 
     Client slot k of device d trains `slot_steps[d, k]` steps starting at step
     `slot_offset[d, k]` of that device's stream; its update is weighted by
-    `slot_weight[d, k]` (0 for unused slots) and its RNG keys derive from
-    `slot_client[d, k]`.
+    `slot_weight[d, k]` (0 for unused slots), its RNG keys derive from
+    `slot_client[d, k]`, and its first `slot_examples[d, k]` example
+    positions are its first epoch (each used example once).
     """
     lead = (num_devices, length)
     batch = {name: np.zeros(lead + (batch_size, *schema[name].shape), np.dtype(schema[name].dtype))
@@ -288,6 +289,7 @@ def empty_round_batch(schema: Any, features: Sequence[str], batch_size: int, num
     batch["slot_steps"] = np.zeros((num_devices, slots), np.int32)
     batch["slot_weight"] = np.zeros((num_devices, slots), np.float32)
     batch["slot_client"] = np.zeros((num_devices, slots), np.int32)
+    batch["slot_examples"] = np.zeros((num_devices, slots), np.int32)
     return batch
 
 
@@ -333,6 +335,7 @@ def pack_round(
         batch["slot_steps"][d, k] = s
         batch["slot_weight"][d, k] = e["weight"]
         batch["slot_client"][d, k] = e["client"]
+        batch["slot_examples"][d, k] = e["examples_used"]
     rounds = {int(e["round"]) for e in elements}
     if len(rounds) != 1:
         raise RuntimeError(f"a packed round mixes rounds {sorted(rounds)}; the cohort pipeline is misaligned")

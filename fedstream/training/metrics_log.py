@@ -58,6 +58,7 @@ class MetricsLog:
                  enabled: bool = True) -> None:
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
         self.enabled = enabled
+        self.resume_round = int(resume_round)
         if not enabled:
             self._file, self._tb, self.tensorboard_enabled = None, None, False
             return
@@ -79,6 +80,20 @@ class MetricsLog:
                        if k not in ("round", "kind") and isinstance(v, (int, float))}
             self._tb.write_scalars(int(round_index), scalars)
 
+    def write_hparams(self, flat_config: Mapping[str, Any]) -> bool:
+        """Records the run's config as TensorBoard hparams, once per run: only when the run starts
+        from round 0 (not on resume), only on process 0, only with TensorBoard installed.
+
+        `flat_config` maps dotted keys to values (`fedstream.config.flatten(config.to_dict())`);
+        values that are not bool/int/float/str are written as their JSON text. Returns whether
+        anything was written.
+        """
+        if not self.enabled or self._tb is None or self.resume_round > 0:
+            return False
+        self._tb.write_hparams(hparams_values(flat_config))
+        self._tb.flush()
+        return True
+
     def close(self) -> None:
         """Flushes and closes the files."""
         if self._file is not None:
@@ -86,6 +101,18 @@ class MetricsLog:
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
+
+
+def hparams_values(flat_config: Mapping[str, Any]) -> dict[str, bool | int | float | str]:
+    """Config values as TensorBoard hparams accept them: bool, int, float or str (others as JSON text)."""
+    out: dict[str, bool | int | float | str] = {}
+    for key, value in flat_config.items():
+        value = _plain(value)
+        if isinstance(value, (bool, int, float, str)):
+            out[str(key)] = value
+        else:
+            out[str(key)] = json.dumps(value, sort_keys=True, default=str)
+    return out
 
 
 def _plain(value: Any) -> Any:

@@ -104,61 +104,112 @@ def _varying(tree: Any) -> Any:
     return jax.tree.map(cast, tree)
 
 
+def client_key(seed: int, round_index: jax.Array, client: jax.Array) -> jax.Array:
+    """A client's key for its update (e.g. quantization noise), apart from its step keys."""
+    return jax.random.fold_in(step_key(seed, round_index, client, 0), 1 << 30)
+
+
+def server_key(seed: int, round_index: jax.Array) -> jax.Array:
+    """The server's key of a round (e.g. DP noise): a stream apart from every client's."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), round_index), (1 << 31) + 7)
+
+
+def _stream_step(stream: Mapping[str, jax.Array], index: jax.Array) -> dict[str, jax.Array]:
+    """One step's batch from a device's packed stream (leaves `[1, L, ...]`, indexed in place)."""
+    return {k: jax.lax.dynamic_index_in_dim(v, index, axis=1, keepdims=False)[0] for k, v in stream.items()}
+
+
 def build_train_round(
     algorithm: FedAvg, mesh: jax.sharding.Mesh, seed: int
-) -> Callable[[ServerState, Mapping[str, jax.Array]], tuple[ServerState, dict[str, jax.Array]]]:
-    """Returns `round(state, batch) -> (new_state, stats)`, jitted and sharded.
+) -> Callable[..., tuple[ServerState, dict[str, jax.Array]] | tuple[ServerState, dict[str, jax.Array], Any]]:
+    """Returns `round(state, batch[, client_states]) -> (new_state, stats[, new_client_states])`, jitted and sharded.
 
-    `batch` comes from `CohortPipeline` (leaves `[devices, steps, ...]`),
-    `stats` holds the psum-ed clu train metrics (`metrics`) and the total
-    client weight (`weight`). One compilation per stream length.
+    `batch` comes from `CohortPipeline` (leaves `[devices, steps, ...]`);
+    `client_states` (for algorithms with per-client state) has leaves
+    `[devices, slots, ...]` in the batch's slot order. `stats` holds the
+    psum-ed clu train metrics (`metrics`) and the total client weight
+    (`weight`). One compilation per stream length.
     """
 
-    def device_round(state: ServerState, batch: Mapping[str, jax.Array]):
+    def device_round(state: ServerState, batch: Mapping[str, jax.Array], stored: Any):
         # This device's part. The stream keeps its leading axis of 1: taking
         # `a[0]` of it would copy the whole packed stream every round.
         stream = {k: v for k, v in batch.items() if not k.startswith("slot_")}
         slots = {k: v[0] for k, v in batch.items() if k.startswith("slot_")}
+        stored = jax.tree.map(lambda a: a[0], stored)
+        batch_size = stream["mask"].shape[2]
         # Without this pcast, gradients of the replicated params would be
         # silently psum-ed across devices (STACK_NOTES §4).
-        server_params = _varying(state.params)
+        broadcast = _varying(algorithm.broadcast(state))
 
-        def run_client(carry, slot):
+        prepass = None
+        if algorithm.uses_prepass:
+            template = jax.eval_shape(algorithm.prepass_step, broadcast, _stream_step(stream, 0))
+            zeros = _varying(jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), template))
+
+            def prepass_client(total, slot):
+                def run(_):
+                    def body(t, acc):
+                        step = _stream_step(stream, slot["slot_offset"] + t)
+                        first_epoch = t * batch_size + jnp.arange(batch_size) < slot["slot_examples"]
+                        part = algorithm.prepass_step(broadcast, {**step, "mask": step["mask"] & first_epoch})
+                        return _varying(jax.tree.map(jnp.add, acc, part))
+
+                    steps = jnp.minimum(slot["slot_steps"], -(-slot["slot_examples"] // batch_size))
+                    return jax.lax.fori_loop(0, steps, body, zeros)
+
+                own = jax.lax.cond(slot["slot_steps"] > 0, run, lambda _: zeros, None)
+                return _varying(jax.tree.map(jnp.add, total, own)), own
+
+            total, prepass = jax.lax.scan(prepass_client, zeros, slots)
+            broadcast = _varying(algorithm.after_prepass(broadcast, jax.lax.psum(total, AXIS)))
+
+        def run_client(carry, xs):
+            slot, stored_i, prepass_i = xs
+
             def train(carry):
-                delta_sum, weight_sum, metrics = carry
+                sums, metrics = carry
 
                 def local_step(t, inner):
                     client, metrics = inner
-                    step_batch = jax.tree.map(
-                        lambda a: jax.lax.dynamic_index_in_dim(a, slot["slot_offset"] + t, axis=1, keepdims=False)[0],
-                        stream)
                     key = step_key(seed, state.round, slot["slot_client"], t)
-                    client, step_metrics = algorithm.client_step(client, step_batch, key)
+                    client, step_metrics = algorithm.client_step(
+                        client, _stream_step(stream, slot["slot_offset"] + t), key, broadcast)
                     return _varying((client, metrics.merge(step_metrics)))
 
-                start = _varying((algorithm.client_init(server_params), metrics))
+                start = _varying((algorithm.client_init(broadcast, stored_i, prepass_i), metrics))
                 client, metrics = jax.lax.fori_loop(0, slot["slot_steps"], local_step, start)
-                delta = algorithm.client_delta(client, server_params)
-                delta_sum = jax.tree.map(lambda total, d: total + slot["slot_weight"] * d, delta_sum, delta)
-                return delta_sum, weight_sum + slot["slot_weight"], metrics
+                contribution, new_stored = algorithm.client_contribution(
+                    client, broadcast, slot["slot_weight"], stored_i, prepass_i,
+                    client_key(seed, state.round, slot["slot_client"]))
+                return _varying(((jax.tree.map(jnp.add, sums, contribution), metrics), new_stored))
 
-            return jax.lax.cond(slot["slot_steps"] > 0, train, lambda c: c, carry), None
+            return jax.lax.cond(slot["slot_steps"] > 0, train, lambda c: _varying((c, stored_i)), carry)
 
-        init = _varying((jax.tree.map(jnp.zeros_like, server_params), jnp.zeros((), jnp.float32),
-                         TrainMetrics.empty()))
-        (delta_sum, weight_sum, metrics), _ = jax.lax.scan(run_client, init, slots)
-        return jax.lax.psum((delta_sum, weight_sum, metrics), AXIS)
+        sums_shape = jax.eval_shape(
+            lambda: algorithm.client_contribution(
+                algorithm.client_init(broadcast, jax.tree.map(lambda a: a[0], stored),
+                                      jax.tree.map(lambda a: a[0], prepass)),
+                broadcast, jnp.float32(1), jax.tree.map(lambda a: a[0], stored), jax.tree.map(lambda a: a[0], prepass),
+                jax.random.PRNGKey(0))[0])
+        init = _varying((jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), sums_shape), TrainMetrics.empty()))
+        (sums, metrics), new_stored = jax.lax.scan(run_client, init, (slots, stored, prepass))
+        sums, metrics = jax.lax.psum((sums, metrics), AXIS)
+        return sums, metrics, jax.tree.map(lambda a: a[None], new_stored)
 
-    sharded = jax.shard_map(device_round, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P())
+    sharded = jax.shard_map(device_round, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)),
+                            out_specs=(P(), P(), P(AXIS)))
 
     @jax.jit
-    def train_round(state: ServerState, batch: Mapping[str, jax.Array]):
-        delta_sum, weight_sum, metrics = sharded(state, batch)
-        mean_delta = jax.tree.map(lambda d: d / jnp.maximum(weight_sum, 1e-30), delta_sum)
+    def train_round(state: ServerState, batch: Mapping[str, jax.Array], client_states: Any = None):
+        sums, metrics, new_states = sharded(state, batch, client_states)
         # A round in which every sampled client was empty leaves the server as is.
         skipped = state.replace(round=state.round + 1)
-        new_state = jax.lax.cond(weight_sum > 0, lambda: algorithm.server_update(state, mean_delta), lambda: skipped)
-        return new_state, {"metrics": metrics, "weight": weight_sum}
+        key = server_key(seed, state.round)
+        new_state = jax.lax.cond(sums["weight"] > 0, lambda: algorithm.server_update(state, sums, key),
+                                 lambda: skipped)
+        stats = {"metrics": metrics, "weight": sums["weight"]}
+        return (new_state, stats) if client_states is None else (new_state, stats, new_states)
 
     return train_round
 

@@ -25,6 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from fedstream.algorithms import build_algorithm as make_algorithm
 from fedstream.algorithms.fedavg import FedAvg, ServerState, make_optimizer
 from fedstream.config import ConfigError
 from fedstream.data.augment import get_augmentation
@@ -80,7 +81,10 @@ def build_algorithm(config: ml_collections.ConfigDict, dataset: Any) -> FedAvg:
     client_tx = make_optimizer(config.client.optimizer, config.client.learning_rate, momentum=config.client.momentum)
     server_tx = make_optimizer(config.server.optimizer, config.server.learning_rate, momentum=config.server.momentum,
                                b1=config.server.b1, b2=config.server.b2, eps=config.server.eps)
-    return FedAvg(model, client_tx, server_tx)
+    algorithm = config.get("algorithm")
+    name = str(algorithm.name) if algorithm is not None else "fedavg"
+    options = algorithm.options.to_dict() if algorithm is not None and "options" in algorithm else {}
+    return make_algorithm(name, model, client_tx, server_tx, **options)
 
 
 def _fault_point() -> tuple[str, int] | None:
