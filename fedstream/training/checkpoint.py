@@ -14,6 +14,7 @@ import pathlib
 from typing import Any, Mapping
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from fedstream.config import ConfigError, flatten
@@ -34,7 +35,8 @@ class RunCheckpointer:
             enable_async_checkpointing=True,
             cleanup_tmp_directories=True,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "meta", "client_store"))
 
     def latest_round(self) -> int | None:
         """Rounds completed by the latest complete checkpoint, or None."""
@@ -52,10 +54,25 @@ class RunCheckpointer:
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         return restored["state"], dict(restored["meta"])
 
-    def save(self, step: int, state: Any, meta: Mapping[str, Any], *, force: bool = False) -> bool:
-        """Starts an asynchronous save of `step` if the interval says so (or `force`)."""
-        return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))), force=force)
+    def restore_client_index(self, step: int) -> dict[str, np.ndarray]:
+        """The client-state store's index saved with `step` (see `ClientStateStore`)."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(client_store=ocp.args.StandardRestore()))
+        return {k: np.asarray(v) for k, v in restored["client_store"].items()}
+
+    def all_steps(self) -> list[int]:
+        """Steps of the committed checkpoints on disk."""
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, meta: Mapping[str, Any], *, force: bool = False,
+             client_index: Mapping[str, np.ndarray] | None = None) -> bool:
+        """Starts an asynchronous save of `step` if the interval says so (or `force`).
+
+        `client_index` (for algorithms with per-client state) is saved with it.
+        """
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(dict(meta))}
+        if client_index is not None:
+            items["client_store"] = ocp.args.StandardSave(dict(client_index))
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def wait(self) -> None:
         """Blocks until pending saves are committed."""

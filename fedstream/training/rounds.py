@@ -46,7 +46,7 @@ def local_device_positions(mesh: jax.sharding.Mesh) -> tuple[int, ...]:
     return tuple(i for i, d in enumerate(mesh.devices.flat) if d.process_index == me)
 
 
-def shard_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+def shard_batch(batch: Any, mesh: jax.sharding.Mesh) -> Any:
     """Puts this process's rows of a round batch onto its devices, as global `[devices, ...]` arrays.
 
     `batch` holds one row per local device, in mesh order (see
@@ -54,7 +54,7 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dic
     """
     sharding = NamedSharding(mesh, P(AXIS))
     if jax.process_count() == 1:
-        return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+        return jax.tree.map(lambda v: jax.device_put(v, sharding), batch)
     devices = mesh.devices.flat
     positions = local_device_positions(mesh)
     out = {}

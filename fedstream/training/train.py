@@ -32,6 +32,7 @@ from fedstream.data.augment import get_augmentation
 from fedstream.data.cohort import ClientBatching, CohortPipeline, EvalPipeline, auto_data_threads
 from fedstream.models import get_model
 from fedstream.training.checkpoint import RunCheckpointer, check_config_unchanged
+from fedstream.training.client_store import ClientStateStore
 from fedstream.training.metrics_log import MetricsLog, Progress
 from fedstream.training.rounds import (EVAL_SUMS, build_eval, build_train_round, local_device_positions, make_mesh,
                                        replicate, shard_batch, summarize_eval)
@@ -84,7 +85,9 @@ def build_algorithm(config: ml_collections.ConfigDict, dataset: Any) -> FedAvg:
     algorithm = config.get("algorithm")
     name = str(algorithm.name) if algorithm is not None else "fedavg"
     options = algorithm.options.to_dict() if algorithm is not None and "options" in algorithm else {}
-    return make_algorithm(name, model, client_tx, server_tx, **options)
+    context = {"population": len(dataset.client_sizes(config.data.train_split)),
+               "client_learning_rate": float(config.client.learning_rate)}
+    return make_algorithm(name, model, client_tx, server_tx, context=context, **options)
 
 
 def _fault_point() -> tuple[str, int] | None:
@@ -93,6 +96,26 @@ def _fault_point() -> tuple[str, int] | None:
         return None
     kind, _, k = spec.partition(":")
     return kind, int(k)
+
+
+def _open_client_store(algorithm: FedAvg, state: ServerState, dataset: Any, config: ml_collections.ConfigDict,
+                       workdir: pathlib.Path, checkpointer: RunCheckpointer, latest: int | None) -> ClientStateStore | None:
+    """The per-client state store of a stateful algorithm (None otherwise), in step with the latest checkpoint."""
+    template = algorithm.client_state_template(state.params)
+    if template is None:
+        return None
+    if jax.process_count() > 1:
+        raise ConfigError(f"algorithm {config.algorithm.name!r} keeps per-client state, which multi-process runs "
+                          "do not support yet; run it in one process")
+    template = jax.tree.map(np.asarray, jax.device_get(template))
+    store = ClientStateStore(workdir / "client_state", template, len(dataset.client_sizes(config.data.train_split)))
+    if latest is None:
+        store.restore(store.index(), 0)  # a fresh run: drop files of a run killed before its first checkpoint
+    else:
+        store.restore(checkpointer.restore_client_index(latest), latest)
+        for step in checkpointer.all_steps():
+            store.note_committed(step, checkpointer.restore_client_index(step))
+    return store
 
 
 def _local_devices(mesh: jax.sharding.Mesh) -> tuple[int, ...] | None:
@@ -164,6 +187,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     if not metrics_log.tensorboard_enabled and start == 0:
         log("TensorBoard summaries off (install fedstream[tensorboard]); metrics go to metrics.jsonl")
 
+    store = _open_client_store(algorithm, state, dataset, config, workdir, checkpointer, latest)
     train_round = build_train_round(algorithm, mesh, seed=int(config.seed))
     eval_fn = build_eval(algorithm, mesh, int(config.eval.chunk_clients))
     progress = Progress(num_rounds, start, enabled=primary)
@@ -176,7 +200,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
             if element["round"] != r:
                 raise RuntimeError(f"data iterator yielded round {element['round']} for round {r}")
             t_data = time.perf_counter()
-            state, stats = train_round(state, shard_batch(element["batch"], mesh))
+            batch = element["batch"]
+            if store is None:
+                state, stats = train_round(state, shard_batch(batch, mesh))
+            else:  # per-client state: read for the cohort, written back after the round
+                clients = np.where(batch["slot_steps"] > 0, batch["slot_client"], -1)
+                state, stats, new_states = train_round(state, shard_batch(batch, mesh),
+                                                       shard_batch(store.read(clients), mesh))
+                store.write(r + 1, clients, clients >= 0, jax.device_get(new_states))
             train_metrics = {k: float(v) for k, v in stats["metrics"].compute().items()}
             seconds = time.perf_counter() - t0
             metrics_log.write(r + 1, "train", {
@@ -198,7 +229,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                 progress.last_eval = f"test acc {final_eval['accuracy']:.4f}"
             meta = {"config": config_dict, "round": done, "seed": int(config.seed),
                     "data_iterator": iterator.get_state()}
-            saved = checkpointer.save(done, state, meta, force=done == num_rounds)
+            client_index = store.index() if store is not None else None
+            saved = checkpointer.save(done, state, meta, force=done == num_rounds, client_index=client_index)
+            if store is not None:
+                if saved:
+                    store.note_committed(done, client_index)
+                store.collect_garbage(checkpointer.all_steps() + ([done] if saved else []))
             progress.update(done, element["num_examples"], train_metrics, force=bool(evaluate_now))
             if fault and fault[1] == done and saved:
                 if fault[0] == "kill_after_round":
@@ -209,6 +245,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
             log(f"run already complete ({start} rounds); final evaluation repeated")
     finally:
         checkpointer.close()
+        if store is not None:
+            store.close()
         metrics_log.close()
         iterator.close() if hasattr(iterator, "close") else None
     if final_eval:

@@ -1,0 +1,165 @@
+"""Per-client persistent state on disk, read and written for the cohort only.
+
+Algorithms such as SCAFFOLD (control variates), Ditto (personal models) and
+top-k with error feedback (residuals) keep state per client. With 10^5
+clients it cannot live in RAM or inside every checkpoint, so it lives in a
+log-structured store under `<workdir>/client_state/`:
+
+- Round r writes the new states of the clients it trained into one file,
+  `round-<r>.array_record` (one fixed-size record per client: the state's
+  leaves as raw little-endian bytes), written under a temporary name and
+  renamed into place before round r's checkpoint is saved.
+- An index `round[c], position[c]` (two int32 arrays over the population,
+  -1 = never trained: state is zeros) says where each client's latest state
+  is. The index is saved *inside* each Orbax checkpoint, so a checkpoint and
+  the client states it refers to always agree.
+- Resuming from checkpoint r restores its index and deletes files of rounds
+  after r (written by the killed run, never committed).
+- A file is deleted once no committed checkpoint's index refers to it.
+
+Reading a cohort costs one seek and one record read per client; writing
+costs one sequential file per round. Multi-process runs are not supported
+with per-client state (a clear error in the train loop).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+from typing import Any, Iterable, Mapping
+
+import jax
+import numpy as np
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+
+_FILE = re.compile(r"^round-(\d{8})\.array_record$")
+_OPTIONS = "group_size:1,uncompressed"
+
+
+class ClientStateStore:
+    """Per-client states shaped like `template` (a pytree of arrays), for clients 0..num_clients-1."""
+
+    def __init__(self, directory: str | os.PathLike, template: Any, num_clients: int) -> None:
+        self.directory = pathlib.Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        leaves, self._treedef = jax.tree.flatten(template)
+        self._shapes = [tuple(np.shape(leaf)) for leaf in leaves]
+        self._dtypes = [np.dtype(np.asarray(leaf).dtype).newbyteorder("<") for leaf in leaves]
+        self._record = np.dtype([(f"f{i}", dt, shape) for i, (dt, shape) in enumerate(zip(self._dtypes, self._shapes))])
+        self.num_clients = int(num_clients)
+        self.round = np.full(self.num_clients, -1, np.int32)
+        self.position = np.zeros(self.num_clients, np.int32)
+        self._readers: dict[int, ArrayRecordReader] = {}
+        self._committed_refs: dict[int, np.ndarray] = {}  # checkpoint step -> rounds its index refers to
+
+    @property
+    def record_bytes(self) -> int:
+        """Bytes of one client's state."""
+        return self._record.itemsize
+
+    def _path(self, round_index: int) -> pathlib.Path:
+        return self.directory / f"round-{round_index:08d}.array_record"
+
+    def _reader(self, round_index: int) -> ArrayRecordReader:
+        if round_index not in self._readers:
+            path = self._path(round_index)
+            if not path.exists():
+                raise FileNotFoundError(f"{path}: client-state file missing (the store and the checkpoint disagree)")
+            if len(self._readers) >= 64:
+                self._readers.pop(next(iter(self._readers))).close()
+            self._readers[round_index] = ArrayRecordReader(str(path), "readahead_buffer_size:0,max_parallelism:0")
+        return self._readers[round_index]
+
+    def read(self, clients: np.ndarray) -> Any:
+        """States of `clients` (any int array shape S; -1 = no client) as a pytree with leaves `[*S, ...]`."""
+        clients = np.asarray(clients)
+        flat = clients.reshape(-1)
+        table = np.zeros(flat.size, self._record)
+        rounds = np.where(flat >= 0, self.round[np.maximum(flat, 0)], -1)
+        for r in np.unique(rounds[rounds >= 0]):
+            where = np.nonzero(rounds == r)[0]
+            positions = self.position[flat[where]]
+            records = self._reader(int(r)).read([int(p) for p in positions])
+            try:
+                table[where] = np.frombuffer(b"".join(records), self._record)
+            except ValueError:
+                raise ValueError(f"{self._path(int(r))}: records do not match the client state's layout "
+                                 f"({self._record.itemsize} bytes each)") from None
+        leaves = [table[f"f{i}"].reshape(*clients.shape, *shape).astype(dt.newbyteorder("="))
+                  for i, (dt, shape) in enumerate(zip(self._dtypes, self._shapes))]
+        return jax.tree.unflatten(self._treedef, leaves)
+
+    def write(self, round_index: int, clients: np.ndarray, trained: np.ndarray, states: Any) -> None:
+        """Stores the new states of the `trained` entries of `clients` (same shapes; leaves `[*S, ...]`)."""
+        clients = np.asarray(clients).reshape(-1)
+        trained = np.asarray(trained, bool).reshape(-1)
+        leaves = jax.tree.leaves(states)
+        table = np.zeros(clients.size, self._record)
+        for i, leaf in enumerate(leaves):
+            table[f"f{i}"] = np.asarray(leaf).reshape(clients.size, *self._shapes[i])
+        chosen = np.nonzero(trained & (clients >= 0))[0]
+        path = self._path(round_index)
+        tmp = path.with_name(path.name + ".tmp")
+        writer = ArrayRecordWriter(str(tmp), _OPTIONS)
+        buf = table[chosen].tobytes()
+        size = self._record.itemsize
+        for k in range(chosen.size):
+            writer.write(buf[k * size:(k + 1) * size])
+        writer.close()
+        os.replace(tmp, path)
+        self._readers.pop(round_index, None)
+        self.round[clients[chosen]] = round_index
+        self.position[clients[chosen]] = np.arange(chosen.size, dtype=np.int32)
+
+    def index(self) -> dict[str, np.ndarray]:
+        """The index to save inside a checkpoint."""
+        return {"round": self.round.copy(), "position": self.position.copy()}
+
+    def restore(self, index: Mapping[str, np.ndarray], checkpoint_round: int) -> None:
+        """Adopts a checkpoint's index and deletes files written after it."""
+        self.round = np.asarray(index["round"], np.int32).copy()
+        self.position = np.asarray(index["position"], np.int32).copy()
+        if self.round.shape != (self.num_clients,):
+            raise ValueError(f"{self.directory}: checkpoint index covers {self.round.size} clients, "
+                             f"the dataset has {self.num_clients}")
+        for r in self._rounds_on_disk():
+            if r > checkpoint_round:
+                self._delete(r)
+        for path in self.directory.glob("*.tmp"):
+            path.unlink()
+
+    def note_committed(self, step: int, index: Mapping[str, np.ndarray]) -> None:
+        """Records which files a committed checkpoint's index refers to."""
+        rounds = np.asarray(index["round"])
+        self._committed_refs[int(step)] = np.unique(rounds[rounds >= 0])
+
+    def collect_garbage(self, committed_steps: Iterable[int]) -> int:
+        """Deletes files that neither a committed checkpoint nor the current index refers to; returns how many."""
+        steps = set(int(s) for s in committed_steps)
+        self._committed_refs = {s: v for s, v in self._committed_refs.items() if s in steps}
+        live = set(np.unique(self.round[self.round >= 0]).tolist())
+        for refs in self._committed_refs.values():
+            live.update(refs.tolist())
+        newest = max(steps | {int(self.round.max(initial=-1))}, default=-1)
+        deleted = 0
+        for r in self._rounds_on_disk():
+            if r not in live and r <= newest:
+                self._delete(r)
+                deleted += 1
+        return deleted
+
+    def _rounds_on_disk(self) -> list[int]:
+        return sorted(int(m.group(1)) for p in self.directory.iterdir() if (m := _FILE.match(p.name)))
+
+    def _delete(self, round_index: int) -> None:
+        reader = self._readers.pop(round_index, None)
+        if reader is not None:
+            reader.close()
+        self._path(round_index).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Closes open readers."""
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
