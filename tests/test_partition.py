@@ -5,7 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedstream.data.partition import dirichlet_label_partition, iid_partition, shards_partition
+from fedstream.data.partition import (dirichlet_label_partition, iid_partition, quantity_skew_partition,
+                                      shards_partition)
 
 LABELS = np.random.default_rng(123).integers(0, 10, 20000)
 
@@ -155,3 +156,85 @@ def test_determinism_in_seed():
         a, b, c = fn(0), fn(0), fn(1)
         assert all(np.array_equal(x, y) for x, y in zip(a, b))
         assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+
+
+# ---------------------------------------------------------------------------------------------- quantity skew
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 400), k=st.integers(1, 12), seed=st.integers(0, 2**32 - 1), m=st.integers(0, 3),
+       distribution=st.sampled_from(["lognormal", "powerlaw"]), spread=st.sampled_from([0.0, 0.5, 3.0]))
+def test_quantity_skew_exact_cover(n, k, seed, m, distribution, spread):
+    if m * k > n:
+        with pytest.raises(ValueError, match="exceeds"):
+            quantity_skew_partition(n, k, seed, min_examples=m)
+        return
+    parts = quantity_skew_partition(n, k, seed, distribution=distribution, sigma=spread, exponent=spread + 0.5,
+                                    min_examples=m)
+    assert len(parts) == k
+    assert min(len(p) for p in parts) >= m
+    if n:
+        assert_exact_cover(parts, n)
+    assert all((np.diff(p) > 0).all() for p in parts)
+
+
+def test_quantity_skew_lognormal_sizes():
+    # Size_i ~ n w_i / sum(w) with log w_i ~ N(0, sigma^2) and sum(w) ~ K exp(sigma^2 / 2), so
+    # log(size_i K / n) is normal with standard deviation sigma and mean -sigma^2 / 2.
+    k, per_client, sigma = 1000, 500, 1.0
+    sizes = np.array([len(p) for p in quantity_skew_partition(k * per_client, k, seed=0, sigma=sigma,
+                                                              min_examples=0)])
+    assert sizes.sum() == k * per_client
+    logs = np.log(np.maximum(sizes, 1) / per_client)
+    assert abs(logs.std() / sigma - 1) < 0.08  # sampling error of the std over 1,000 clients: ~2%
+    assert abs(logs.mean() + sigma**2 / 2) < 0.15
+    skew = ((logs - logs.mean()) ** 3).mean() / logs.std() ** 3
+    assert abs(skew) < 0.3  # symmetric in log space (a power law is strongly right-skewed here)
+    # sigma = 0: equal sizes; a larger sigma: a larger spread.
+    equal = [len(p) for p in quantity_skew_partition(1003, 10, seed=0, sigma=0.0)]
+    assert max(equal) - min(equal) <= 1
+    wide = np.array([len(p) for p in quantity_skew_partition(k * per_client, k, seed=0, sigma=2.0, min_examples=0)])
+    assert np.log(np.maximum(wide, 1)).std() > 1.5
+
+
+def test_quantity_skew_powerlaw_tail():
+    # Pareto(exponent) weights with x_min 1: the Hill estimator K / sum(log(w / w_min)) recovers the
+    # exponent; sizes are proportional to the weights (up to rounding), so it works on the sizes.
+    k, per_client = 2000, 400
+    for exponent in (1.2, 2.5):
+        sizes = np.array([len(p) for p in quantity_skew_partition(k * per_client, k, seed=1,
+                                                                  distribution="powerlaw", exponent=exponent,
+                                                                  min_examples=0)])
+        assert sizes.sum() == k * per_client
+        hill = k / np.log(sizes / sizes.min()).sum()
+        assert abs(hill / exponent - 1) < 0.1  # relative error ~ 1/sqrt(K) ~ 2%
+        # P(w > t) = t^-exponent: the share of clients more than 4x the smallest.
+        tail = (sizes > 4 * sizes.min()).mean()
+        assert abs(tail - 4.0**-exponent) < 0.03
+
+
+def test_quantity_skew_examples_are_iid_and_seeded():
+    parts = quantity_skew_partition(len(LABELS), 20, seed=0, sigma=0.8)
+    assert_exact_cover(parts, len(LABELS))
+    hist = label_hist(parts, LABELS)
+    expected = np.bincount(LABELS, minlength=10) / len(LABELS) * hist.sum(1, keepdims=True)
+    chi2 = ((hist - expected) ** 2 / expected).sum(1)  # ~ chi2(9) per client, as for iid_partition
+    assert chi2.max() < 35
+    assert all(p.max() - p.min() > 0.8 * len(LABELS) for p in parts if len(p) > 50)  # not contiguous blocks
+    again = quantity_skew_partition(len(LABELS), 20, seed=0, sigma=0.8)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    other = quantity_skew_partition(len(LABELS), 20, seed=1, sigma=0.8)
+    assert [len(p) for p in other] != [len(p) for p in parts]
+
+
+def test_quantity_skew_errors():
+    with pytest.raises(ValueError, match="distribution"):
+        quantity_skew_partition(100, 5, 0, distribution="zipf")
+    with pytest.raises(ValueError, match="sigma"):
+        quantity_skew_partition(100, 5, 0, sigma=-1.0)
+    with pytest.raises(ValueError, match="exponent"):
+        quantity_skew_partition(100, 5, 0, distribution="powerlaw", exponent=0.0)
+    with pytest.raises(ValueError, match="exceeds"):
+        quantity_skew_partition(10, 5, 0, min_examples=3)
+    with pytest.raises(ValueError, match="num_clients"):
+        quantity_skew_partition(10, 0, 0)

@@ -105,3 +105,52 @@ def shards_partition(labels: np.ndarray, num_clients: int, shards_per_client: in
     shards = np.array_split(order, num_shards)
     assignment = rng.permutation(num_shards).reshape(num_clients, shards_per_client)
     return [np.sort(np.concatenate([shards[s] for s in row])).astype(np.int64) for row in assignment]
+
+
+QUANTITY_DISTRIBUTIONS = ("lognormal", "powerlaw")
+
+
+def quantity_skew_partition(num_examples: int, num_clients: int, seed: int, *, distribution: str = "lognormal",
+                            sigma: float = 1.0, exponent: float = 1.5, min_examples: int = 1) -> list[np.ndarray]:
+    """Quantity-skewed split: clients of very different sizes, labels IID.
+
+    Exactly: client weights are drawn i.i.d., `w_i = exp(sigma * z_i)` with
+    z_i ~ N(0, 1) (`distribution="lognormal"`: log-sizes normal with standard
+    deviation `sigma`; sigma 0 gives equal sizes) or `w_i = 1 / u_i^(1/exponent)`
+    with u_i ~ U(0, 1] (`"powerlaw"`: a Pareto law with x_min 1,
+    P(w > t) = t^-exponent, heavier-tailed for smaller exponents). Every client
+    gets `min_examples`, and the remaining `num_examples - num_clients *
+    min_examples` are shared in proportion to the weights, rounded by largest
+    remainder (floors first, then one more example to the clients with the
+    largest fractional parts, ties to the lower client index), so the sizes
+    sum exactly to `num_examples`. A random permutation of the examples is
+    then cut into those sizes in client order, so which examples a client
+    holds is IID. The weights come first from `np.random.default_rng(seed)`,
+    then the permutation.
+    """
+    num_examples = _check_int("num_examples", num_examples, 0)
+    num_clients = _check_int("num_clients", num_clients, 1)
+    min_examples = _check_int("min_examples", min_examples, 0)
+    if distribution not in QUANTITY_DISTRIBUTIONS:
+        raise ValueError(f"distribution must be one of {', '.join(QUANTITY_DISTRIBUTIONS)}, got {distribution!r}")
+    if not (isinstance(sigma, numbers.Real) and np.isfinite(sigma) and sigma >= 0):
+        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+    if not (isinstance(exponent, numbers.Real) and np.isfinite(exponent) and exponent > 0):
+        raise ValueError(f"exponent must be a finite number > 0, got {exponent!r}")
+    if min_examples * num_clients > num_examples:
+        raise ValueError(f"min_examples={min_examples} x {num_clients} clients exceeds the {num_examples} examples")
+    rng = np.random.default_rng(seed)
+    if distribution == "lognormal":
+        log_w = sigma * rng.standard_normal(num_clients)
+    else:
+        log_w = -np.log1p(-rng.random(num_clients)) / exponent  # u = 1 - U[0, 1) lies in (0, 1]
+    weights = np.exp(log_w - log_w.max())  # scaled for range; only the proportions matter
+    extra = num_examples - min_examples * num_clients
+    raw = extra * weights / weights.sum()
+    sizes = np.floor(raw).astype(np.int64)
+    short = extra - int(sizes.sum())
+    if short:
+        sizes[np.argsort(-(raw - sizes), kind="stable")[:short]] += 1
+    sizes += min_examples
+    order = rng.permutation(num_examples)
+    return [np.sort(part).astype(np.int64) for part in np.split(order, np.cumsum(sizes)[:-1])]
