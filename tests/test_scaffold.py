@@ -139,13 +139,13 @@ def test_store_reads_what_it_wrote_restores_and_collects_garbage(tmp_path):
     # Resuming from checkpoint 1 forgets round 2's writes and deletes its file.
     index_1 = {"round": np.array([-1, 1, -1, 1, -1, -1], np.int32), "position": np.array([0, 0, 0, 1, 0, 0], np.int32)}
     store.restore(index_1, 1)
-    assert not (tmp_path / "round-00000002.array_record").exists()
+    assert not (tmp_path / "round-00000002.states").exists()
     assert store.read(np.array([0, 1, 3]))["n"].tolist() == [0, 1, 3]
     # A file stays while a committed checkpoint or the current index refers to it.
     store.write(2, np.array([1, 3]), np.array([True, True]), states([11.0, 33.0]))
     assert store.collect_garbage([1]) == 0
     store.note_committed(2, store.index())
-    assert store.collect_garbage([2]) == 1 and not (tmp_path / "round-00000001.array_record").exists()
+    assert store.collect_garbage([2]) == 1 and not (tmp_path / "round-00000001.states").exists()
     assert store.read(np.array([1, 3]))["n"].tolist() == [11, 33]
 
 
@@ -163,7 +163,7 @@ def test_scaffold_kill_and_resume_is_bit_identical(tmp_path, digits_dataset):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_bit_identical(tmp_path / "full", killed)
     states = sorted(p.name for p in (killed / "client_state").iterdir())
-    assert states and all(name.endswith(".array_record") for name in states)
+    assert states and all(name.endswith(".states") for name in states)
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +171,22 @@ def digits_dataset(tmp_path_factory):
     from fedstream.data.preprocessing import run_preprocess
 
     return run_preprocess("digits", tmp_path_factory.mktemp("data") / "digits", progress=None)
+
+
+def test_store_compaction_bounds_disk_and_keeps_latest_states(tmp_path):
+    rng = np.random.default_rng(0)
+    store = ClientStateStore(tmp_path, {"v": np.zeros(4, np.float32)}, num_clients=200)
+    latest = {}
+    committed = []
+    for r in range(1, 61):
+        clients = rng.choice(200, 15, replace=False)
+        values = rng.normal(size=(15, 4)).astype(np.float32)
+        store.write(r, clients, np.ones(15, bool), {"v": values})
+        latest.update({int(c): v for c, v in zip(clients, values)})
+        store.note_committed(r, store.index())
+        committed = (committed + [r])[-3:]
+        store.collect_garbage(committed)
+    ids = np.array(sorted(latest))
+    np.testing.assert_array_equal(store.read(ids)["v"], np.stack([latest[int(c)] for c in ids]))
+    live_bytes = len(latest) * 16
+    assert store.disk_bytes() <= 2 * live_bytes + 3 * 15 * 16 * 4  # ~2x live plus the kept checkpoints' recent files
