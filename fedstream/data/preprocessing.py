@@ -23,6 +23,7 @@ import json
 import os
 import pathlib
 import time
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
@@ -135,17 +136,23 @@ def run_preprocess(
             for asset_name, data in module.assets(config).items():
                 writer.add_asset(asset_name, data)
         if callable(getattr(module, "expected_counts", None)):
-            _check_counts(counts, module.expected_counts(config), name)
+            # A recipe's `check_counts` config key set to False turns a mismatch into a warning.
+            _check_counts(counts, module.expected_counts(config), name, strict=bool(config.get("check_counts", True)),
+                          hint=" (--config.check_counts=False accepts other counts)" if "check_counts" in config else "")
     summary = "; ".join(f"{split}: {c:,} clients / {n:,} examples" for split, (c, n) in counts.items())
     say(f"wrote {summary or 'no clients'} to {output} in {time.perf_counter() - start:.1f} s")
     return output
 
 
-def _check_counts(counts: Mapping[str, Sequence[int]], expected: Mapping[str, tuple[int, int]], recipe: str) -> None:
-    """Raises if the written (clients, examples) per split differ from the recipe's expectation."""
+def _check_counts(counts: Mapping[str, Sequence[int]], expected: Mapping[str, tuple[int, int]], recipe: str,
+                  strict: bool = True, hint: str = "") -> None:
+    """Raises (or, if not `strict`, warns) if the written (clients, examples) per split differ from the expectation."""
     for split in sorted(set(expected) | set(counts)):
         got = tuple(counts.get(split, (0, 0)))
         want = tuple(expected.get(split, (0, 0)))
         if got != want:
-            raise ValueError(f"recipe {recipe!r}: split {split!r} has {got[0]} clients / {got[1]} examples, "
-                             f"expected {want[0]} / {want[1]}")
+            message = (f"recipe {recipe!r}: split {split!r} has {got[0]} clients / {got[1]} examples, "
+                       f"expected {want[0]} / {want[1]}")
+            if strict:
+                raise ValueError(message + hint)
+            warnings.warn(message, stacklevel=2)

@@ -1,0 +1,120 @@
+"""Recipe `emnist`: Federated EMNIST of TensorFlow Federated, one client per writer.
+
+TFF's `tff.simulation.datasets.emnist` (LEAF's FEMNIST preprocessing of
+NIST Special Database 19, grouped by writer; each writer's examples split
+into train and test, every writer in both). Two upstream layouts are read:
+
+- `emnist_all.sqlite.lzma` (TFF's current file): splits `all_train`/`all_test`
+  or `digits_only_train`/`digits_only_test`; tf.Example features `pixels`
+  (784 floats) and `label` (int64);
+- the legacy archives `fed_emnist.tar.bz2` (62 classes) and
+  `fed_emnist_digitsonly.tar.bz2` (10 classes) of HDF5 files
+  `fed_emnist[_digitsonly]_{train,test}.h5`, `examples/<writer>/{pixels,label}`
+  (needs h5py: `pip install 'fedstream[tff-h5]'`); or a directory of those .h5 files.
+
+`--source FILE` reads a local copy; otherwise the file is downloaded into the
+cache (`cache_dir`, $FEDSTREAM_CACHE or ~/.cache/fedstream) and verified.
+The default download is the legacy archive, the EMNIST file whose sha256
+is pinned; the SQLite file has no pinned checksum, so
+`--config.download=sqlite` also needs `--config.sha256=<hex>`.
+
+Output, splits `train` and `test` with TFF's client ids (writer ids such as
+`f0000_14`), clients in id order, examples in upstream order:
+
+- `x` float32 (28, 28, 1): TFF's pixels unchanged, in [0, 1] with
+  **1.0 = background (white) and 0.0 = ink**, the inverse of MNIST. TFF's
+  own baselines train on this as is; FedJAX feeds `1 - x`. Invert in the
+  model or pipeline if you want MNIST polarity.
+- `y` int32: 0-9 digits, 10-35 upper-case A-Z, 36-61 lower-case a-z
+  (`only_digits=True`: 0-9 only).
+
+Sizes (TFF): 62 classes, 3,400 clients, 671,585 train / 77,483 test examples;
+`only_digits=True`: 3,383 clients, 341,873 / 40,832. These are checked after
+writing (`check_counts=False` turns a mismatch into a warning, e.g. for a
+modified file).
+
+    fedstream preprocess emnist --output data/emnist --source emnist_all.sqlite.lzma
+    fedstream preprocess emnist --output data/emnist_digits --config.only_digits=True
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import ml_collections
+import numpy as np
+
+from fedstream.data.download import Remote
+from fedstream.data.format import FeatureSpec, Schema
+from fedstream.recipes import _tff_common as common
+
+SOURCE = ("Federated EMNIST of TensorFlow Federated (tff.simulation.datasets.emnist; LEAF FEMNIST preprocessing, "
+          "Caldas et al. 2018, of EMNIST, Cohen et al. 2017, from NIST Special Database 19, grouped by writer), "
+          "files from storage.googleapis.com/tff-datasets-public; data under NIST's terms for SD 19, TFF code "
+          "Apache-2.0. Pixels as TFF stores them: float32 in [0, 1], 1.0 = background")
+
+REMOTES = {
+    False: {
+        "sqlite": Remote(common.TFF_BASE_URL + "emnist_all.sqlite.lzma"),
+        "h5": Remote(common.TFF_BASE_URL + "fed_emnist.tar.bz2",
+                     sha256="fe1ed5a502cea3a952eb105920bff8cffb32836b5173cb18a57a32c3606f3ea0"),
+    },
+    True: {
+        "sqlite": Remote(common.TFF_BASE_URL + "emnist_all.sqlite.lzma"),
+        "h5": Remote(common.TFF_BASE_URL + "fed_emnist_digitsonly.tar.bz2",
+                     sha256="55333deb8546765427c385710ca5e7301e16f4ed8b60c1dc5ae224b42bd5b14b"),
+    },
+}
+# (clients, examples) per split, from TFF's documentation.
+COUNTS = {False: {"train": (3400, 671_585), "test": (3400, 77_483)},
+          True: {"train": (3383, 341_873), "test": (3383, 40_832)}}
+FEATURES = {"pixels": (28, 28), "label": ()}
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """`only_digits` (False: 62 classes) and the TFF source keys (source, download, sha256, cache_dir, ...)."""
+    c = ml_collections.ConfigDict()
+    c.only_digits = False
+    common.add_source_keys(c, default_download="h5")
+    return c
+
+
+def num_classes(config: ml_collections.ConfigDict) -> int:
+    """10 with only_digits, else 62."""
+    return 10 if config.only_digits else 62
+
+
+def schema(config: ml_collections.ConfigDict) -> Schema:
+    """`x` float32 (28, 28, 1), 1.0 = background; `y` int32 label."""
+    return {"x": FeatureSpec("float32", (28, 28, 1)), "y": FeatureSpec("int32", ())}
+
+
+def upstream_names(config: ml_collections.ConfigDict, split: str) -> tuple[str, str]:
+    """(SQLite split name, legacy .h5 file name) of output split `train` or `test`."""
+    if config.only_digits:
+        return f"digits_only_{split}", f"fed_emnist_digitsonly_{split}.h5"
+    return f"all_{split}", f"fed_emnist_{split}.h5"
+
+
+def generate(config: ml_collections.ConfigDict) -> Iterator[tuple[str, str, dict[str, np.ndarray]]]:
+    """Yields every `train` client, then every `test` client, in client id order."""
+    path = common.resolve_source(config, REMOTES[bool(config.only_digits)])
+    classes = num_classes(config)
+    with common.open_source(path, config) as read:
+        for split in ("train", "test"):
+            sqlite_split, h5_name = upstream_names(config, split)
+            for client_id, data in read(sqlite_split, h5_name, FEATURES):
+                pixels = data["pixels"]
+                labels = common.check_labels(data["label"], classes, f"{path}: split {split!r}, client {client_id!r}",
+                                             "label")
+                yield split, client_id, {"x": pixels.reshape(len(pixels), 28, 28, 1), "y": labels}
+
+
+def fingerprint(config: ml_collections.ConfigDict) -> str:
+    """sha256 of the local source file(s), or the pinned sha256 of the download."""
+    return common.fingerprint(config, REMOTES[bool(config.only_digits)])
+
+
+def expected_counts(config: ml_collections.ConfigDict) -> dict[str, tuple[int, int]]:
+    """TFF's documented (clients, examples) per split."""
+    return dict(COUNTS[bool(config.only_digits)])

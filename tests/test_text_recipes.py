@@ -1,0 +1,353 @@
+"""Recipes `shakespeare` and `stackoverflow` end to end on small files in TFF's upstream layouts.
+
+No network: the inputs are written by tests/tff_fixtures.py (SQLite with one
+serialized tf.train.Example per row, LZMA-compressed like TFF's files).
+"""
+
+from __future__ import annotations
+
+import bz2
+import io
+import json
+import re
+import tarfile
+import warnings
+
+import numpy as np
+import pytest
+
+from fedstream.cli import main as cli_main
+from fedstream.data import text
+from fedstream.data.preprocessing import run_preprocess
+from fedstream.data.reader import FederatedDataset
+
+from tff_fixtures import truncate, write_tff_h5_archive, write_tff_sqlite
+
+CHAR_IDS = {c: i + 1 for i, c in enumerate(text.CHAR_VOCAB)}  # TFF: PAD 0, chars 1..86, OOV 87, BOS 88, EOS 89
+
+
+def reference_char_rows(snippets: list[bytes], length: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Plain-Python `joined` packing: BOS ids EOS per snippet, one stream, windows of length + 1."""
+    ids: list[int] = []
+    for s in snippets:
+        ids += [88] + [CHAR_IDS.get(chr(b), 87) for b in s] + [89]
+    rows = [ids[i: i + length + 1] for i in range(0, len(ids), length + 1)]
+    rows = [r + [0] * (length + 1 - len(r)) for r in rows]
+    return [r[:-1] for r in rows], [r[1:] for r in rows]
+
+
+SHAKESPEARE = {
+    "train": {
+        "ALL_S_WELL_THAT_ENDS_WELL_CENTURION": [b"Ay, my lord.", b"dh"],
+        "THE_TRAGEDY_OF_KING_LEAR_MACBETH": [b"What's done cannot be undone.\nTo bed, to bed!" * 3],
+        "THE_TEMPEST_ARIEL": ["Full fathom five thy father lies; caf\u00e9 ~".encode(), b"x" * 79, b""],
+    },
+    "test": {
+        "ALL_S_WELL_THAT_ENDS_WELL_CENTURION": [b"Good."],
+        "THE_TRAGEDY_OF_KING_LEAR_MACBETH": [b"Out, out, brief candle!"],
+        "THE_TEMPEST_ARIEL": [b"Where the bee sucks, there suck I."],
+    },
+}
+
+
+def shakespeare_file(path, splits=None, **kwargs):
+    splits = SHAKESPEARE if splits is None else splits
+    return write_tff_sqlite(path, {split: {cid: {"snippets": list(s)} for cid, s in clients.items()}
+                                   for split, clients in splits.items()}, **kwargs)
+
+
+def last_line(stderr: str) -> str:
+    """The error line: progress lines (decompressing ...) come before it; the error itself is one line."""
+    lines = stderr.strip().splitlines()
+    assert sum(line.startswith("fedstream: error:") for line in lines) == 1, stderr
+    assert lines[-1].startswith("fedstream: error:"), stderr
+    return lines[-1]
+
+
+def preprocess(recipe, output, *overrides, cache):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # check_counts=False: the fixtures are not the published sizes
+        return run_preprocess(recipe, output, [f"cache_dir={cache}", "check_counts=False", *overrides],
+                              progress=None)
+
+
+# ------------------------------------------------------------------------------------------ shakespeare
+
+
+@pytest.fixture(scope="module")
+def shakespeare_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("shakespeare")
+    source = shakespeare_file(tmp / "shakespeare.sqlite.lzma")
+    return preprocess("shakespeare", tmp / "out", f"source={source}", cache=tmp / "cache")
+
+
+def test_shakespeare_ids_windows_clients(shakespeare_dir):
+    ds = FederatedDataset(shakespeare_dir)
+    assert sorted(ds.splits) == ["test", "train"]
+    for split, clients in SHAKESPEARE.items():
+        assert ds.client_ids(split).tolist() == sorted(clients)  # TFF's ids, in TFF's (sorted) order
+        for cid, snippets in clients.items():
+            data = ds.get_client(split, ds.client_ids(split).tolist().index(cid))
+            want_x, want_y = reference_char_rows(snippets, 80)
+            assert data["x"].dtype == data["y"].dtype == np.int32 and data["x"].shape == (len(want_x), 80)
+            assert data["x"].tolist() == want_x and data["y"].tolist() == want_y
+    # The Tempest's train stream: BOS + 41 bytes ('é' = 2 OOV bytes) + EOS, BOS + 79 'x' + EOS, BOS EOS = 126 ids.
+    ariel = ds.get_client("train", ds.client_ids("train").tolist().index("THE_TEMPEST_ARIEL"))
+    assert len(ariel["x"]) == 2
+    assert ariel["x"][0, :5].tolist() == [88, CHAR_IDS["F"], CHAR_IDS["u"], CHAR_IDS["l"], CHAR_IDS["l"]]
+    assert ariel["x"][0, 35:40].tolist() == [CHAR_IDS["c"], CHAR_IDS["a"], CHAR_IDS["f"], 87, 87]  # 'é'
+    assert ariel["x"][0, 40:42].tolist() == [CHAR_IDS[" "], 87]  # '~' is not in the vocabulary
+    assert ariel["y"][0, 41] == 89 and ariel["x"][0, 42] == 89 and ariel["y"][0, 42] == 88
+    # Windows of 81 over the joined stream: window 1 = stream[81:126] = 42 'x', EOS, BOS, EOS, then PAD.
+    assert ariel["x"][1, :46].tolist() == [CHAR_IDS["x"]] * 42 + [89, 88, 89, 0]
+    assert not ariel["x"][1, 45:].any() and ariel["y"][1, :45].tolist() == [CHAR_IDS["x"]] * 41 + [89, 88, 89, 0]
+    assert ds.metadata["recipe"] == "shakespeare" and "Shakespeare" in ds.metadata["source"]
+    assert ds.metadata["config"]["packing"] == "joined"
+    assert ds.metadata["input_fingerprint"].startswith("sha256:")
+
+
+def test_shakespeare_vocab_asset(shakespeare_dir):
+    ds = FederatedDataset(shakespeare_dir)
+    vocab = text.Vocabulary.from_json(ds.asset("vocab.json"))
+    assert vocab == text.char_vocabulary()
+    doc = json.loads(ds.asset("vocab.json"))
+    assert (doc["pad"], doc["oov"], doc["bos"], doc["eos"], doc["size"]) == (0, 87, 88, 89, 90)
+    assert doc["tokens"][:3] == ["d", "h", "l"] and doc["sequence_length"] == 80 and doc["packing"] == "joined"
+
+
+def test_shakespeare_packings_and_length(tmp_path):
+    source = shakespeare_file(tmp_path / "s.sqlite", {"train": {"A": [b"d", b"h"]}, "test": {"A": [b"l"]}})
+    rows = {}
+    for packing in text.PACKINGS:
+        out = preprocess("shakespeare", tmp_path / packing, f"source={source}", "sequence_length=3",
+                         f"packing={packing}", cache=tmp_path / "cache")
+        c = FederatedDataset(out).get_client("train", 0)
+        rows[packing] = (c["x"].tolist(), c["y"].tolist())
+    d, h = CHAR_IDS["d"], CHAR_IDS["h"]
+    assert rows["joined"] == ([[88, d, 89], [h, 89, 0]], [[d, 89, 88], [89, 0, 0]])
+    assert rows["tff"] == ([[88, d, 89], [88, h, 89]], [[d, 89, 0], [h, 89, 0]])
+    assert rows["fedjax"] == ([[88, d, 89], [88, h, 0]], [[d, 89, 88], [h, 89, 0]])
+
+
+def test_shakespeare_legacy_h5_archive_matches_sqlite(tmp_path, shakespeare_dir):
+    pytest.importorskip("h5py")
+    files = {f"shakespeare_{split}.h5": {cid: {"snippets": np.array(s, dtype=object).astype(bytes)}
+                                         for cid, s in clients.items()}
+             for split, clients in SHAKESPEARE.items()}
+    archive = write_tff_h5_archive(tmp_path / "shakespeare.tar.bz2", files, prefix="shakespeare/")
+    out = preprocess("shakespeare", tmp_path / "out", f"source={archive}", cache=tmp_path / "cache")
+    a, b = FederatedDataset(out), FederatedDataset(shakespeare_dir)
+    for split in ("train", "test"):
+        assert a.client_ids(split).tolist() == b.client_ids(split).tolist()
+        for i in range(a.num_clients(split)):
+            for k in ("x", "y"):
+                np.testing.assert_array_equal(a.get_client(split, i)[k], b.get_client(split, i)[k])
+
+
+def test_shakespeare_published_counts_checked_first(tmp_path):
+    source = shakespeare_file(tmp_path / "s.sqlite.lzma")
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match=r"split 'train' has 3 clients / 6 snippets, but the upstream dataset "
+                                         r"has 715 / 16,068 \(--config.check_counts=False"):
+        run_preprocess("shakespeare", tmp_path / "out", [f"source={source}", f"cache_dir={cache}"], progress=None)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in cache.iterdir()]  # the decompressed copy is gone
+
+
+@pytest.mark.filterwarnings("ignore:.*but the upstream dataset has")  # check_counts=False on a small fixture
+@pytest.mark.parametrize("case", ["not_utf8", "missing_feature", "truncated", "not_sqlite"])
+def test_shakespeare_bad_input_one_line_error_no_output(tmp_path, capsys, case):
+    source = tmp_path / "shakespeare.sqlite.lzma"
+    if case == "not_utf8":
+        shakespeare_file(source, {"train": {"A": [b"fine"], "B_ROLE": [b"ok", b"caf\xe9 \xff"]}, "test": {"A": [b"x"]}})
+        message = r"split 'train', client 'B_ROLE': example 1 is not valid UTF-8"
+    elif case == "missing_feature":
+        write_tff_sqlite(source, {"train": {"A": [{"snippets": b"ok"}, {"text": b"no snippets"}]},
+                                  "test": {"A": [{"snippets": b"ok"}]}})
+        message = r"client 'A', example 1: no feature 'snippets' \(has: text\)"
+    elif case == "truncated":
+        truncate(shakespeare_file(source), 0.6)
+        message = r"truncated LZMA file"
+    else:
+        source.write_bytes(b"")
+        message = r"not a valid LZMA file|truncated LZMA file"
+    cache = tmp_path / "cache"
+    rc = cli_main(["preprocess", "shakespeare", "--output", str(tmp_path / "out"), "--source", str(source),
+                   f"--config.cache_dir={cache}", "--config.check_counts=False"])
+    err = last_line(capsys.readouterr().err)
+    assert rc == 2
+    assert err.startswith("fedstream: error: ") and str(source) in err
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []  # no writer leftovers
+    assert not cache.exists() or not list(cache.iterdir())  # no decompressed leftovers
+
+
+# ---------------------------------------------------------------------------------------- stackoverflow
+
+WORDS = ["the", ".", "to", "a", "i", "is"]  # ids 1..6 with vocab_size=6 (OOV 7, BOS 8, EOS 9)
+WORD_COUNT_TEXT = "".join(f"{w} {100 - i}\n" for i, w in enumerate(WORDS)) + "rare 3\nrarer 1\n"
+
+
+def so_example(tokens: str, kind: str = "answer") -> dict:
+    return {"tokens": tokens.encode(), "title": b"how to sort a list", "tags": b"python|sorting",
+            "type": kind.encode(), "creation_date": b"2010-01-08 09:34:05 UTC", "score": np.int64(3)}
+
+
+STACKOVERFLOW = {
+    "train": {
+        "00000001": [so_example("the . to", "question"), so_example("i is rare a"), so_example("")],
+        "00000002": [so_example(" ".join(["the"] * 25))],
+    },
+    "heldout": {"00000010": [so_example("a a a a a a a a a a a a a a a a a a a is")]},  # exactly 20 words
+    "test": {"00000001": [so_example("zebra the")], "00000003": [so_example("to  to")]},
+}
+
+
+def word_counts_archive(path):
+    data = WORD_COUNT_TEXT.encode()
+    with tarfile.open(path, "w:bz2") as tar:
+        info = tarfile.TarInfo("stackoverflow.word_count")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def stackoverflow_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("stackoverflow")
+    source = write_tff_sqlite(tmp / "stackoverflow.sqlite.lzma", STACKOVERFLOW)
+    words = word_counts_archive(tmp / "stackoverflow.word_count.tar.bz2")
+    return preprocess("stackoverflow", tmp / "out", f"source={source}", f"word_counts={words}", "vocab_size=6",
+                      cache=tmp / "cache")
+
+
+def test_stackoverflow_ids_clients_splits(stackoverflow_dir):
+    ds = FederatedDataset(stackoverflow_dir)
+    assert sorted(ds.splits) == ["heldout", "test", "train"]
+    assert ds.client_ids("train").tolist() == ["00000001", "00000002"]
+    assert ds.client_ids("test").tolist() == ["00000001", "00000003"]
+    assert ds.client_sizes("train").tolist() == [3, 1]
+    pad, oov, bos, eos = 0, 7, 8, 9
+
+    def rows(split, i):
+        c = ds.get_client(split, i)
+        assert c["x"].dtype == c["y"].dtype == np.int32 and c["x"].shape[1:] == (20,)
+        np.testing.assert_array_equal(c["x"][:, 1:], c["y"][:, :-1])
+        return np.concatenate([c["x"], c["y"][:, -1:]], axis=1).tolist()
+
+    assert rows("train", 0) == [
+        [bos, 1, 2, 3, eos] + [pad] * 16,            # the . to
+        [bos, 5, 6, oov, 4, eos] + [pad] * 15,       # i is rare a ('rare' is word 7 of the file: not in the top 6)
+        [bos, oov, eos] + [pad] * 18,                # '' is one empty (OOV) word, as tf.strings.split(sep=' ')
+    ]
+    assert rows("train", 1) == [[bos] + [1] * 20]    # 25 words: truncated to 20, no EOS
+    assert rows("heldout", 0) == [[bos] + [4] * 19 + [6]]  # exactly 20 words: no EOS
+    assert rows("test", 0) == [[bos, oov, 1, eos] + [pad] * 17]
+    assert rows("test", 1) == [[bos, 3, oov, 3, eos] + [pad] * 16]  # double space: an empty OOV word
+
+
+def test_stackoverflow_vocab_asset(stackoverflow_dir):
+    ds = FederatedDataset(stackoverflow_dir)
+    vocab = text.Vocabulary.from_json(ds.asset("vocab.json"))
+    assert vocab.tokens == tuple(WORDS) and vocab.kind == "word"
+    doc = json.loads(ds.asset("vocab.json"))
+    assert (doc["pad"], doc["oov"], doc["bos"], doc["eos"], doc["size"]) == (0, 7, 8, 9, 10)
+    assert doc["sequence_length"] == 20
+    assert ds.metadata["input_fingerprint"].count("sha256:") == 2
+
+
+def test_stackoverflow_plain_word_counts_split_subset_and_length(tmp_path):
+    source = write_tff_sqlite(tmp_path / "so.sqlite", STACKOVERFLOW)
+    words = tmp_path / "stackoverflow.word_count"
+    words.write_text(WORD_COUNT_TEXT)
+    out = preprocess("stackoverflow", tmp_path / "out", f"source={source}", f"word_counts={words}", "vocab_size=3",
+                     "splits=test", "sequence_length=2", cache=tmp_path / "cache")
+    ds = FederatedDataset(out)
+    assert ds.splits == ["test"]
+    c = ds.get_client("test", 0)  # 'zebra the' with vocab (the . to): OOV 4, BOS 5, EOS 6; 2 words: no EOS
+    assert c["x"].tolist() == [[5, 4]] and c["y"].tolist() == [[4, 1]]
+
+
+def test_stackoverflow_published_counts_checked_first(tmp_path):
+    source = write_tff_sqlite(tmp_path / "so.sqlite", STACKOVERFLOW)
+    words = word_counts_archive(tmp_path / "wc.tar.bz2")
+    with pytest.raises(ValueError, match=r"split 'train' has 2 clients / 4 sentences, but the upstream dataset "
+                                         r"has 342,477 / 135,818,730"):
+        run_preprocess("stackoverflow", tmp_path / "out", [f"source={source}", f"word_counts={words}",
+                                                           "vocab_size=6"], progress=None)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.filterwarnings("ignore:.*but the upstream dataset has")
+@pytest.mark.parametrize("case", ["not_utf8", "missing_feature", "truncated", "bad_word_counts", "short_vocab"])
+def test_stackoverflow_bad_input_one_line_error_no_output(tmp_path, capsys, case):
+    source = tmp_path / "stackoverflow.sqlite.lzma"
+    words = word_counts_archive(tmp_path / "wc.tar.bz2")
+    vocab_size = 6
+    if case == "not_utf8":
+        write_tff_sqlite(source, {"train": {"u1": [so_example("ok"), {**so_example(""), "tokens": b"bad \xff"}]},
+                                  "heldout": STACKOVERFLOW["heldout"], "test": STACKOVERFLOW["test"]})
+        message = r"split 'train', client 'u1': example 1 is not valid UTF-8"
+    elif case == "missing_feature":
+        write_tff_sqlite(source, {"train": {"u1": [{k: v for k, v in so_example("x").items() if k != "tokens"}]},
+                                  "heldout": STACKOVERFLOW["heldout"], "test": STACKOVERFLOW["test"]})
+        message = r"client 'u1', example 0: no feature 'tokens'"
+    elif case == "truncated":
+        truncate(write_tff_sqlite(source, STACKOVERFLOW), 0.5)
+        message = r"truncated LZMA file"
+    else:
+        write_tff_sqlite(source, STACKOVERFLOW)
+        if case == "bad_word_counts":
+            words = tmp_path / "stackoverflow.word_count"
+            words.write_text("the 10\n. 12\n")
+            message = r"word_count: word counts line 2: counts are not sorted"
+        else:
+            vocab_size = 100
+            message = r"hold 8 words, fewer than vocab_size=100"
+    cache = tmp_path / "cache"
+    rc = cli_main(["preprocess", "stackoverflow", "--output", str(tmp_path / "out"), "--source", str(source),
+                   f"--config.word_counts={words}", f"--config.vocab_size={vocab_size}",
+                   f"--config.cache_dir={cache}", "--config.check_counts=False"])
+    err = last_line(capsys.readouterr().err)
+    assert rc == 2
+    assert err.startswith("fedstream: error: "), err
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+    assert not cache.exists() or not list(cache.iterdir())
+
+
+def test_word_counts_archive_truncated(tmp_path):
+    from fedstream.recipes import stackoverflow
+
+    archive = word_counts_archive(tmp_path / "wc.tar.bz2")
+    data = archive.read_bytes()
+    assert bz2.decompress(data)  # a valid archive first
+    truncate(archive, 0.5)
+    with pytest.raises(ValueError, match=r"wc.tar.bz2: truncated or unreadable archive"):
+        stackoverflow._read_vocabulary(archive, 6)
+
+
+def test_stackoverflow_rerun_is_noop_and_word_counts_change_needs_force(tmp_path):
+    source = write_tff_sqlite(tmp_path / "so.sqlite", STACKOVERFLOW)
+    words = word_counts_archive(tmp_path / "wc.tar.bz2")
+    args = (f"source={source}", f"word_counts={words}", "vocab_size=6")
+    out = preprocess("stackoverflow", tmp_path / "out", *args, cache=tmp_path / "cache")
+    stamp = (out / "metadata.json").stat().st_mtime_ns
+    assert preprocess("stackoverflow", out, *args, cache=tmp_path / "cache") == out
+    assert (out / "metadata.json").stat().st_mtime_ns == stamp
+    words.write_bytes(bz2.compress(b"not the same archive"))  # another word-count file: another fingerprint
+    with pytest.raises(ValueError, match="--force"):
+        preprocess("stackoverflow", out, *args, cache=tmp_path / "cache")
+
+
+@pytest.mark.parametrize("recipe", ["shakespeare", "stackoverflow"])
+def test_sqlite_download_needs_a_sha256(tmp_path, capsys, recipe):
+    """TFF pins no sha256 for the current .sqlite.lzma files: downloading one needs --config.sha256."""
+    rc = cli_main(["preprocess", recipe, "--output", str(tmp_path / "out"), "--config.download=sqlite",
+                   f"--config.cache_dir={tmp_path}"])
+    err = last_line(capsys.readouterr().err)
+    assert rc == 2
+    assert re.search(rf"no sha256 is pinned for \S+/{recipe}.sqlite.lzma: pass --config.sha256", err), err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
