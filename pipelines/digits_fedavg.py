@@ -15,6 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.num_rounds = 200
     c.clients_per_round = 10
     c.aggregation = "example"  # 'example' (weight = examples) or 'uniform'
+    c.nonfinite = "skip"  # a client update with NaN/Inf: 'skip' it (counted in the metrics) or 'stop' the run
     c.data_threads = 0  # reader threads; 0 = auto (a quarter of the CPU cores, at least 1)
 
     c.data = ml_collections.ConfigDict()

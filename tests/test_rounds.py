@@ -52,3 +52,29 @@ def test_compilations_bounded_by_stream_buckets():
         state, _ = round_fn(state, shard_batch(element["batch"], mesh))
     assert len(steps) > 40  # client sizes really vary from round to round
     assert round_fn._cache_size() == len(lengths) <= 6
+
+
+def test_nonfinite_client_is_left_out_and_counted():
+    """A client whose data makes its update NaN is skipped: the round equals the round without it."""
+    sizes = [12, 9, 15, 7]
+    poisoned = InMemorySource(sizes, input_shape=(3, 2, 1), num_classes=3, seed=4)
+    poisoned.clients[2]["x"][0, 0, 0, 0] = np.nan
+    clean = InMemorySource(sizes, input_shape=(3, 2, 1), num_classes=3, seed=4)
+    clean.clients[2]["x"][:] = 0.0
+    clean.clients[2]["y"] = clean.clients[2]["y"][:0]  # the same round with client 2 empty
+    clean.clients[2]["x"] = clean.clients[2]["x"][:0]
+    algorithm = FedAvg(get_model("logistic", (3, 2, 1), 3), make_optimizer("sgd", 0.1), make_optimizer("sgd", 1.0))
+    mesh = make_mesh(1)
+    results = []
+    for source in (poisoned, clean):
+        pipeline = CohortPipeline(source, "train", ("x", "y"), seed=0, cohort_size=4, batching=ClientBatching(4),
+                                  num_devices=1, data_threads=0)
+        state = replicate(algorithm.init(jax.random.PRNGKey(0)), mesh)
+        state, stats = build_train_round(algorithm, mesh, seed=0)(state, shard_batch(next(pipeline.iterator(1))["batch"], mesh))
+        results.append((state, stats))
+    (bad_state, bad_stats), (ref_state, ref_stats) = results
+    assert int(bad_stats["nonfinite_clients"]) == 1 and int(bad_stats["nonfinite_client"]) == 2
+    assert int(ref_stats["nonfinite_clients"]) == 0 and int(ref_stats["nonfinite_client"]) == -1
+    for a, b in zip(jax.tree.leaves(bad_state.params), jax.tree.leaves(ref_state.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    assert np.isfinite(float(bad_stats["metrics"].compute()["loss"]))

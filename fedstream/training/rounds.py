@@ -128,7 +128,9 @@ def build_train_round(
     `client_states` (for algorithms with per-client state) has leaves
     `[devices, slots, ...]` in the batch's slot order. `stats` holds the
     psum-ed clu train metrics (`metrics`) and the total client weight
-    (`weight`). One compilation per stream length.
+    (`weight`); clients whose update was not finite are left out and
+    counted in `nonfinite_clients` (`nonfinite_client`: one of them, by
+    index, or -1). One compilation per stream length.
     """
 
     def device_round(state: ServerState, batch: Mapping[str, jax.Array], stored: Any):
@@ -168,7 +170,7 @@ def build_train_round(
             slot, stored_i, prepass_i = xs
 
             def train(carry):
-                sums, metrics = carry
+                sums, metrics, bad = carry
 
                 def local_step(t, inner):
                     client, metrics = inner
@@ -177,12 +179,20 @@ def build_train_round(
                         client, _stream_step(stream, slot["slot_offset"] + t), key, broadcast)
                     return _varying((client, metrics.merge(step_metrics)))
 
-                start = _varying((algorithm.client_init(broadcast, stored_i, prepass_i), metrics))
-                client, metrics = jax.lax.fori_loop(0, slot["slot_steps"], local_step, start)
+                start = _varying((algorithm.client_init(broadcast, stored_i, prepass_i), TrainMetrics.empty()))
+                client, client_metrics = jax.lax.fori_loop(0, slot["slot_steps"], local_step, start)
                 contribution, new_stored = algorithm.client_contribution(
                     client, broadcast, slot["slot_weight"], stored_i, prepass_i,
                     client_key(seed, state.round, slot["slot_client"]))
-                return _varying(((jax.tree.map(jnp.add, sums, contribution), metrics), new_stored))
+                # A client whose update is not finite (NaN/Inf) is left out of the round, its stored
+                # state unchanged, and counted; the train loop applies the run's policy.
+                finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(contribution)]))
+                keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+                sums = keep(jax.tree.map(jnp.add, sums, contribution), sums)
+                metrics = keep(metrics.merge(client_metrics), metrics)
+                bad = {"count": bad["count"] + jnp.where(finite, 0, 1),
+                       "client": jnp.where(finite | (bad["client"] >= 0), bad["client"], slot["slot_client"])}
+                return _varying(((sums, metrics, bad), keep(new_stored, stored_i)))
 
             return jax.lax.cond(slot["slot_steps"] > 0, train, lambda c: _varying((c, stored_i)), carry)
 
@@ -192,23 +202,28 @@ def build_train_round(
                                       jax.tree.map(lambda a: a[0], prepass)),
                 broadcast, jnp.float32(1), jax.tree.map(lambda a: a[0], stored), jax.tree.map(lambda a: a[0], prepass),
                 jax.random.PRNGKey(0))[0])
-        init = _varying((jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), sums_shape), TrainMetrics.empty()))
-        (sums, metrics), new_stored = jax.lax.scan(run_client, init, (slots, stored, prepass))
+        no_bad = {"count": jnp.zeros((), jnp.int32), "client": jnp.full((), -1, jnp.int32)}
+        init = _varying((jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), sums_shape), TrainMetrics.empty(),
+                         no_bad))
+        (sums, metrics, bad), new_stored = jax.lax.scan(run_client, init, (slots, stored, prepass))
         sums, metrics = jax.lax.psum((sums, metrics), AXIS)
-        return sums, metrics, jax.tree.map(lambda a: a[None], new_stored)
+        bad = {"count": jax.lax.psum(bad["count"], AXIS), "client": jax.lax.pmax(bad["client"], AXIS)}
+        return sums, metrics, bad, jax.tree.map(lambda a: a[None], new_stored)
 
     sharded = jax.shard_map(device_round, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)),
-                            out_specs=(P(), P(), P(AXIS)))
+                            out_specs=(P(), P(), P(), P(AXIS)))
 
     @jax.jit
     def train_round(state: ServerState, batch: Mapping[str, jax.Array], client_states: Any = None):
-        sums, metrics, new_states = sharded(state, batch, client_states)
+        sums, metrics, bad, new_states = sharded(state, batch, client_states)
         # A round in which every sampled client was empty leaves the server as is.
         skipped = state.replace(round=state.round + 1)
         key = server_key(seed, state.round)
         new_state = jax.lax.cond(sums["weight"] > 0, lambda: algorithm.server_update(state, sums, key),
                                  lambda: skipped)
-        stats = {"metrics": metrics, "weight": sums["weight"]}
+        stats = {"metrics": metrics, "weight": sums["weight"], "nonfinite_clients": bad["count"],
+                 "nonfinite_client": bad["client"],
+                 "logs": {k: v for k, v in sums.items() if k.startswith("log_")}}  # summed log_* contribution keys
         return (new_state, stats) if client_states is None else (new_state, stats, new_states)
 
     return train_round

@@ -90,6 +90,20 @@ def build_algorithm(config: ml_collections.ConfigDict, dataset: Any) -> FedAvg:
     return make_algorithm(name, model, client_tx, server_tx, context=context, **options)
 
 
+class TrainingDiverged(RuntimeError):
+    """The run produced non-finite values and stopped; the last saved checkpoint is intact."""
+
+
+NONFINITE_POLICIES = ("skip", "stop")
+
+
+def _last_good(checkpointer: RunCheckpointer) -> str:
+    """Which checkpoint survives a stop, in words."""
+    checkpointer.wait()
+    latest = checkpointer.latest_round()
+    return "no checkpoint was saved yet" if latest is None else f"the checkpoint of round {latest} is intact"
+
+
 def _fault_point() -> tuple[str, int] | None:
     spec = os.environ.get(FAULT_ENV, "")
     if not spec:
@@ -174,6 +188,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                               local_devices=_local_devices(mesh),
                               augment=get_augmentation(str(config.data.get("augment", ""))))
     num_rounds = int(config.num_rounds)
+    nonfinite_policy = str(config.get("nonfinite", "skip"))
+    if nonfinite_policy not in NONFINITE_POLICIES:
+        raise ConfigError(f"config key 'nonfinite' must be one of {NONFINITE_POLICIES}, got {nonfinite_policy!r}")
 
     state = replicate(algorithm.init(jax.random.PRNGKey(int(config.seed))), mesh)
     start = 0
@@ -209,6 +226,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                                                        shard_batch(store.read(clients), mesh))
                 store.write(r + 1, clients, clients >= 0, jax.device_get(new_states))
             train_metrics = {k: float(v) for k, v in stats["metrics"].compute().items()}
+            nonfinite = int(stats["nonfinite_clients"])
+            if nonfinite and nonfinite_policy == "stop":
+                client = str(dataset.client_ids(config.data.train_split)[int(stats["nonfinite_client"])])
+                raise TrainingDiverged(f"round {r + 1}: client {client!r} sent a non-finite (NaN/Inf) update "
+                                       f"({nonfinite} such clients); stopping as config nonfinite='stop' asks "
+                                       f"({_last_good(checkpointer)}); nonfinite='skip' leaves such clients out instead")
             seconds = time.perf_counter() - t0
             metrics_log.write(r + 1, "train", {
                 **train_metrics,
@@ -217,6 +240,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                 "examples": element["num_examples"],
                 "steps": element["num_steps"],
                 "padding_waste": element["padding_waste"],
+                "nonfinite_clients_skipped": nonfinite,
                 "round_seconds": seconds,
                 "data_wait_seconds": t_data - t0,
                 "examples_per_second": element["num_examples"] / max(seconds, 1e-9),
@@ -226,6 +250,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
             if evaluate_now:
                 final_eval = evaluate(algorithm, state.params, dataset, config, mesh, eval_fn)
                 metrics_log.write(done, "eval", final_eval)
+                if not np.isfinite(final_eval["loss"]):
+                    raise TrainingDiverged(f"evaluation after round {done}: test loss is {final_eval['loss']} "
+                                           f"(diverged); stopping ({_last_good(checkpointer)}); lower the learning "
+                                           "rates and start a new workdir")
                 progress.last_eval = f"test acc {final_eval['accuracy']:.4f}"
             meta = {"config": config_dict, "round": done, "seed": int(config.seed),
                     "data_iterator": iterator.get_state()}
