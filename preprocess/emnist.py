@@ -39,6 +39,8 @@ modified file).
 
 from __future__ import annotations
 
+import re
+
 from typing import Iterator
 
 import ml_collections
@@ -85,8 +87,21 @@ def num_classes(config: ml_collections.ConfigDict) -> int:
 
 
 def schema(config: ml_collections.ConfigDict) -> Schema:
-    """`x` float32 (28, 28, 1), 1.0 = background; `y` int32 label."""
-    return {"x": FeatureSpec("float32", (28, 28, 1)), "y": FeatureSpec("int32", ())}
+    """`x` float32 (28, 28, 1), 1.0 = background; `y` int32 label; `domain_id` int32 (see `writer_domain`)."""
+    return {"x": FeatureSpec("float32", (28, 28, 1)), "y": FeatureSpec("int32", ()),
+            "domain_id": FeatureSpec("int32", ())}
+
+
+_WRITER = re.compile(r"^f(\d{4})_\d{2}$")
+
+
+def writer_domain(client_id: str) -> int:
+    """FedJAX's EMNIST domains for AgnosticFedAvg: writers 2100-2599 (high school) -> 0, others (census) -> 1.
+
+    Client ids are TFF's writer ids `fNNNN_NN`; other ids (e.g. test fixtures) fall in domain 1.
+    """
+    match = _WRITER.match(client_id)
+    return 0 if match and 2100 <= int(match.group(1)) <= 2599 else 1
 
 
 def upstream_names(config: ml_collections.ConfigDict, split: str) -> tuple[str, str]:
@@ -107,7 +122,8 @@ def generate(config: ml_collections.ConfigDict) -> Iterator[tuple[str, str, dict
                 pixels = data["pixels"]
                 labels = common.check_labels(data["label"], classes, f"{path}: split {split!r}, client {client_id!r}",
                                              "label")
-                yield split, client_id, {"x": pixels.reshape(len(pixels), 28, 28, 1), "y": labels}
+                yield split, client_id, {"x": pixels.reshape(len(pixels), 28, 28, 1), "y": labels,
+                                         "domain_id": np.full(len(labels), writer_domain(client_id), np.int32)}
 
 
 def fingerprint(config: ml_collections.ConfigDict) -> str:

@@ -61,8 +61,13 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def schema(config: ml_collections.ConfigDict) -> Schema:
-    """`x` float32 (60,), `y` int32 label 0-9."""
-    return {"x": FeatureSpec("float32", (DIMENSION,)), "y": FeatureSpec("int32", ())}
+    """`x` float32 (60,), `y` int32 label 0-9, `domain_id` int32: device i < K/2 -> 0, else 1.
+
+    The two domains are not part of the FedProx paper; they let AgnosticFedAvg
+    run on this dataset (the first and second half of the devices).
+    """
+    return {"x": FeatureSpec("float32", (DIMENSION,)), "y": FeatureSpec("int32", ()),
+            "domain_id": FeatureSpec("int32", ())}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,8 +143,9 @@ def generate(config: ml_collections.ConfigDict) -> Iterator[tuple[str, str, dict
         order = shuffle.permutation(len(device.y))
         cut = int(config.train_fraction * len(device.y))
         name = device_id(i, config.num_devices)
-        yield "train", name, {"x": device.x[order[:cut]], "y": device.y[order[:cut]]}
-        yield "test", name, {"x": device.x[order[cut:]], "y": device.y[order[cut:]]}
+        domain = np.full(len(device.y), 0 if i < config.num_devices / 2 else 1, np.int32)
+        yield "train", name, {"x": device.x[order[:cut]], "y": device.y[order[:cut]], "domain_id": domain[:cut]}
+        yield "test", name, {"x": device.x[order[cut:]], "y": device.y[order[cut:]], "domain_id": domain[cut:]}
 
 
 def expected_counts(config: ml_collections.ConfigDict) -> dict[str, tuple[int, int]]:

@@ -431,3 +431,10 @@ def test_bad_h5_input(case, emnist_data, tmp_path):
                                                     "check_counts=False"], progress=None)
     assert "\n" not in str(info.value) and str(archive) in str(info.value)
     assert not (tmp_path / "out").exists() and _no_temp_files(tmp_path)
+
+
+def test_emnist_writer_domains_follow_fedjax():
+    from fedstream.recipes.emnist import writer_domain
+
+    assert [writer_domain(c) for c in ("f2100_00", "f2599_99", "f2099_01", "f2600_00", "f0000_14", "x")] == \
+        [0, 0, 1, 1, 1, 1]

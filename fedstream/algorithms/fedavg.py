@@ -22,7 +22,7 @@ client step streams on a device mesh.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import flax
 import jax
@@ -78,7 +78,9 @@ class FedAvg:
     client_optimizer: optax.GradientTransformation
     server_optimizer: optax.GradientTransformation
 
-    uses_prepass = False
+    uses_prepass: ClassVar[bool] = False
+    # Dataset features the algorithm reads besides the model's input and label (e.g. domain_id).
+    extra_features: ClassVar[tuple[str, ...]] = ()
 
     def init(self, rng: jax.Array) -> ServerState:
         """Initial server state: fresh model params and server optimizer state."""

@@ -87,7 +87,12 @@ def build_algorithm(config: ml_collections.ConfigDict, dataset: Any) -> FedAvg:
     options = algorithm.options.to_dict() if algorithm is not None and "options" in algorithm else {}
     context = {"population": len(dataset.client_sizes(config.data.train_split)),
                "client_learning_rate": float(config.client.learning_rate)}
-    return make_algorithm(name, model, client_tx, server_tx, context=context, **options)
+    built = make_algorithm(name, model, client_tx, server_tx, context=context, **options)
+    for key in built.extra_features:
+        if key not in schema:
+            raise ConfigError(f"algorithm {name!r} needs the dataset feature {key!r}; {config.data.path} has "
+                              f"{', '.join(schema)}")
+    return built
 
 
 class TrainingDiverged(RuntimeError):
@@ -137,11 +142,13 @@ def _local_devices(mesh: jax.sharding.Mesh) -> tuple[int, ...] | None:
     return local_device_positions(mesh) if jax.process_count() > 1 else None
 
 
-def evaluate(algorithm: FedAvg, params: Any, dataset: Any, config: ml_collections.ConfigDict,
-             mesh: jax.sharding.Mesh, eval_fn: Callable | None = None) -> dict[str, float]:
-    """Loss and accuracy over all clients of the test split (example-weighted and client-averaged)."""
+def client_eval_sums(algorithm: FedAvg, params: Any, dataset: Any, config: ml_collections.ConfigDict,
+                     mesh: jax.sharding.Mesh, eval_fn: Callable | None = None,
+                     split: str | None = None) -> dict[str, np.ndarray]:
+    """Per-client evaluation sums (`EVAL_SUMS`) of `params` over every client of `split` (default: test)."""
     chunk = int(config.eval.chunk_clients)
-    pipeline = EvalPipeline(dataset, config.data.test_split, (algorithm.model.input_key, algorithm.model.label_key),
+    pipeline = EvalPipeline(dataset, split or config.data.test_split,
+                            (algorithm.model.input_key, algorithm.model.label_key),
                             int(config.eval.batch_size), mesh.size, chunk,
                             auto_data_threads(int(config.data_threads)), local_devices=_local_devices(mesh))
     eval_fn = eval_fn or build_eval(algorithm, mesh, chunk)
@@ -150,7 +157,36 @@ def evaluate(algorithm: FedAvg, params: Any, dataset: Any, config: ml_collection
         out = jax.device_get(eval_fn(params, shard_batch(part["batch"], mesh)))
         for key in sums:
             sums[key].append(np.asarray(out[key])[: len(part["clients"])])
-    return summarize_eval({k: np.concatenate(v) if v else np.zeros(0) for k, v in sums.items()})
+    return {k: np.concatenate(v) if v else np.zeros(0) for k, v in sums.items()}
+
+
+def evaluate(algorithm: FedAvg, params: Any, dataset: Any, config: ml_collections.ConfigDict,
+             mesh: jax.sharding.Mesh, eval_fn: Callable | None = None) -> dict[str, float]:
+    """Loss and accuracy of one model over all clients of the test split (pooled and client-averaged)."""
+    return summarize_eval(client_eval_sums(algorithm, params, dataset, config, mesh, eval_fn))
+
+
+def evaluate_state(algorithm: FedAvg, state: ServerState, dataset: Any, config: ml_collections.ConfigDict,
+                   mesh: jax.sharding.Mesh, eval_fn: Callable | None = None) -> dict[str, float]:
+    """The test evaluation of a server state: its model, or for HypCluster each client's best cluster
+    model (chosen by the lowest loss on the client's train data, as FedJAX's HypClusterEvaluator)."""
+    if not hasattr(algorithm, "num_clusters"):
+        return evaluate(algorithm, state.params, dataset, config, mesh, eval_fn)
+    from fedstream.algorithms.hyp_cluster import cluster_params, combine_cluster_evals
+
+    test_ids = dataset.client_ids(config.data.test_split)
+    train_position = {str(c): i for i, c in enumerate(dataset.client_ids(config.data.train_split))}
+    rows = np.array([train_position.get(str(c), -1) for c in test_ids])
+    train_sums, test_sums = [], []
+    for j in range(int(algorithm.num_clusters)):
+        params = cluster_params(state, j)
+        on_train = client_eval_sums(algorithm, params, dataset, config, mesh, eval_fn, config.data.train_split)
+        # Aligned to the test clients; a client without train data scores 0 everywhere (-> cluster 0).
+        train_sums.append({k: np.where(rows >= 0, v[np.maximum(rows, 0)], 0.0) for k, v in on_train.items()})
+        test_sums.append(client_eval_sums(algorithm, params, dataset, config, mesh, eval_fn))
+    combined, assignment = combine_cluster_evals(train_sums, test_sums)
+    return {**summarize_eval(combined), **{f"clients_in_cluster_{j}": int((assignment == j).sum())
+                                           for j in range(int(algorithm.num_clusters))}}
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
@@ -181,7 +217,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     mesh = make_mesh()
     batching = ClientBatching(int(config.client.batch_size), int(config.client.epochs),
                               int(config.client.max_examples), int(config.client.max_steps))
-    pipeline = CohortPipeline(dataset, config.data.train_split, (algorithm.model.input_key, algorithm.model.label_key),
+    features = (algorithm.model.input_key, algorithm.model.label_key, *algorithm.extra_features)
+    pipeline = CohortPipeline(dataset, config.data.train_split, features,
                               seed=int(config.seed), cohort_size=int(config.clients_per_round), batching=batching,
                               num_devices=mesh.size, uniform_weights=config.aggregation == "uniform",
                               data_threads=auto_data_threads(int(config.data_threads)),
@@ -248,7 +285,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
             done = r + 1
             evaluate_now = done == num_rounds or (config.eval.every and done % int(config.eval.every) == 0)
             if evaluate_now:
-                final_eval = evaluate(algorithm, state.params, dataset, config, mesh, eval_fn)
+                final_eval = evaluate_state(algorithm, state, dataset, config, mesh, eval_fn)
                 metrics_log.write(done, "eval", final_eval)
                 if not np.isfinite(final_eval["loss"]):
                     raise TrainingDiverged(f"evaluation after round {done}: test loss is {final_eval['loss']} "
@@ -269,7 +306,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                     checkpointer.wait()
                 os.kill(os.getpid(), signal.SIGKILL)
         if start >= num_rounds:
-            final_eval = evaluate(algorithm, state.params, dataset, config, mesh, eval_fn)
+            final_eval = evaluate_state(algorithm, state, dataset, config, mesh, eval_fn)
             log(f"run already complete ({start} rounds); final evaluation repeated")
     finally:
         checkpointer.close()
