@@ -53,5 +53,7 @@ def build_algorithm(name: str, model: Model, client_optimizer: optax.GradientTra
 
 # These modules call register_algorithm on import, so they come after it.
 from fedstream.algorithms import agnostic_fedavg, fednova, fedprox, hyp_cluster, mime, mimelite  # noqa: E402,F401
+from fedstream.algorithms import dp_fedavg  # noqa: E402,F401  (dp_fedavg, compressed_fedavg)
+from fedstream.algorithms import ditto  # noqa: E402,F401
 
 __all__ = ["FedAvg", "ServerState", "make_optimizer", "register_algorithm", "algorithm_names", "build_algorithm"]

@@ -219,8 +219,11 @@ def build_train_round(
         # A round in which every sampled client was empty leaves the server as is.
         skipped = state.replace(round=state.round + 1)
         key = server_key(seed, state.round)
-        new_state = jax.lax.cond(sums["weight"] > 0, lambda: algorithm.server_update(state, sums, key),
-                                 lambda: skipped)
+        if getattr(algorithm, "updates_on_empty_rounds", False):  # DP: noise / D even when no client trained
+            new_state = algorithm.server_update(state, sums, key)
+        else:
+            new_state = jax.lax.cond(sums["weight"] > 0, lambda: algorithm.server_update(state, sums, key),
+                                     lambda: skipped)
         stats = {"metrics": metrics, "weight": sums["weight"], "nonfinite_clients": bad["count"],
                  "nonfinite_client": bad["client"],
                  "logs": {k: v for k, v in sums.items() if k.startswith("log_")}}  # summed log_* contribution keys

@@ -1,0 +1,252 @@
+"""Privacy accounting for DP-FedAvg with Google's `dp-accounting` (`pip install fedstream[dp]`).
+
+The unit of privacy is a client (user-level DP, McMahan et al. 2018). One
+round releases  sum_i clip_C(Delta_i) + N(0, (z C)^2 I)  over the sampled
+clients, so as a `dp_accounting` event it is:
+
+* Poisson sampling with rate q (add/remove-one neighbours; the L2
+  sensitivity of the sum is C):
+      PoissonSampledDpEvent(q, GaussianDpEvent(z))
+  supported by the RDP and the PLD accountant.
+* A fixed-size uniform cohort of m out of N clients (sampling without
+  replacement; replace-one neighbours, N public; replacing one client moves
+  the sum by up to 2C, so the noise is z C = (z / 2) * 2C):
+      SampledWithoutReplacementDpEvent(N, m, GaussianDpEvent(z / 2))
+  supported by the RDP accountant only (dp-accounting's PLD accountant has no
+  sampling-without-replacement event; asking for it is an error).
+
+T rounds compose to  SelfComposedDpEvent(event, T)  (a `ComposedDpEvent` of
+such segments if the mechanism changed, e.g. after recalibration on resume).
+`PrivacyLedger` holds that history as JSON (stored in the checkpoint's
+metadata) and computes epsilon(delta) as a pure function of it, so a resumed
+run reports exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Mapping, Sequence
+
+ACCOUNTANTS = ("rdp", "pld")
+PLD_DISCRETIZATION = 1e-4  # dp-accounting's default value_discretization_interval
+
+
+def _dp() -> Any:
+    try:
+        import dp_accounting
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("privacy accounting needs the dp-accounting package: pip install 'fedstream[dp]'") from e
+    return dp_accounting
+
+
+@dataclasses.dataclass(frozen=True)
+class DPMechanism:
+    """One round of DP-FedAvg as the accountant sees it.
+
+    `sampling` is 'poisson' (each of `population` clients with probability
+    `sampling_rate`) or 'uniform' (`cohort_size` of `population` without
+    replacement); `noise_multiplier` is z = noise std / clip norm.
+    """
+
+    noise_multiplier: float
+    sampling: str
+    population: int
+    sampling_rate: float = 0.0
+    cohort_size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.sampling not in ("poisson", "uniform"):
+            raise ValueError(f"sampling must be 'poisson' or 'uniform', got {self.sampling!r}")
+        if self.noise_multiplier < 0 or self.population < 1:
+            raise ValueError(f"need noise_multiplier >= 0 and population >= 1, got {self}")
+        if self.sampling == "poisson" and not 0.0 < self.sampling_rate <= 1.0:
+            raise ValueError(f"Poisson sampling needs a rate in (0, 1], got {self.sampling_rate}")
+        if self.sampling == "uniform" and not 1 <= self.cohort_size <= self.population:
+            raise ValueError(f"uniform sampling needs 1 <= cohort_size <= population, got {self.cohort_size}")
+
+    def event(self) -> Any:
+        """The `dp_accounting.DpEvent` of one round (see the module docstring)."""
+        dp = _dp()
+        if self.sampling == "poisson":
+            return dp.PoissonSampledDpEvent(self.sampling_rate, dp.GaussianDpEvent(self.noise_multiplier))
+        return dp.SampledWithoutReplacementDpEvent(self.population, self.cohort_size,
+                                                   dp.GaussianDpEvent(self.noise_multiplier / 2))
+
+    def neighboring_relation(self) -> Any:
+        """ADD_OR_REMOVE_ONE for Poisson sampling, REPLACE_ONE for fixed-size cohorts."""
+        relation = _dp().NeighboringRelation
+        return relation.ADD_OR_REMOVE_ONE if self.sampling == "poisson" else relation.REPLACE_ONE
+
+    def with_noise(self, noise_multiplier: float) -> "DPMechanism":
+        """The same sampling with another z."""
+        return dataclasses.replace(self, noise_multiplier=float(noise_multiplier))
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "DPMechanism":
+        return cls(float(d["noise_multiplier"]), str(d["sampling"]), int(d["population"]),
+                   float(d.get("sampling_rate", 0.0)), int(d.get("cohort_size", 0)))
+
+
+def make_accountant(kind: str, mechanism: DPMechanism, pld_discretization: float = PLD_DISCRETIZATION) -> Any:
+    """A fresh dp_accounting RdpAccountant or PLDAccountant with the mechanism's neighbouring relation."""
+    dp = _dp()
+    if kind == "rdp":
+        return dp.rdp.RdpAccountant(neighboring_relation=mechanism.neighboring_relation())
+    if kind == "pld":
+        if mechanism.sampling != "poisson":
+            raise ValueError("dp-accounting's PLD accountant does not support sampling without replacement "
+                             "(fixed-size uniform cohorts): use accountant='rdp', or Poisson sampling")
+        return dp.pld.PLDAccountant(mechanism.neighboring_relation(), value_discretization_interval=pld_discretization)
+    raise ValueError(f"unknown accountant {kind!r}; known: {', '.join(ACCOUNTANTS)}")
+
+
+@functools.lru_cache(maxsize=32)
+def _rdp_of_one_round(mechanism: DPMechanism) -> tuple[Any, Any]:
+    """(orders, RDP of one round) from a fresh RdpAccountant that composed the event once."""
+    accountant = make_accountant("rdp", mechanism)
+    accountant.compose(mechanism.event())
+    return accountant.orders, accountant.rdp
+
+
+@functools.lru_cache(maxsize=32)
+def _pld_of_one_round(mechanism: DPMechanism, discretization: float) -> Any:
+    """The privacy-loss distribution of one round, as PLDAccountant builds it."""
+    from dp_accounting.pld import privacy_loss_distribution
+
+    return privacy_loss_distribution.from_gaussian_mechanism(
+        standard_deviation=mechanism.noise_multiplier, value_discretization_interval=discretization,
+        sampling_prob=mechanism.sampling_rate, neighboring_relation=mechanism.neighboring_relation())
+
+
+def epsilon_of(segments: Sequence[tuple[DPMechanism, int]], delta: float, accountant: str = "rdp",
+               pld_discretization: float = PLD_DISCRETIZATION) -> float:
+    """epsilon(delta) of composing each (mechanism, rounds) segment in order.
+
+    Equal to `make_accountant(...).compose(ComposedDpEvent([SelfComposedDpEvent(m.event(), r), ...]))
+    .get_epsilon(delta)`, computed from a cached one-round RDP vector / PLD
+    (the accountants compose a count exactly so: rdp += count * rdp_1; pld
+    <- pld.compose(pld_1.self_compose(count))).
+    """
+    segments = [(m, int(r)) for m, r in segments if int(r) > 0]
+    if not segments:
+        return 0.0
+    if any(m.noise_multiplier == 0 for m, _ in segments):
+        return math.inf
+    if accountant == "rdp":
+        import numpy as np
+        from dp_accounting.rdp import rdp_privacy_accountant
+
+        orders, total = None, None
+        for mechanism, rounds in segments:
+            orders, one = _rdp_of_one_round(mechanism)
+            total = np.zeros_like(one) if total is None else total
+            if total.shape != one.shape:
+                raise ValueError("segments mix RDP order sets")
+            total += rounds * one
+        return float(rdp_privacy_accountant.compute_epsilon(orders, total, delta)[0])
+    if accountant == "pld":
+        from dp_accounting.pld import privacy_loss_distribution
+
+        for mechanism, _ in segments:
+            make_accountant("pld", mechanism, pld_discretization)  # refuses what PLD cannot account
+        pld = privacy_loss_distribution.identity(value_discretization_interval=pld_discretization)
+        for mechanism, rounds in segments:
+            pld = pld.compose(_pld_of_one_round(mechanism, pld_discretization).self_compose(rounds))
+        return float(pld.get_epsilon_for_delta(delta))
+    raise ValueError(f"unknown accountant {accountant!r}; known: {', '.join(ACCOUNTANTS)}")
+
+
+def calibrate_noise_multiplier(mechanism: DPMechanism, rounds: int, target_epsilon: float, target_delta: float,
+                               accountant: str = "rdp", tol: float = 1e-4,
+                               pld_discretization: float = PLD_DISCRETIZATION) -> float:
+    """The smallest z (within `tol`) whose `rounds`-fold composition has epsilon(target_delta) <= target_epsilon.
+
+    Uses `dp_accounting.calibrate_dp_mechanism` (Brent's method, which
+    guarantees the returned z meets the target) with the mechanism's sampling.
+    """
+    dp = _dp()
+    if rounds < 1 or target_epsilon <= 0 or not 0 < target_delta < 1:
+        raise ValueError(f"calibration needs rounds >= 1, target_epsilon > 0, 0 < target_delta < 1; got "
+                         f"{rounds}, {target_epsilon}, {target_delta}")
+    z = dp.calibrate_dp_mechanism(
+        lambda: make_accountant(accountant, mechanism, pld_discretization),
+        lambda noise: dp.SelfComposedDpEvent(mechanism.with_noise(noise).event(), int(rounds)),
+        target_epsilon, target_delta, tol=tol)
+    return float(z)
+
+
+class PrivacyLedger:
+    """Rounds of DP-FedAvg spent so far, and epsilon(delta) of them.
+
+    State (`to_json`): the accountant, delta, and segments
+    [{"mechanism": DPMechanism.to_json(), "rounds": r}, ...], in order. The
+    train loop calls `record_round()` after every round, logs `epsilon()`,
+    and stores `to_json()` in the checkpoint metadata; `from_json` resumes it.
+    """
+
+    def __init__(self, mechanism: DPMechanism, target_delta: float, accountant: str = "rdp",
+                 segments: Sequence[tuple[DPMechanism, int]] = (), pld_discretization: float = PLD_DISCRETIZATION
+                 ) -> None:
+        if accountant not in ACCOUNTANTS:
+            raise ValueError(f"unknown accountant {accountant!r}; known: {', '.join(ACCOUNTANTS)}")
+        if not 0 < target_delta < 1:
+            raise ValueError(f"target_delta must be in (0, 1), got {target_delta}")
+        if accountant == "pld":
+            make_accountant("pld", mechanism, pld_discretization)  # refuses uniform sampling now, not mid-run
+        self.mechanism = mechanism
+        self.target_delta = float(target_delta)
+        self.accountant = accountant
+        self.pld_discretization = float(pld_discretization)
+        self.segments: list[tuple[DPMechanism, int]] = [(m, int(r)) for m, r in segments]
+
+    @property
+    def rounds(self) -> int:
+        """Rounds recorded so far."""
+        return sum(r for _, r in self.segments)
+
+    def record_round(self, rounds: int = 1, mechanism: DPMechanism | None = None) -> None:
+        """Adds `rounds` rounds of `mechanism` (default: the ledger's current one)."""
+        mechanism = mechanism or self.mechanism
+        if self.segments and self.segments[-1][0] == mechanism:
+            self.segments[-1] = (mechanism, self.segments[-1][1] + int(rounds))
+        else:
+            self.segments.append((mechanism, int(rounds)))
+
+    def epsilon(self, delta: float | None = None) -> float:
+        """epsilon(delta) of the rounds so far (delta defaults to the ledger's target_delta)."""
+        return epsilon_of(self.segments, self.target_delta if delta is None else float(delta), self.accountant,
+                          self.pld_discretization)
+
+    def event(self) -> Any:
+        """The composed dp_accounting event of the rounds so far."""
+        dp = _dp()
+        return dp.ComposedDpEvent([dp.SelfComposedDpEvent(m.event(), r) for m, r in self.segments])
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-serializable state (plain dicts, lists, numbers and strings)."""
+        return {"version": 1, "accountant": self.accountant, "target_delta": self.target_delta,
+                "pld_discretization": self.pld_discretization, "rounds": self.rounds,
+                "mechanism": self.mechanism.to_json(),
+                "segments": [{"mechanism": m.to_json(), "rounds": r} for m, r in self.segments]}
+
+    @classmethod
+    def from_json(cls, state: Mapping[str, Any], mechanism: DPMechanism | None = None) -> "PrivacyLedger":
+        """The ledger of `to_json()`; later rounds use `mechanism` if given (else the saved one)."""
+        if int(state.get("version", 1)) != 1:
+            raise ValueError(f"unknown privacy ledger version {state.get('version')}")
+        segments = [(DPMechanism.from_json(s["mechanism"]), int(s["rounds"])) for s in state["segments"]]
+        ledger = cls(mechanism or DPMechanism.from_json(state["mechanism"]), float(state["target_delta"]),
+                     str(state["accountant"]), segments, float(state.get("pld_discretization", PLD_DISCRETIZATION)))
+        if ledger.rounds != int(state.get("rounds", ledger.rounds)):
+            raise ValueError("privacy ledger: its segments do not add up to its round count")
+        return ledger
+
+
+def default_delta(population: int) -> float:
+    """delta = 1 / N^1.1, as in McMahan et al. (2018)."""
+    return 1.0 / float(population) ** 1.1

@@ -1,0 +1,167 @@
+"""Rounds of dp_fedavg / compressed_fedavg on softmax regression over in-memory clients, on N devices.
+
+Imported by test_dp.py and test_compression.py (1 device, in process) and
+run by them in a subprocess for several devices (the CPU device count must
+be fixed before jax is imported):
+
+    python tests/run_transforms.py NUM_DEVICES OUT.npz STORE_DIR CASE [CASE ...]
+
+OUT.npz holds `CASE/NAME` arrays: the final params (`W`, `b`), the initial
+ones (`W0`, `b0`) and the per-round sums of the `log_*` keys (`logs/KEY`).
+"""
+
+import os
+import sys
+
+if __name__ == "__main__":  # the tests import this file for its cases and `run`
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={int(sys.argv[1])}"
+    sys.path.insert(0, os.path.dirname(__file__))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fedstream.algorithms import build_algorithm, make_optimizer  # noqa: E402
+from fedstream.data.cohort import ClientBatching, CohortPipeline  # noqa: E402
+from fedstream.models import get_model  # noqa: E402
+from fedstream.training.client_store import ClientStateStore  # noqa: E402
+from fedstream.training.rounds import build_train_round, make_mesh, replicate, shard_batch  # noqa: E402
+from support import InMemorySource  # noqa: E402
+
+# An empty client, clients smaller than a batch, and clients of many steps.
+SIZES = [3, 40, 0, 7, 1, 25, 12, 2, 60, 9, 17, 5]
+SEED, ROUNDS, BATCH, CLIENT_LR = 4, 3, 5, 0.2
+INPUT_SHAPE, NUM_CLASSES = (3, 2, 1), 4
+
+# Each case: algorithm and options, sampling, clients_per_round (the expected size under Poisson sampling),
+# server SGD learning rate, uniform (True) or example weights.
+CASES = {
+    "dp_poisson": dict(algorithm="dp_fedavg", options={"clip_norm": 0.35, "noise_multiplier": 0.6},
+                       sampling="poisson", cohort=5, server_lr=1.0, uniform=True),
+    "dp_uniform": dict(algorithm="dp_fedavg", options={"clip_norm": 0.35, "noise_multiplier": 0.6},
+                       sampling="uniform", cohort=6, server_lr=0.8, uniform=False),
+    "quantize_rotate": dict(algorithm="compressed_fedavg", options={"compression": "quantize", "bits": 2,
+                                                                    "rotate": True},
+                            sampling="uniform", cohort=6, server_lr=1.0, uniform=False),
+    "quantize_norm": dict(algorithm="compressed_fedavg", options={"compression": "quantize", "bits": 3,
+                                                                  "quantization_scale": "norm"},
+                          sampling="uniform", cohort=6, server_lr=1.0, uniform=False),
+    "drive": dict(algorithm="compressed_fedavg", options={"compression": "drive"}, sampling="uniform", cohort=6,
+                  server_lr=1.0, uniform=False),
+    "topk_ef": dict(algorithm="compressed_fedavg", options={"compression": "topk", "topk_fraction": 0.25},
+                    sampling="poisson", cohort=6, server_lr=1.0, uniform=False),
+}
+
+
+def source() -> InMemorySource:
+    return InMemorySource(SIZES, input_shape=INPUT_SHAPE, num_classes=NUM_CLASSES, seed=3)
+
+
+def build(spec: dict):
+    """The algorithm of a case, with the context the train loop would give it."""
+    model = get_model("logistic", INPUT_SHAPE, NUM_CLASSES)
+    context = {"population": len(SIZES), "sampling": spec["sampling"], "clients_per_round": spec["cohort"],
+               "num_rounds": ROUNDS, "client_learning_rate": CLIENT_LR}
+    return build_algorithm(spec["algorithm"], model, make_optimizer("sgd", CLIENT_LR),
+                           make_optimizer("sgd", spec["server_lr"]), context=context, **spec["options"])
+
+
+def run(spec: dict, num_devices: int, store_dir: str, rounds: int = ROUNDS) -> dict[str, np.ndarray]:
+    """`rounds` rounds of a case through the sharded runner (and the client-state store if stateful)."""
+    algorithm = build(spec)
+    mesh = make_mesh(num_devices)
+    pipeline = CohortPipeline(source(), "train", ("x", "y"), seed=SEED, cohort_size=spec["cohort"],
+                              batching=ClientBatching(BATCH), num_devices=num_devices, data_threads=0,
+                              uniform_weights=spec["uniform"], sampling=spec["sampling"])
+    state = algorithm.init(jax.random.PRNGKey(0))
+    out = {"W0": np.asarray(state.params["Dense_0"]["kernel"]), "b0": np.asarray(state.params["Dense_0"]["bias"])}
+    template = algorithm.client_state_template(state.params)
+    store = ClientStateStore(store_dir, jax.tree.map(np.asarray, template), len(SIZES)) if template else None
+    state = replicate(state, mesh)
+    round_fn = build_train_round(algorithm, mesh, seed=SEED)
+    iterator = pipeline.iterator(rounds)
+    logs: dict[str, list[float]] = {}
+    for r in range(rounds):
+        batch = next(iterator)["batch"]
+        if store is None:
+            state, stats = round_fn(state, shard_batch(batch, mesh))
+        else:
+            clients = np.where(batch["slot_steps"] > 0, batch["slot_client"], -1)
+            state, stats, new = round_fn(state, shard_batch(batch, mesh), shard_batch(store.read(clients), mesh))
+            store.write(r + 1, clients, clients >= 0, jax.device_get(new))
+        for key, value in jax.device_get(stats["logs"]).items():
+            logs.setdefault(key, []).append(float(value))
+    assert int(state.round) == rounds
+    out["W"] = np.asarray(state.params["Dense_0"]["kernel"])
+    out["b"] = np.asarray(state.params["Dense_0"]["bias"])
+    out.update({f"logs/{k}": np.array(v) for k, v in logs.items()})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The plain-NumPy side shared by the references of test_dp.py and test_compression.py
+# ---------------------------------------------------------------------------------------------------------------
+
+def flat(W: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """theta = (b, W.ravel()) in float64: the order of `ravel_pytree` over {"Dense_0": {"bias", "kernel"}}."""
+    return np.concatenate([np.asarray(b, np.float64), np.asarray(W, np.float64).ravel()])
+
+
+def unflat(theta: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(W, b) of theta."""
+    nb = shape[1]
+    return theta[nb:].reshape(shape), theta[:nb]
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def cohort_of(spec: dict, r: int) -> np.ndarray:
+    """The round's sampled clients: the pipeline's definition (uniform, or Poisson with q = cohort / N)."""
+    from fedstream.data.cohort import sample_cohort
+
+    if spec["sampling"] == "poisson":
+        return sample_cohort(SEED, r, len(SIZES), 0, "poisson", spec["cohort"] / len(SIZES))
+    return sample_cohort(SEED, r, len(SIZES), spec["cohort"])
+
+
+def client_updates(spec: dict, r: int, theta: np.ndarray,
+                   shape: tuple[int, int]) -> list[tuple[int, np.ndarray, float]]:
+    """(client, Delta_i, p_i) of round r's clients with data: local minibatch SGD on softmax regression in float64."""
+    from fedstream.data.cohort import client_example_order
+
+    data = source()
+    out = []
+    for c in cohort_of(spec, r):
+        n = int(SIZES[c])
+        if n == 0:
+            continue
+        x = data.get_client("train", c)["x"].reshape(n, -1).astype(np.float64)
+        y = data.get_client("train", c)["y"]
+        order = client_example_order(SEED, r, int(c), n, ClientBatching(BATCH)).reshape(-1, BATCH)
+        t = theta.copy()
+        for batch in order:
+            idx = batch[batch >= 0]
+            W, b = unflat(t, shape)
+            p = softmax(x[idx] @ W + b)
+            p[np.arange(len(idx)), y[idx]] -= 1.0
+            p /= len(idx)
+            t = t - CLIENT_LR * np.concatenate([p.sum(0), (x[idx].T @ p).ravel()])
+        out.append((int(c), t - theta, 1.0 if spec["uniform"] else float(n)))
+    return out
+
+
+def main() -> None:
+    num_devices, path, store_dir, cases = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
+    assert jax.device_count() == num_devices
+    arrays = {}
+    for case in cases:
+        for key, value in run(CASES[case], num_devices, os.path.join(store_dir, case)).items():
+            arrays[f"{case}/{key}"] = value
+    np.savez(path, **arrays)
+
+
+if __name__ == "__main__":
+    main()
