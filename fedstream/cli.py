@@ -1,8 +1,11 @@
-"""The `fedstream` command: preprocess, train, inspect.
+"""The `fedstream` command: preprocess, inspect, train, eval, plot, list.
 
     fedstream preprocess RECIPE --output DIR [--force] [--config.key=value ...]
+    fedstream inspect DIR [--verify]
     fedstream train PIPELINE --workdir DIR [--config.key=value ...]
-    fedstream inspect DIR
+    fedstream eval PIPELINE --workdir DIR [--split SPLIT] [--step N] [--config.key=value ...]
+    fedstream plot WORKDIR [WORKDIR ...] --output PNG [--metric NAME ...] [--x round|time]
+    fedstream list [recipes|pipelines|models|algorithms|optimizers ...]
 
 RECIPE and PIPELINE are names (resolved in `preprocess/` and `pipelines/`)
 or paths to `.py` files with a `get_config()`.
@@ -13,7 +16,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Sequence
+import textwrap
+from typing import Any, Sequence
 
 
 def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -59,10 +63,28 @@ def init_distributed(args: argparse.Namespace) -> None:
                                process_id=args.process_id)
 
 
+# --- the parser: one sub-command each, with a description and examples for --help -------------------------------
+_OVERRIDES_HELP = ("Any config key can be overridden with --config.KEY=VALUE (e.g. --config.client.learning_rate=0.05); "
+                   "an unknown key or a value of the wrong type is refused, naming the key.")
+
+
+def _sub(sub: Any, name: str, help_text: str, description: str, examples: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help_text, description=textwrap.fill(description, 100),
+                          epilog="examples:\n" + examples,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedstream", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("preprocess", help="convert a dataset into the fedstream format, once")
+    parser = argparse.ArgumentParser(
+        prog="fedstream", description=__doc__.split("\n\n")[0].strip('"'),
+        epilog="Run 'fedstream COMMAND --help' for a command's options. Set FEDSTREAM_DEBUG=1 for tracebacks.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = _sub(sub, "preprocess", "convert a dataset into the fedstream format, once",
+             "Run a recipe once into a dataset directory (client-contiguous ArrayRecord shards, index, metadata). "
+             "Rerunning onto a complete output with the same recipe, config and input is a no-op. "
+             "Recipe knobs are --config.KEY=VALUE; 'fedstream list recipes' shows the recipes.",
+             "  fedstream preprocess digits --output data/digits --config.num_clients=50 --config.alpha=0.2\n"
+             "  fedstream preprocess arrays --output data/mine --config.path=mine.npz --config.partitioner=dirichlet")
     p.add_argument("recipe", help="recipe name (e.g. digits, synthetic, arrays) or path to a recipe .py")
     p.add_argument("--output", required=True, help="dataset directory to create")
     p.add_argument("--force", action="store_true", help="rewrite a complete output directory")
@@ -70,7 +92,13 @@ def _parser() -> argparse.ArgumentParser:
                                     "(the same as --config.source=...)")
     p.add_argument("--compression", default="uncompressed",
                    help="shard compression: uncompressed (fastest to read, default), snappy, zstd:1, zstd:3, ...")
-    t = sub.add_parser("train", help="run or resume an experiment")
+    t = _sub(sub, "train", "run or resume an experiment",
+             "Train the experiment PIPELINE in WORKDIR, or resume it from its last checkpoint. Only one run may use "
+             "a workdir at a time. A config that is invalid, or that differs from the run's in a key that changes "
+             "results, is refused before any work starts. " + _OVERRIDES_HELP,
+             "  fedstream train digits_fedavg --workdir checkpoints/digits\n"
+             "  fedstream train digits_fedavg --workdir checkpoints/adam --config.server.optimizer=adam "
+             "--config.server.learning_rate=0.01")
     t.add_argument("pipeline", help="pipeline name (e.g. digits_fedavg) or path to a config .py")
     t.add_argument("--workdir", required=True, help="run directory (checkpoints, metrics); resumed if it exists")
     d = t.add_argument_group("multi-process (one command per host; see docs/multihost.md)")
@@ -83,21 +111,59 @@ def _parser() -> argparse.ArgumentParser:
                    help="number of processes (env FEDSTREAM_NUM_PROCESSES)")
     d.add_argument("--process-id", type=int, default=_env_int("FEDSTREAM_PROCESS_ID"),
                    help="this process's id, 0..num_processes-1 (env FEDSTREAM_PROCESS_ID)")
-    i = sub.add_parser("inspect", help="summarise a preprocessed dataset")
+    e = _sub(sub, "eval", "evaluate a saved checkpoint on any split",
+             "Evaluate checkpoint STEP (default: the latest) of the run in WORKDIR on a split of its dataset and "
+             "print loss and accuracy (example-weighted and client mean). Give the run's pipeline and overrides; "
+             "eval.* and data_threads may differ. The workdir is only read, so a running training is not "
+             "disturbed.",
+             "  fedstream eval digits_fedavg --workdir checkpoints/digits\n"
+             "  fedstream eval digits_fedavg --workdir checkpoints/digits --split train --step 100 --json")
+    e.add_argument("pipeline", help="the run's pipeline name or config .py")
+    e.add_argument("--workdir", required=True, help="the run's directory")
+    e.add_argument("--split", help="split to evaluate (default: config.data.test_split)")
+    e.add_argument("--step", type=int, help="checkpoint step = rounds completed (default: the latest kept)")
+    e.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    g = _sub(sub, "plot", "plot metrics of runs (PNG) to compare them",
+             "Plot train/eval metrics from the metrics.jsonl of one or more workdirs into one PNG: a panel per "
+             "metric, a line per run (labelled with the workdir name). Needs matplotlib "
+             "(pip install 'fedstream[plot]').",
+             "  fedstream plot checkpoints/sgd checkpoints/adam --output compare.png\n"
+             "  fedstream plot checkpoints/sgd checkpoints/adam --output time.png --metric eval/accuracy --x time")
+    g.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="run directories holding metrics.jsonl")
+    g.add_argument("--output", required=True, help="PNG file to write")
+    g.add_argument("--metric", action="append", default=[],
+                   help="KIND/NAME (train/loss, eval/accuracy, train/examples_per_second, ...) or a bare NAME for "
+                        "every kind that has it; repeatable (default: train and eval loss and accuracy)")
+    g.add_argument("--x", choices=("round", "time"), default="round",
+                   help="x axis: round, or training time (cumulative round_seconds)")
+    i = _sub(sub, "inspect", "summarise a preprocessed dataset",
+             "Print a dataset's splits, clients, examples, features, client-size quantiles and disk size.",
+             "  fedstream inspect data/digits\n  fedstream inspect data/digits --verify")
     i.add_argument("path", help="dataset directory")
     i.add_argument("--verify", action="store_true", help="also check every shard's sha256")
+    ls = _sub(sub, "list", "list recipes, pipelines, models, algorithms and optimizers",
+              "List what can be named: recipes (preprocess), pipelines (train, eval), models (model.name), "
+              "algorithms (algorithm.name) and optimizers (client.optimizer, server.optimizer), each with a "
+              "one-line description.",
+              "  fedstream list\n  fedstream list models algorithms")
+    ls.add_argument("sections", nargs="*", metavar="SECTION",
+                    help="any of recipes, pipelines, models, algorithms, optimizers (default: all)")
     return parser
+# --- end of the parser ---------------------------------------------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `fedstream` console script."""
     from fedstream.config import ConfigError
     from fedstream.data.format import DatasetFormatError
+    from fedstream.training.train import TrainingDiverged
+    from fedstream.training.lock import WorkdirLockedError
+    from fedstream.training.plot import MissingExtraError
 
     args_list, overrides = _split_overrides(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(args_list)
-    if overrides and args.command == "inspect":
-        raise SystemExit("fedstream inspect takes no --config overrides")
+    if overrides and args.command in ("inspect", "plot", "list"):
+        raise SystemExit(f"fedstream {args.command} takes no --config overrides")
     try:
         if args.command == "preprocess":
             from fedstream.data.preprocessing import run_preprocess
@@ -106,12 +172,34 @@ def main(argv: Sequence[str] | None = None) -> int:
                 overrides.append(f"source={args.source}")
             run_preprocess(args.recipe, args.output, overrides, force=args.force, compression=args.compression)
         elif args.command == "train":
-            from fedstream.config import load_config
+            from fedstream.config import load_config, validate_train_config
             from fedstream.training.train import train
 
             config = load_config(args.pipeline, "fedstream.pipelines", overrides)
+            validate_train_config(config)
             init_distributed(args)
             train(config, args.workdir)
+        elif args.command == "eval":
+            import json
+
+            from fedstream.config import load_config
+            from fedstream.training.evaluate_cmd import evaluate_checkpoint, format_result
+
+            config = load_config(args.pipeline, "fedstream.pipelines", overrides)
+            quiet = (lambda _: None) if args.json else print
+            result = evaluate_checkpoint(config, args.workdir, split=args.split, step=args.step, log=quiet)
+            print(json.dumps(result, sort_keys=True) if args.json else format_result(result, args.workdir))
+        elif args.command == "plot":
+            from fedstream.training.plot import plot_runs
+
+            print(f"wrote {plot_runs(args.workdirs, args.output, metrics=args.metric, x=args.x)}")
+        elif args.command == "list":
+            from fedstream.catalog import SECTIONS, catalog
+
+            unknown = [s for s in args.sections if s not in SECTIONS]
+            if unknown:
+                raise ConfigError(f"unknown section {unknown[0]!r}; choose from {', '.join(SECTIONS)}")
+            print(catalog(tuple(args.sections) or SECTIONS))
         else:
             from fedstream.data.inspect import describe_dataset
             from fedstream.data.reader import FederatedDataset
@@ -120,9 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.verify:
                 FederatedDataset(args.path).verify()
                 print("verify: all shard checksums match")
-    except (ConfigError, DatasetFormatError, FileNotFoundError, ValueError) as e:
-        # Bad input (config, dataset, recipe arguments): one line, no traceback,
-        # unless FEDSTREAM_DEBUG is set.
+    except (ConfigError, DatasetFormatError, FileNotFoundError, ValueError, WorkdirLockedError,
+            MissingExtraError, TrainingDiverged) as e:
+        # Bad input (config, dataset, recipe arguments), a busy workdir, a missing extra: one line, no
+        # traceback, unless FEDSTREAM_DEBUG is set.
         if os.environ.get("FEDSTREAM_DEBUG"):
             raise
         print(f"fedstream: error: {e}", file=sys.stderr)

@@ -127,3 +127,159 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = list(v) if isinstance(v, tuple) else v
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation of a training config (`validate_train_config`), run before any work starts.
+# ---------------------------------------------------------------------------------------------------------------
+
+# The pipeline whose get_config() lists every key a training config may have, with its type.
+# A new key belongs there (with its default) before another pipeline may set it.
+REFERENCE_PIPELINE = "fedstream.pipelines.digits_fedavg"
+# Subtrees whose keys are free-form (keyword arguments of the model's factory, the algorithm's options).
+FREE_FORM_KEYS = ("model.options", "algorithm.options")
+AGGREGATIONS = ("example", "uniform")
+NONFINITE_POLICIES = ("skip", "stop")  # config key nonfinite: a client update with NaN/Inf
+_FALLBACK_OPTIMIZERS = ("sgd", "adam", "yogi", "adagrad")
+
+
+def _reference_config() -> dict[str, Any]:
+    return importlib.import_module(REFERENCE_PIPELINE).get_config().to_dict()
+
+
+def _known_algorithms() -> tuple[str, ...]:
+    """Registered algorithm names (`fedstream.algorithms.algorithm_names()`, or just fedavg)."""
+    try:
+        from fedstream.algorithms import algorithm_names
+    except ImportError:
+        return ("fedavg",)
+    return tuple(algorithm_names())
+
+
+def _known_optimizers() -> tuple[str, ...]:
+    """Optimizer names `make_optimizer` accepts (`OPTIMIZER_NAMES` of fedavg when it defines one)."""
+    from fedstream.algorithms import fedavg
+
+    return tuple(getattr(fedavg, "OPTIMIZER_NAMES", _FALLBACK_OPTIMIZERS))
+
+
+def _type_ok(expected: Any, value: Any) -> bool:
+    """Whether `value` may stand where the reference config has `expected` (the override rules)."""
+    if expected is None or value is None:
+        return True
+    if isinstance(expected, bool) or isinstance(value, bool):
+        return isinstance(expected, bool) and isinstance(value, bool)
+    if isinstance(expected, float):
+        return isinstance(value, (int, float))
+    if isinstance(expected, (tuple, list)):
+        return isinstance(value, (tuple, list))
+    return isinstance(value, type(expected))
+
+
+def _check_keys_and_types(config: dict[str, Any], reference: dict[str, Any], prefix: str = "") -> None:
+    for key, value in config.items():
+        dotted = f"{prefix}{key}"
+        if any(dotted == free or dotted.startswith(free + ".") for free in FREE_FORM_KEYS):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {dotted!r} must be a ConfigDict (keyword arguments), got {value!r}")
+            continue
+        if key not in reference:
+            import difflib
+
+            close = difflib.get_close_matches(key, list(reference), n=1)
+            hint = f" (did you mean {prefix}{close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown config key {dotted!r}{hint}; every key must exist in {REFERENCE_PIPELINE}")
+        expected = reference[key]
+        if isinstance(expected, dict) != isinstance(value, dict):
+            kind = "a section (ConfigDict)" if isinstance(expected, dict) else f"a {type(expected).__name__}"
+            raise ConfigError(f"config key {dotted!r} must be {kind}, got {value!r}")
+        if isinstance(value, dict):
+            _check_keys_and_types(value, expected, dotted + ".")
+        elif not _type_ok(expected, value):
+            raise ConfigError(f"config key {dotted!r} expects {type(expected).__name__}, got {value!r}")
+
+
+def validate_train_config(config: ml_collections.ConfigDict, num_train_clients: int | None = None) -> None:
+    """Refuses a training config with an unknown key, a wrong type or an out-of-range value.
+
+    Raises ConfigError naming the key. Keys and types are checked against the
+    reference pipeline (`REFERENCE_PIPELINE`); `model.options` is free-form.
+    With `num_train_clients` (the train split's population) it also checks
+    `clients_per_round` against it. Cheap: no data is read.
+    """
+    import math
+
+    flat_dict = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+    _check_keys_and_types(flat_dict, _reference_config())
+    values = flatten(flat_dict)
+
+    def get(key: str) -> Any:
+        return values.get(key)
+
+    def need(key: str, ok: bool, what: str) -> None:
+        if key in values and not ok:
+            raise ConfigError(f"config key {key!r} must be {what}, got {values[key]!r}")
+
+    def number(key: str) -> float | None:
+        v = get(key)
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    def at_least(key: str, low: float) -> None:
+        v = number(key)
+        need(key, v is not None and v >= low, f"an integer >= {low}" if isinstance(get(key), int) else f">= {low}")
+
+    def positive_finite(key: str) -> None:
+        v = number(key)
+        need(key, v is not None and math.isfinite(v) and v > 0, "a finite number > 0")
+
+    def in_unit_interval(key: str) -> None:  # [0, 1)
+        v = number(key)
+        need(key, v is not None and 0.0 <= v < 1.0, "in [0, 1)")
+
+    for key in ("seed", "num_rounds", "data_threads", "client.max_examples", "client.max_steps", "eval.every",
+                "eval.finetune_steps"):
+        at_least(key, 0)
+    for key in ("clients_per_round", "client.batch_size", "client.epochs", "eval.batch_size", "eval.chunk_clients",
+                "checkpoint.every", "checkpoint.keep", "model.num_classes"):
+        at_least(key, 1)
+    for key in ("client.learning_rate", "server.learning_rate", "server.eps"):
+        positive_finite(key)
+    for key in ("client.momentum", "server.momentum", "server.b1", "server.b2"):
+        in_unit_interval(key)
+    need("aggregation", get("aggregation") in AGGREGATIONS, f"one of {', '.join(AGGREGATIONS)}")
+    need("nonfinite", get("nonfinite") in NONFINITE_POLICIES, f"one of {', '.join(NONFINITE_POLICIES)}")
+    need("sampling", get("sampling") in ("uniform", "poisson"), "one of uniform, poisson")
+    rate = number("sampling_rate")
+    need("sampling_rate", rate is not None and 0.0 <= rate <= 1.0, "in [0, 1] (0 = clients_per_round / N)")
+    at_least("max_clients_per_round", 0)
+    for key in ("data.path", "data.train_split", "data.test_split"):
+        need(key, isinstance(get(key), str) and bool(get(key)), "a non-empty string")
+    hidden = get("model.hidden")
+    need("model.hidden", isinstance(hidden, list) and all(
+        isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden), "a sequence of integers >= 1")
+    need("model.conv_impl", get("model.conv_impl") in ("auto", "xla", "patches"), "one of auto, xla, patches")
+    for key in ("model.loss_mask_ids", "model.accuracy_mask_ids"):
+        ids = get(key)
+        need(key, isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids),
+             "a sequence of integers")
+    if "model.name" in values:
+        from fedstream.models import MODEL_NAMES
+
+        need("model.name", get("model.name") in MODEL_NAMES, f"one of {', '.join(MODEL_NAMES)}")
+    if "client.optimizer" in values or "server.optimizer" in values:
+        known = _known_optimizers()
+        for key in ("client.optimizer", "server.optimizer"):
+            need(key, get(key) in known, f"one of {', '.join(known)}")
+    if "algorithm.name" in values:
+        algorithms = _known_algorithms()
+        need("algorithm.name", get("algorithm.name") in algorithms, f"one of {', '.join(algorithms)}")
+    if get("data.augment"):
+        from fedstream.data.augment import AUGMENTATIONS
+
+        need("data.augment", get("data.augment") in AUGMENTATIONS,
+             f"'' or one of {', '.join(sorted(AUGMENTATIONS))}")
+    if num_train_clients is not None and number("clients_per_round") is not None:
+        if int(get("clients_per_round")) > int(num_train_clients):
+            raise ConfigError(f"config key 'clients_per_round' is {get('clients_per_round')}, more than the "
+                              f"{num_train_clients} clients of split {get('data.train_split')!r} in "
+                              f"{get('data.path')}")

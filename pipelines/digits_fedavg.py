@@ -14,6 +14,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.num_rounds = 200
     c.clients_per_round = 10
+    c.sampling = "uniform"  # 'uniform' (clients_per_round clients) or 'poisson' (each client with rate q)
+    c.sampling_rate = 0.0  # Poisson q; 0 = clients_per_round / N (clients_per_round = expected cohort size)
+    c.max_clients_per_round = 0  # Poisson slots per round (cap); 0 = smallest k with P(size > k) <= 1e-9
     c.aggregation = "example"  # 'example' (weight = examples) or 'uniform'
     c.nonfinite = "skip"  # a client update with NaN/Inf: 'skip' it (counted in the metrics) or 'stop' the run
     c.data_threads = 0  # reader threads; 0 = auto (a quarter of the CPU cores, at least 1)
@@ -59,6 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.every = 25  # rounds between evaluations on the test split (0 = only at the end)
     c.eval.batch_size = 64
     c.eval.chunk_clients = 256
+    c.eval.finetune_steps = 0  # > 0: also evaluate after this many local fine-tuning steps per client
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 1  # rounds between Orbax checkpoints

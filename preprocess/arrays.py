@@ -85,11 +85,15 @@ def _keys(config: ml_collections.ConfigDict) -> tuple[list[str], dict[str, tuple
     """The feature keys, after checking every array the config needs (names the file and key on error)."""
     if config.partitioner not in PARTITIONERS and not config.client_key:
         raise ValueError(f"config.partitioner must be one of {', '.join(PARTITIONERS)}, got {config.partitioner!r}")
+    if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
+        raise ValueError(f"config.seed must be an integer >= 0, got {config.seed!r}")
     if not 0.0 <= config.test_fraction < 1.0:
         raise ValueError(f"config.test_fraction must be in [0, 1), got {config.test_fraction}")
     headers = _headers(config)
     features = [k.strip() for k in config.features.split(",") if k.strip()] or [
         k for k in headers if k != config.client_key]
+    if not features:
+        raise ValueError(f"{config.path}: no arrays to store as features (arrays: {', '.join(headers) or 'none'})")
     if config.client_key in features:
         raise ValueError(f"{config.path}: client_key {config.client_key!r} cannot also be a feature")
     needed = list(features)
@@ -122,7 +126,10 @@ def _keys(config: ml_collections.ConfigDict) -> tuple[list[str], dict[str, tuple
 
 def _stored_dtype(config: ml_collections.ConfigDict, dtype: np.dtype) -> np.dtype:
     if dtype.kind == "f" and config.float_dtype:
-        target = np.dtype(config.float_dtype)
+        try:
+            target = np.dtype(config.float_dtype)
+        except TypeError:
+            target = np.dtype("V1")  # not a dtype name: refused below
         if target.kind != "f":
             raise ValueError(f"config.float_dtype must be a float dtype such as float32, got {config.float_dtype!r}")
         return target
@@ -168,7 +175,18 @@ def _clients(config: ml_collections.ConfigDict, arrays: dict[str, np.ndarray]) -
         _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
         by_group = np.argsort(inverse, kind="stable")  # grouped, file order within a group
         groups = np.split(by_group, np.cumsum(np.bincount(inverse, minlength=len(first)))[:-1])
-        return [(_id_text(ids[first[g]]), groups[g]) for g in np.argsort(first, kind="stable")]
+        out = []
+        for g in np.argsort(first, kind="stable"):
+            try:
+                out.append((_id_text(ids[first[g]]), groups[g]))
+            except UnicodeDecodeError:
+                raise ValueError(f"{config.path}: client id {ids[first[g]]!r} in {config.client_key!r} "
+                                 "is not UTF-8") from None
+        return out
+    if isinstance(config.num_clients, int) and config.num_clients > max(n, 1):
+        # More clients than examples leaves clients empty, and a huge count would only spend memory
+        # and hours writing empty clients.
+        raise ValueError(f"{config.path}: config.num_clients={config.num_clients} exceeds its {n} examples")
     if config.partitioner == "iid":
         parts = iid_partition(n, config.num_clients, config.seed)
     else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -37,12 +38,28 @@ class FeatureSpec:
     shape: tuple[int | None, ...]
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "dtype", np.dtype(self.dtype).name)
-        object.__setattr__(self, "shape", tuple(None if d is None else int(d) for d in self.shape))
+        if self.dtype is None or isinstance(self.dtype, bytes):  # np.dtype(None) would silently be float64
+            raise ValueError(f"invalid feature dtype {self.dtype!r}: use a name such as 'float32'")
+        try:
+            dtype = np.dtype(self.dtype)
+        except (TypeError, ValueError):
+            raise ValueError(f"invalid feature dtype {self.dtype!r}: use a name such as 'float32'") from None
+        if dtype.kind not in "biuf":
+            raise ValueError(f"unsupported feature dtype {self.dtype!r}: use bool, integer or float")
+        object.__setattr__(self, "dtype", dtype.name)
+        try:
+            dims = tuple(self.shape)
+        except TypeError:
+            raise ValueError(f"invalid feature shape {self.shape!r}: expected a sequence of dimensions") from None
+        if any(d is not None and (isinstance(d, bool) or not isinstance(d, numbers.Integral)) for d in dims):
+            raise ValueError(f"invalid feature shape {self.shape!r}: dimensions must be integers (or None first)")
+        object.__setattr__(self, "shape", tuple(None if d is None else int(d) for d in dims))
         if any(d is None for d in self.shape[1:]) or any(d is not None and d < 0 for d in self.shape):
             raise ValueError(f"invalid feature shape {self.shape}: only the first dimension may be None")
-        if np.dtype(self.dtype).kind not in "biuf":
-            raise ValueError(f"unsupported feature dtype {self.dtype!r}: use bool, integer or float")
+        try:  # NumPy's limits on one example (each dimension a C int, the size an intp)
+            np.dtype((dtype, tuple(d for d in self.shape if d is not None)))
+        except (ValueError, OverflowError, TypeError):
+            raise ValueError(f"invalid feature shape {self.shape}: too large for one example") from None
 
     @property
     def variable(self) -> bool:

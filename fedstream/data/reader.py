@@ -30,6 +30,11 @@ READER_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"
 _SHARD_NAME = re.compile(r"^shard-[0-9]{5}\.array_record$")
 
 
+def _count_ok(value: Any) -> bool:
+    """A count or size from the metadata: a JSON integer (not a bool) that fits int64 arithmetic."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**62
+
+
 class FederatedDataset:
     """A preprocessed federated dataset: schema, splits, clients and their examples."""
 
@@ -41,9 +46,11 @@ class FederatedDataset:
             raise DatasetFormatError(f"{self.path}: not a complete fedstream dataset (no {SUCCESS_FILE})")
         meta_path = self.path / METADATA_FILE
         try:
-            self.metadata: dict[str, Any] = json.loads(meta_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise DatasetFormatError(f"{meta_path}: unreadable metadata ({e})") from None
+            self.metadata: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or not UTF-8
+            raise DatasetFormatError(f"{meta_path}: unreadable metadata ({type(e).__name__}: {e})") from None
+        if not isinstance(self.metadata, dict):
+            raise DatasetFormatError(f"{meta_path}: unreadable metadata (not a JSON object)")
         version = self.metadata.get("format_version")
         if version != FORMAT_VERSION:
             raise DatasetFormatError(f"{meta_path}: format_version {version!r}, this fedstream reads "
@@ -79,11 +86,11 @@ class FederatedDataset:
             if not is_safe_split_name(split):
                 raise DatasetFormatError(f"{where}: invalid split name")
             try:
-                counts_ok = all(isinstance(info[k], int) and info[k] >= 0 for k in ("num_clients", "num_examples"))
+                counts_ok = all(_count_ok(info[k]) for k in ("num_clients", "num_examples"))
                 shards = info["shards"]
                 shards_ok = isinstance(shards, list) and all(
-                    isinstance(sh["file"], str) and isinstance(sh["num_records"], int) and sh["num_records"] >= 0
-                    and isinstance(sh["bytes"], int) and isinstance(sh["sha256"], str) for sh in shards)
+                    isinstance(sh["file"], str) and _count_ok(sh["num_records"]) and _count_ok(sh["bytes"])
+                    and isinstance(sh["sha256"], str) for sh in shards)
             except (KeyError, TypeError) as e:
                 raise DatasetFormatError(f"{where}: missing or malformed field ({type(e).__name__}: {e})") from None
             if not counts_ok or not shards_ok:
@@ -125,8 +132,9 @@ class FederatedDataset:
         records = np.array([s["num_records"] for s in info["shards"]], np.int64)
         if n and (index["shard"].min() < 0 or index["shard"].max() >= len(records)):
             raise bad(f"shard numbers outside 0..{len(records) - 1}")
+        # start > records - count, not start + count > records: the sum of two large int64s wraps around.
         if n and ((index["start"] < 0).any() or (index["count"] < 0).any()
-                  or (index["start"] + index["count"] > records[index["shard"]]).any()):
+                  or (index["start"] > records[index["shard"]] - index["count"]).any()):
             raise bad("a client's record range lies outside its shard")
         for v in index.values():
             v.flags.writeable = False  # client_ids()/client_sizes() hand these out

@@ -74,15 +74,23 @@ def _check_array(split: str, client_id: str, name: str, spec: FeatureSpec, value
         if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or (
                 isinstance(value, np.ndarray) and value.ndim == 0):
             raise ValueError(f"{where}: expected a list of n arrays (or an array [n, ...]), got {type(value).__name__}")
-        items = [np.asarray(v) for v in value]
+        items = [_as_array(v, where) for v in value]
         for v in items:
             if v.shape[1:] != spec.shape[1:] or v.ndim != len(spec.shape):
                 raise ValueError(f"{where}: example shape {v.shape} does not match the schema {spec.shape}")
         return [_cast(v, target, where) for v in items]
-    value = np.asarray(value)
+    value = _as_array(value, where)
     if value.ndim != 1 + len(spec.shape) or value.shape[1:] != spec.shape:
         raise ValueError(f"{where}: got an array of shape {value.shape}, expected [n, *{spec.shape}]")
     return _cast(value, target, where)
+
+
+def _as_array(value: Any, where: str) -> np.ndarray:
+    """`np.asarray(value)`, with NumPy's complaints (ragged nested lists, ...) reported with `where`."""
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise ValueError(f"{where}: not an array ({type(e).__name__}: {e})") from None
 
 
 def _cast(value: np.ndarray, target: np.dtype, where: str) -> np.ndarray:
@@ -91,7 +99,7 @@ def _cast(value: np.ndarray, target: np.dtype, where: str) -> np.ndarray:
     if value.dtype == target:
         return value
     if value.size == 0:  # e.g. `[]` (float64) for an empty client: nothing to lose
-        return value.astype(target)
+        return np.zeros(value.shape, target)
     if value.dtype.kind in "iub" and target.kind in "iu":
         info = np.iinfo(target)
         if value.size and (value.min() < info.min or value.max() > info.max):
@@ -177,6 +185,15 @@ class DatasetWriter:
                              "(not starting with '_', '-' or '.')")
         if not isinstance(client_id, str) or not client_id:
             raise ValueError(f"split {split!r}: client id must be a non-empty string, got {client_id!r}")
+        # The index stores ids as NumPy unicode, which drops trailing NULs ('a\0' would read back as 'a'),
+        # and ids must survive UTF-8 (printing, JSON, other tools): no NUL, no lone surrogates.
+        if "\x00" in client_id:
+            raise ValueError(f"split {split!r}: client id {client_id!r} contains a NUL character")
+        try:
+            client_id.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"split {split!r}: client id {client_id!r} is not valid Unicode text "
+                             "(lone surrogate)") from None
         if split in self._splits and client_id in self._splits[split].seen:
             raise ValueError(f"split {split!r}: client {client_id!r} was already added")
         if set(examples) != set(self.schema):

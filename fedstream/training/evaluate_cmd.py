@@ -65,14 +65,14 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.Pat
     """Evaluates checkpoint `step` (default: the latest) of the run in `workdir` on `split`
     (default: `config.data.test_split`).
 
-    Returns the summary of `train.evaluate` (loss, accuracy, client means,
+    Returns the summary of `train.evaluate_state` (loss, accuracy, client means,
     counts) plus `round` and `split`. Raises ConfigError for a missing
     checkpoint, step or split and for a config that is not the run's.
     """
     import jax
 
     from fedstream.training.rounds import make_mesh, replicate
-    from fedstream.training.train import build_algorithm, evaluate, open_dataset
+    from fedstream.training.train import build_algorithm, evaluate_state, open_dataset
 
     validate_train_config(config)
     checkpointer = ReadOnlyCheckpointer(workdir)
@@ -98,7 +98,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.Pat
         checkpointer.close()
     eval_config = ml_collections.ConfigDict(config.to_dict())
     eval_config.data.test_split = split
-    result = evaluate(algorithm, state.params, dataset, eval_config, mesh)
+    result = evaluate_state(algorithm, state, dataset, eval_config, mesh)  # per-cluster models for HypCluster
     return {"round": int(step), "split": split, **result}
 
 

@@ -26,14 +26,17 @@ import ml_collections
 import numpy as np
 
 from fedstream.algorithms import build_algorithm as make_algorithm
+from fedstream.algorithms.dp_fedavg import privacy_ledger, round_log
 from fedstream.algorithms.fedavg import FedAvg, ServerState, make_optimizer
-from fedstream.config import ConfigError
+from fedstream.config import ConfigError, flatten, validate_train_config
 from fedstream.data.augment import get_augmentation
 from fedstream.data.cohort import ClientBatching, CohortPipeline, EvalPipeline, auto_data_threads
 from fedstream.models import get_model
 from fedstream.training.checkpoint import RunCheckpointer, check_config_unchanged
 from fedstream.training.client_store import ClientStateStore
+from fedstream.training.lock import locked_workdir
 from fedstream.training.metrics_log import MetricsLog, Progress
+from fedstream.training.personalized_eval import evaluate_finetuned, evaluate_personal
 from fedstream.training.rounds import (EVAL_SUMS, build_eval, build_train_round, local_device_positions, make_mesh,
                                        replicate, shard_batch, summarize_eval)
 
@@ -86,7 +89,12 @@ def build_algorithm(config: ml_collections.ConfigDict, dataset: Any) -> FedAvg:
     name = str(algorithm.name) if algorithm is not None else "fedavg"
     options = algorithm.options.to_dict() if algorithm is not None and "options" in algorithm else {}
     context = {"population": len(dataset.client_sizes(config.data.train_split)),
-               "client_learning_rate": float(config.client.learning_rate)}
+               "client_learning_rate": float(config.client.learning_rate),
+               # the cohort facts DP-FedAvg needs (denominator, accounting, calibration)
+               "sampling": str(config.get("sampling", "uniform")),
+               "sampling_rate": float(config.get("sampling_rate", 0.0)),
+               "clients_per_round": int(config.clients_per_round),
+               "num_rounds": int(config.num_rounds)}
     built = make_algorithm(name, model, client_tx, server_tx, context=context, **options)
     for key in built.extra_features:
         if key not in schema:
@@ -189,6 +197,7 @@ def evaluate_state(algorithm: FedAvg, state: ServerState, dataset: Any, config: 
                                            for j in range(int(algorithm.num_clusters))}}
 
 
+@locked_workdir
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
           log: Callable[[str], None] = print) -> TrainResult:
     """Runs (or resumes) the experiment `config` in `workdir`.
@@ -198,6 +207,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     devices' clients, all take part in Orbax's checkpointing, and process 0
     alone writes metrics and progress.
     """
+    validate_train_config(config)
     workdir = pathlib.Path(workdir)
     primary = jax.process_index() == 0
     if not primary:
@@ -213,6 +223,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
         check_config_unchanged(checkpointer.read_meta(latest)["config"], config_dict, workdir)
 
     dataset = open_dataset(config, log)
+    validate_train_config(config, num_train_clients=dataset.num_clients(config.data.train_split))
     algorithm = build_algorithm(config, dataset)
     mesh = make_mesh()
     batching = ClientBatching(int(config.client.batch_size), int(config.client.epochs),
@@ -223,7 +234,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                               num_devices=mesh.size, uniform_weights=config.aggregation == "uniform",
                               data_threads=auto_data_threads(int(config.data_threads)),
                               local_devices=_local_devices(mesh),
-                              augment=get_augmentation(str(config.data.get("augment", ""))))
+                              augment=get_augmentation(str(config.data.get("augment", ""))),
+                              sampling=str(config.get("sampling", "uniform")),
+                              sampling_rate=float(config.get("sampling_rate", 0.0)),
+                              max_cohort_size=int(config.get("max_clients_per_round", 0)))
     num_rounds = int(config.num_rounds)
     nonfinite_policy = str(config.get("nonfinite", "skip"))
     if nonfinite_policy not in NONFINITE_POLICIES:
@@ -232,12 +246,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     state = replicate(algorithm.init(jax.random.PRNGKey(int(config.seed))), mesh)
     start = 0
     iterator = pipeline.iterator(max(num_rounds, 1))
+    saved_privacy = None
     if latest is not None:
         state, meta = checkpointer.restore(latest, state)
         start = int(state.round)
         iterator.set_state(meta["data_iterator"])
+        saved_privacy = meta.get("privacy")
         log(f"resumed {workdir} from the checkpoint after round {start}")
+    ledger = privacy_ledger(algorithm, saved_privacy, start)  # None unless the algorithm is DP
+    if ledger is not None and start == 0:
+        log(f"DP-FedAvg: clip C={algorithm.clip_norm:g}, noise multiplier z={algorithm.noise_multiplier:.4g}, "
+            f"denominator D={algorithm.denominator:g}, {ledger.mechanism.sampling} sampling, "
+            f"{ledger.accountant} accountant, delta={ledger.target_delta:.3g}")
     metrics_log = MetricsLog(workdir, resume_round=start, enabled=primary)
+    metrics_log.write_hparams(flatten(config_dict))
     if not metrics_log.tensorboard_enabled and start == 0:
         log("TensorBoard summaries off (install fedstream[tensorboard]); metrics go to metrics.jsonl")
 
@@ -269,8 +291,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                 raise TrainingDiverged(f"round {r + 1}: client {client!r} sent a non-finite (NaN/Inf) update "
                                        f"({nonfinite} such clients); stopping as config nonfinite='stop' asks "
                                        f"({_last_good(checkpointer)}); nonfinite='skip' leaves such clients out instead")
+            transform_log = round_log(jax.device_get(stats["logs"]))  # bits sent, clipped fraction, ...
+            if ledger is not None:
+                ledger.record_round()
+                transform_log.update(dp_epsilon=ledger.epsilon(), dp_delta=ledger.target_delta)
             seconds = time.perf_counter() - t0
             metrics_log.write(r + 1, "train", {
+                **transform_log,
+                "cohort_size": element["cohort_size"],
                 **train_metrics,
                 "clients": element["num_clients_trained"],
                 "empty_clients_skipped": element["num_clients_empty"],
@@ -286,6 +314,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
             evaluate_now = done == num_rounds or (config.eval.every and done % int(config.eval.every) == 0)
             if evaluate_now:
                 final_eval = evaluate_state(algorithm, state, dataset, config, mesh, eval_fn)
+                if int(config.eval.get("finetune_steps", 0)):  # "FedAvg + fine-tune" personalization
+                    final_eval.update(evaluate_finetuned(algorithm, state.params, dataset, config, mesh,
+                                                         int(config.eval.finetune_steps), round_index=done))
+                if store is not None and hasattr(algorithm, "personal_model"):  # e.g. Ditto's v_i
+                    final_eval.update(evaluate_personal(algorithm, state.params, store, dataset, config, mesh))
                 metrics_log.write(done, "eval", final_eval)
                 if not np.isfinite(final_eval["loss"]):
                     raise TrainingDiverged(f"evaluation after round {done}: test loss is {final_eval['loss']} "
@@ -294,6 +327,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                 progress.last_eval = f"test acc {final_eval['accuracy']:.4f}"
             meta = {"config": config_dict, "round": done, "seed": int(config.seed),
                     "data_iterator": iterator.get_state()}
+            if ledger is not None:
+                meta["privacy"] = ledger.to_json()
             client_index = store.index() if store is not None else None
             saved = checkpointer.save(done, state, meta, force=done == num_rounds, client_index=client_index)
             if store is not None:

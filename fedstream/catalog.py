@@ -1,0 +1,109 @@
+"""`fedstream list`: what can be named on the command line and in configs, with one-line descriptions.
+
+Recipes (`preprocess/`, for `fedstream preprocess`) and pipelines (`pipelines/`,
+for `fedstream train`) are described by the first line of their module
+docstring, read without importing them; models by their factory's or
+module's docstring; algorithms by their registry; optimizers by a table.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import pathlib
+import re
+from typing import Callable
+
+SECTIONS = ("recipes", "pipelines", "models", "algorithms", "optimizers")
+OPTIMIZER_DESCRIPTIONS = {
+    "sgd": "SGD with optional momentum; on the server at learning rate 1.0 it is plain FedAvg",
+    "adam": "Adam (FedAdam on the server, Reddi et al. 2021)",
+    "yogi": "Yogi (FedYogi on the server, Reddi et al. 2021)",
+    "adagrad": "Adagrad (FedAdagrad on the server, Reddi et al. 2021)",
+}
+
+
+def _first_line(doc: str | None) -> str:
+    """The first non-empty line of a docstring, without a trailing period."""
+    for line in (doc or "").strip().splitlines():
+        if line.strip():
+            return line.strip().rstrip(".")
+    return ""
+
+
+def package_modules(package: str) -> dict[str, str]:
+    """Public modules of `package` (no leading underscore) -> first docstring line, without importing them."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    out: dict[str, str] = {}
+    for location in spec.submodule_search_locations:
+        for path in sorted(pathlib.Path(location).glob("*.py")):
+            if path.stem.startswith("_") or path.stem in out:
+                continue
+            try:
+                doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
+            except (OSError, SyntaxError, UnicodeDecodeError):
+                doc = None
+            # Recipes start "Recipe `name`: ..."; the name is already in the listing.
+            out[path.stem] = re.sub(r"^Recipe `[^`]*`:\s*", "", _first_line(doc))
+    return out
+
+
+def model_descriptions() -> dict[str, str]:
+    """Registered model names -> a line from the factory's docstring or the module class's docstring."""
+    from fedstream.models import MODEL_NAMES, core
+
+    factories: dict[str, Callable] = getattr(core, "_FACTORIES", {})
+    out = {}
+    for name in MODEL_NAMES:
+        factory = factories.get(name)
+        doc = getattr(factory, "__doc__", None) if getattr(factory, "__name__", "") != "<lambda>" else None
+        if not doc and factory is not None:
+            try:
+                doc = type(factory(10)).__doc__
+            except Exception:  # noqa: BLE001 - a factory that needs more arguments: no description
+                doc = None
+        out[name] = _first_line(doc)
+    return out
+
+
+def algorithm_descriptions() -> dict[str, str]:
+    """Registered algorithms (`fedstream.algorithms.algorithm_names()`; FedAvg if there is no registry)."""
+    import fedstream.algorithms as algorithms
+
+    if hasattr(algorithms, "algorithm_names"):
+        return dict(algorithms.algorithm_names())
+    from fedstream.algorithms import fedavg
+
+    return {"fedavg": _first_line(fedavg.__doc__)}
+
+
+def optimizer_descriptions() -> dict[str, str]:
+    """Optimizer names accepted by client.optimizer and server.optimizer."""
+    from fedstream.config import _known_optimizers
+
+    return {name: OPTIMIZER_DESCRIPTIONS.get(name, "") for name in _known_optimizers()}
+
+
+def catalog(sections: tuple[str, ...] = SECTIONS) -> str:
+    """The text `fedstream list` prints."""
+    headers = {
+        "recipes": ("recipes", "fedstream preprocess NAME --output DIR; or a path to your own recipe .py",
+                    lambda: package_modules("fedstream.recipes")),
+        "pipelines": ("pipelines", "fedstream train NAME --workdir DIR; or a path to your own config .py",
+                      lambda: package_modules("fedstream.pipelines")),
+        "models": ("models", "config key model.name", model_descriptions),
+        "algorithms": ("algorithms", "config key algorithm.name", algorithm_descriptions),
+        "optimizers": ("optimizers", "config keys client.optimizer and server.optimizer", optimizer_descriptions),
+    }
+    blocks = []
+    for section in sections:
+        title, usage, entries = headers[section]
+        items = entries()
+        width = max((len(n) for n in items), default=0)
+        lines = [f"{title} ({usage}):"] + [f"  {name:<{width}}  {text}".rstrip() for name, text in items.items()]
+        if not items:
+            lines.append("  (none)")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
