@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 
-from fedstream.config import load_config
+from fedstream.config import ConfigError, load_config
 from fedstream.training.plot import plot_runs
 from fedstream.training.train import train
 
@@ -70,12 +70,17 @@ def main() -> None:
         for dataset in args.datasets.split(","):
             for algorithm in args.algorithms.split(","):
                 workdir = work / f"{dataset}_{algorithm}"
-                if dataset == "synthetic":
-                    data = {"data.path": f"{args.data_dir}/synthetic_1_1"}
-                    result = run(PIPELINES[algorithm], algorithm, workdir, args.rounds, data)
-                else:
-                    data = {"data.path": f"{args.data_dir}/digits"}
-                    result = run("digits_fedavg", algorithm, workdir, args.rounds, data, options_from=PIPELINES[algorithm])
+                try:
+                    if dataset == "synthetic":
+                        data = {"data.path": f"{args.data_dir}/synthetic_1_1"}
+                        result = run(PIPELINES[algorithm], algorithm, workdir, args.rounds, data)
+                    else:
+                        data = {"data.path": f"{args.data_dir}/digits"}
+                        result = run("digits_fedavg", algorithm, workdir, args.rounds, data,
+                                     options_from=PIPELINES[algorithm])
+                except ConfigError as e:  # e.g. AgnosticFedAvg on a dataset without domain_id
+                    print(f"dataset={dataset} algorithm={algorithm} skipped: {e}", flush=True)
+                    continue
                 rows.append((dataset, algorithm, result))
                 runs.append(workdir)
                 print(f"dataset={dataset} algorithm={algorithm} accuracy={result['accuracy']:.4f} "
