@@ -143,8 +143,11 @@ class FedAvg:
     # Prepass hooks (used when `uses_prepass`): a pass over each client's
     # examples (each once) at the broadcast model before local training.
     def prepass_step(self, broadcast: Any, batch: Mapping[str, jax.Array]) -> Any:
-        """Per-batch sums for the prepass (batch["mask"] marks the examples to count)."""
-        raise NotImplementedError
+        """Per-batch sums for the prepass (batch["mask"] marks the examples to count).
+
+        Only called when `uses_prepass` is True; such algorithms must override it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} sets uses_prepass but does not define prepass_step")
 
     def after_prepass(self, broadcast: Any, total: Any) -> Any:
         """The broadcast for local training, given the prepass sums over all clients."""
