@@ -126,9 +126,10 @@ def _plain(value: Any) -> Any:
 class Progress:
     """A throttled one-line progress report: round, rounds/s, examples/s, ETA, last eval."""
 
-    def __init__(self, total_rounds: int, start_round: int, stream: TextIO = sys.stdout, every_secs: float = 2.0,
+    def __init__(self, total_rounds: int, start_round: int, stream: TextIO | None = None, every_secs: float = 2.0,
                  enabled: bool = True):
         self.total, self.start, self.enabled = total_rounds, start_round, enabled
+        # None: whatever sys.stdout is when a line is printed (not the stream at import time).
         self.stream, self.every = stream, every_secs
         self.t0 = time.perf_counter()
         self.last_print = -math.inf
@@ -150,4 +151,4 @@ class Progress:
                 f"acc {train.get('accuracy', float('nan')):.4f}")
         if self.last_eval:
             line += f" | {self.last_eval}"
-        print(line, file=self.stream, flush=True)
+        print(line, file=self.stream if self.stream is not None else sys.stdout, flush=True)
