@@ -2,8 +2,9 @@
 
 Reproduce (2-core CPU VM; see benchmarks/README.md for the measured numbers):
 
-    python benchmarks/scaling.py --quick                   # smoke test, tiny sizes (< 2 minutes)
-    python benchmarks/scaling.py --json scaling.jsonl      # parts b, c, f; 3 repetitions (~30 minutes)
+    python benchmarks/scaling.py --quick                   # smoke test, tiny sizes (~1.5 min idle, 4 min loaded)
+    python benchmarks/scaling.py --json scaling.jsonl      # parts b, c, f; 3 repetitions (63 min, loaded VM)
+    python benchmarks/scaling.py --summarize scaling.jsonl # medians, fits and the plot again, from the JSON
     python benchmarks/scaling.py --parts c                 # only the padding-waste table (seconds)
 
 Parts (letters of the "Scale and speed" issue):
