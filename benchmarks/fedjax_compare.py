@@ -379,9 +379,10 @@ def compare(fs: Worker, fj: Worker, model: str, cohort: int, warmup: int, blocks
         order = [("fedjax", fj), ("fedstream", fs)] if b % 2 == 0 else [("fedstream", fs), ("fedjax", fj)]
         for name, worker in order:
             timed[name] += run(worker, rounds)
-    for a, b in zip(timed["fedjax"], timed["fedstream"]):
-        if a["steps"] != b["steps"] or (fs is not None and b["clients"] != cohorts[b["round"]]):
-            raise RuntimeError(f"round {a['round']}: FedJAX ran {a['steps']} steps, fedstream {b['steps']}")
+    for a, b in zip(timed["fedjax"], timed["fedstream"]):  # same rounds, same clients, same steps
+        if a["round"] != b["round"] or a["steps"] != b["steps"] or b["clients"] != cohorts[b["round"]]:
+            raise RuntimeError(f"round {a['round']}: FedJAX ran {a['steps']} steps, fedstream round {b['round']} "
+                               f"{b['steps']} steps; the two did not train the same cohort")
     fj_s = [r["s"] for r in timed["fedjax"]]
     fs_s = [r["s"] for r in timed["fedstream"]]
     steps = statistics.median(r["steps"] for r in timed["fedstream"])
@@ -423,8 +424,10 @@ def main() -> None:
                         help="interpreter for `-m venv` (--setup)")
     parser.add_argument("--models", default="cnn,mlp", help="comma-separated: cnn, mlp")
     parser.add_argument("--clients-per-round", default="10,50", help="comma-separated cohort sizes")
-    parser.add_argument("--blocks", type=int, default=0, help="alternating blocks per configuration; 0 = 4 (cnn), 5 (mlp)")
-    parser.add_argument("--rounds-per-block", type=int, default=0, help="0 = cnn: 2 at <= 10 clients per round, else 1; mlp: 5")
+    parser.add_argument("--blocks", type=int, default=0,
+                        help="alternating blocks per configuration; 0 = 4 (cnn), 5 (mlp)")
+    parser.add_argument("--rounds-per-block", type=int, default=0,
+                        help="0 = cnn: 2 at <= 10 clients per round, else 1; mlp: 5")
     parser.add_argument("--warmup-rounds", type=int, default=1, help="untimed rounds of each framework first")
     parser.add_argument("--data-dir", default=str(pathlib.Path(tempfile.gettempdir()) / "fedstream_bench"),
                         help="cache of the synthetic dataset (shared with round_efficiency.py) and its .npz")
@@ -461,7 +464,6 @@ def main() -> None:
     npz = export_npz(dataset, root / "fedjax_emnist_like.npz")
     me = str(pathlib.Path(__file__).resolve())
     fs = fj = None
-    results = []
     try:
         fs = Worker("fedstream", [sys.executable, me, "--worker", "fedstream", "--data", str(dataset)])
         fj = Worker("fedjax", [str(venv_python(venv)), me, "--worker", "fedjax", "--data", str(npz)])
@@ -476,7 +478,6 @@ def main() -> None:
                             args.rounds_per_block or per_block,
                             args.limit == "on" or (args.limit == "auto" and model == "mlp"))
                 r["versions"] = versions
-                results.append(r)
                 print(format_result(r), flush=True)
                 if args.json:  # one line per configuration, as soon as it is measured
                     with open(args.json, "a") as f:

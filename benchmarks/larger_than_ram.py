@@ -417,16 +417,17 @@ def main() -> None:
                     r.update(stage="raw", size=name)
                     results.append(r)
                     emit(r, ["stage", "size", "clients", "examples", "disk_bytes", "shards", "generator_s",
-                                 "encode_s", "arrayrecord_s", "arrayrecord_examples_per_s", "arrayrecord_MB_per_s",
-                                 "raw_examples_per_s", "raw_MB_per_s", "fsync_s", "raw_durable_examples_per_s",
-                                 "raw_durable_MB_per_s", "peak_rss_MB", "load_average"], args.json)
+                             "encode_s", "arrayrecord_s", "arrayrecord_examples_per_s", "arrayrecord_MB_per_s",
+                             "raw_examples_per_s", "raw_MB_per_s", "fsync_s", "raw_durable_examples_per_s",
+                             "raw_durable_MB_per_s", "peak_rss_MB", "load_average"], args.json)
                 created.append(path)
                 r = run_stage(["--stage", "write", "--path", str(path), *common])
                 r.update(stage="write", size=name)
                 results.append(r)
                 emit(r, ["stage", "size", "clients", "examples", "disk_bytes", "shards", "total_s", "generator_s",
-                             "writer_s", "writer_examples_per_s", "writer_MB_per_s", "fsync_s",
-                             "writer_durable_examples_per_s", "writer_durable_MB_per_s", "peak_rss_MB", "load_average"], args.json)
+                         "writer_s", "writer_examples_per_s", "writer_MB_per_s", "fsync_s",
+                         "writer_durable_examples_per_s", "writer_durable_MB_per_s", "peak_rss_MB", "load_average"],
+                     args.json)
             else:
                 created.append(path)
                 print(f"size={name}: reusing {path}", flush=True)
@@ -437,10 +438,10 @@ def main() -> None:
                      dataset_over_ram=r["dataset_bytes"] / ram)
             results.append(r)
             emit(r, ["stage", "size", "dataset_clients", "dataset_examples", "dataset_bytes", "dataset_over_ram",
-                         "evicted_bytes", "rounds", "clients_per_round", "median_steps_per_round",
-                         "process_start_to_first_round_s", "first_next_s", "first_round_s", "median_round_s",
-                         "data_wait_fraction", "logical_read_MB_per_round", "disk_read_MB_per_round",
-                         "disk_read_MB_total", "compiles", "peak_rss_MB", "load_average"], args.json)
+                     "evicted_bytes", "rounds", "clients_per_round", "median_steps_per_round",
+                     "process_start_to_first_round_s", "first_next_s", "first_round_s", "median_round_s",
+                     "data_wait_fraction", "logical_read_MB_per_round", "disk_read_MB_per_round",
+                     "disk_read_MB_total", "compiles", "peak_rss_MB", "load_average"], args.json)
     finally:
         for p in created:
             if p.name.startswith("raw_") or not args.keep:

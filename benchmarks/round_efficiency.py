@@ -155,7 +155,7 @@ def build_limit(algorithm: FedAvg) -> Callable[[Any, dict[str, jax.Array]], Any]
             return state, None
 
         steps = jnp.arange(batches["mask"].shape[0])
-        state, _ = jax.lax.scan(step, algorithm.client_init(params), (steps, batches))
+        state, _ = jax.lax.scan(step, algorithm.client_init({"params": params}), (steps, batches))
         return state.params
 
     return limit
@@ -341,7 +341,7 @@ def conv_check(xla_steps: int = 3, patch_steps: int = 20) -> dict[str, float]:
 
     xla = algorithms["xla"]
     one_step = jax.jit(lambda s, b, k: xla.client_step(s, b, k)[0])
-    client = xla.client_init(params)
+    client = xla.client_init({"params": params})
     first = jax.tree.map(lambda a: a[0], batches)
     key = jax.random.PRNGKey(0)
     jax.block_until_ready(one_step(client, first, key))
