@@ -7,7 +7,8 @@ be fixed before jax is imported):
     python tests/run_transforms.py NUM_DEVICES OUT.npz STORE_DIR CASE [CASE ...]
 
 OUT.npz holds `CASE/NAME` arrays: the final params (`W`, `b`), the initial
-ones (`W0`, `b0`) and the per-round sums of the `log_*` keys (`logs/KEY`).
+ones (`W0`, `b0`), the per-round sums of the `log_*` keys (`logs/KEY`) and,
+with adaptive clipping, the final clip norm (`clip_norm`).
 """
 
 import os
@@ -39,6 +40,17 @@ CASES = {
                        sampling="poisson", cohort=5, server_lr=1.0, uniform=True),
     "dp_uniform": dict(algorithm="dp_fedavg", options={"clip_norm": 0.35, "noise_multiplier": 0.6},
                        sampling="uniform", cohort=6, server_lr=0.8, uniform=False),
+    # Adaptive clipping (Andrew et al. 2021): C_0 = 0.35, fast enough to move C visibly in 3 rounds.
+    "dp_adaptive_poisson": dict(algorithm="dp_fedavg",
+                                options={"clip_norm": 0.35, "noise_multiplier": 0.6, "adaptive_clipping": True,
+                                         "target_unclipped_quantile": 0.5, "clip_learning_rate": 0.5,
+                                         "clipped_count_stddev": 1.5},
+                                sampling="poisson", cohort=5, server_lr=1.0, uniform=True),
+    "dp_adaptive_uniform": dict(algorithm="dp_fedavg",
+                                options={"clip_norm": 0.35, "noise_multiplier": 0.6, "adaptive_clipping": True,
+                                         "target_unclipped_quantile": 0.7, "clip_learning_rate": 0.5,
+                                         "clipped_count_stddev": 1.5},
+                                sampling="uniform", cohort=6, server_lr=0.8, uniform=False),
     "quantize_rotate": dict(algorithm="compressed_fedavg", options={"compression": "quantize", "bits": 2,
                                                                     "rotate": True},
                             sampling="uniform", cohort=6, server_lr=1.0, uniform=False),
@@ -93,6 +105,8 @@ def run(spec: dict, num_devices: int, store_dir: str, rounds: int = ROUNDS) -> d
     assert int(state.round) == rounds
     out["W"] = np.asarray(state.params["Dense_0"]["kernel"])
     out["b"] = np.asarray(state.params["Dense_0"]["bias"])
+    if isinstance(state.extra, dict) and "clip_norm" in state.extra:  # adaptive clipping's C_T
+        out["clip_norm"] = np.asarray(state.extra["clip_norm"])
     out.update({f"logs/{k}": np.array(v) for k, v in logs.items()})
     return out
 

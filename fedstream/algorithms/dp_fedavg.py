@@ -34,9 +34,37 @@ so it is refused. Compression composes with any base whose contribution has a
 rotating codecs and error feedback need the update shaped like the model
 (not HypCluster's stacked one). Empty rounds: see `updates_on_empty_rounds`.
 
+Adaptive clipping (option adaptive_clipping; Andrew, Thakkar, McMahan and
+Ramaswamy 2021, "Differentially private learning with adaptive clipping",
+Algorithm 1 with the geometric update) makes C a server state C_t, started at
+clip_norm, that tracks the gamma-quantile of the update norms (gamma =
+target_unclipped_quantile). Client i (its update clipped to C_t as above) also
+sends its bit b_i = 1[||Delta_i|| <= C_t] centred, b_i - 1/2, so that one
+client moves the count's sum by at most 1/2 (its L2 sensitivity, which the
+paper's 2 sigma_b below assumes; TensorFlow Privacy's QuantileEstimatorQuery
+does the same); the server releases that sum through its own Gaussian
+mechanism and updates C:
+
+    b_bar   = (sum_i (b_i - 1/2) + N(0, sigma_b^2)) / D + 1/2   # = (sum_i b_i + N(0, sigma_b^2)) / D with D clients
+    S      <- S + N(0, (z_Delta C_t)^2 I)                        # z_Delta = (z^-2 - (2 sigma_b)^-2)^(-1/2)
+    C_{t+1} = C_t exp(-eta_C (b_bar - gamma))                    # eta_C = clip_learning_rate
+
+with sigma_b = clipped_count_stddev (default D / 20). Centring matters under
+Poisson sampling, where the number of clients is not D: uncentred bits would
+have sensitivity 1, i.e. half the noise multiplier that z_Delta assumes.
+
+The two Gaussian releases of a round compose to one with noise multiplier z
+(the paper's Section 3: z^-2 = z_Delta^-2 + (2 sigma_b)^-2, under add/remove
+as under replace-one neighbours), so the privacy ledger keeps accounting z,
+the configured (or calibrated) noise_multiplier, and the update gets the
+slightly larger z_Delta; that needs 2 sigma_b > z (refused otherwise). C_t
+lives in ServerState.extra (checkpointed, so a resumed run continues exactly).
+
 Per-client `log_*` contribution keys (summed over the cohort) feed the
 round's log (`round_log`): clients, bits sent, pre-clip update norms, the
-number of clipped clients. They are diagnostics and are not privatized.
+number of clipped clients and, with adaptive clipping, C_t (each client
+adds the C_t it received; `round_log` divides by the clients). They are
+diagnostics and are not privatized.
 """
 
 from __future__ import annotations
@@ -62,14 +90,18 @@ LOG_PREFIX = "log_"
 _CODEC_SALT = 0x636F6465  # client: quantization / rotation-free randomness
 _NOISE_SALT = 0x6E6F6973  # server: DP noise
 _ROTATION_SALT = 0x726F7461  # run: the key of the shared rotations
+_COUNT_NOISE_SALT = 0x636F756E  # server: noise on the count of unclipped clients (adaptive clipping)
 
 
 @dataclasses.dataclass(frozen=True)
 class TransformedFedAvg(FedAvg):
     """`inner` with compressed and/or clipped-and-noised client updates (see the module docstring).
 
-    clip_norm C > 0 turns DP on; noise_multiplier z; denominator D; codec the compression.
-    `mechanism`, `target_delta` and `accountant` describe the run for its `PrivacyLedger`.
+    clip_norm C > 0 turns DP on (the initial C_0 with adaptive_clipping); noise_multiplier z, the
+    overall one the ledger accounts; denominator D; codec the compression. adaptive_clipping with
+    target_unclipped_quantile gamma, clip_learning_rate eta_C and clipped_count_stddev sigma_b
+    (None: D / 20) adapts C per round. `mechanism`, `target_delta` and `accountant` describe the run
+    for its `PrivacyLedger`.
     """
 
     inner: FedAvg | None = None
@@ -80,6 +112,10 @@ class TransformedFedAvg(FedAvg):
     mechanism: DPMechanism | None = None
     target_delta: float = 0.0
     accountant: str = "rdp"
+    adaptive_clipping: bool = False
+    target_unclipped_quantile: float = 0.5
+    clip_learning_rate: float = 0.2
+    clipped_count_stddev: float | None = None
 
     def __post_init__(self) -> None:
         if self.inner is None:
@@ -91,6 +127,27 @@ class TransformedFedAvg(FedAvg):
         if self.dp and self.inner.uses_prepass:
             raise ValueError(f"DP over {type(self.inner).__name__}: its prepass sums per-client statistics outside "
                              "the Gaussian mechanism")
+        if self.adaptive_clipping:
+            _check_adaptive(self)
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether the clip norm adapts per round (adaptive clipping)."""
+        return self.dp and self.adaptive_clipping
+
+    @property
+    def count_noise_stddev(self) -> float:
+        """sigma_b: the option clipped_count_stddev, by default D / 20 (Andrew et al. 2021)."""
+        if self.clipped_count_stddev is None:
+            return self.denominator / 20.0
+        return float(self.clipped_count_stddev)
+
+    @property
+    def delta_noise_multiplier(self) -> float:
+        """The noise multiplier on the delta sum: z, or z_Delta with adaptive clipping."""
+        if not self.adaptive:
+            return self.noise_multiplier
+        return delta_noise_multiplier(self.noise_multiplier, self.count_noise_stddev)
 
     @property
     def dp(self) -> bool:
@@ -122,15 +179,27 @@ class TransformedFedAvg(FedAvg):
         """
         return self.dp
 
-    # -- state plumbing: the shared-rotation key lives in ServerState.extra only for rotating codecs --
+    # -- state plumbing: the transform's own state (the shared-rotation key of rotating codecs, the adaptive
+    # clip norm) lives next to the base's: ServerState.extra = {"inner": base extra, "transform_key": ...,
+    # "clip_norm": ...} and broadcast = {"inner": base broadcast, "round_key": ..., "clip_norm": ...}, present
+    # parts only; without such state both are the base's, unwrapped. --
+
+    @property
+    def _nested(self) -> bool:
+        return self.codec.rotates or self.adaptive
 
     def _inner_state(self, state: ServerState) -> ServerState:
-        return state.replace(extra=state.extra.get("inner")) if self.codec.rotates else state
+        return state.replace(extra=state.extra.get("inner")) if self._nested else state
 
-    def _outer_state(self, inner: ServerState, outer: ServerState) -> ServerState:
-        if not self.codec.rotates:
+    def _own(self, state: ServerState) -> dict[str, Any]:
+        """The transform's own keys of ServerState.extra ({} when not nested)."""
+        return {k: v for k, v in state.extra.items() if k != "inner"} if self._nested else {}
+
+    def _outer_state(self, inner: ServerState, own: Mapping[str, Any]) -> ServerState:
+        """The base's state `inner` with extra = {"inner": its extra, **own} when nested."""
+        if not self._nested:
             return inner
-        extra = {"transform_key": outer.extra["transform_key"]}
+        extra = dict(own)
         if inner.extra is not None:
             extra["inner"] = inner.extra
         return inner.replace(extra=extra)
@@ -139,11 +208,14 @@ class TransformedFedAvg(FedAvg):
         """The key of the round's rotation R: fold_in(fold_in(key(seed), salt), round), shared by all clients."""
         return jax.random.fold_in(state.extra["transform_key"], state.round)
 
-    def _split(self, broadcast: Any) -> tuple[Any, jax.Array | None]:
-        return (broadcast["inner"], broadcast["round_key"]) if self.codec.rotates else (broadcast, None)
+    def _split(self, broadcast: Any) -> tuple[Any, dict[str, Any]]:
+        """(the base's broadcast, the transform's own part: round_key, clip_norm)."""
+        if not self._nested:
+            return broadcast, {}
+        return broadcast["inner"], {k: v for k, v in broadcast.items() if k != "inner"}
 
-    def _join(self, inner_broadcast: Any, round_key: jax.Array | None) -> Any:
-        return {"inner": inner_broadcast, "round_key": round_key} if self.codec.rotates else inner_broadcast
+    def _join(self, inner_broadcast: Any, own: Mapping[str, Any]) -> Any:
+        return {"inner": inner_broadcast, **own} if self._nested else inner_broadcast
 
     @staticmethod
     def _inner_stored(stored: Any) -> Any:
@@ -152,15 +224,15 @@ class TransformedFedAvg(FedAvg):
     # -- hooks --
 
     def init(self, rng: jax.Array) -> ServerState:
-        """The base's state; with a rotating codec, extra = {"inner": base extra, "transform_key": key}."""
+        """The base's state; nested (see above) with the rotations' key and / or the adaptive C_0."""
         state = self.inner.init(rng)
-        if not self.codec.rotates:
-            return state
-        key = rng if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else jax.random.key_data(rng)
-        extra = {"transform_key": jax.random.fold_in(key, _ROTATION_SALT)}
-        if state.extra is not None:
-            extra["inner"] = state.extra
-        return state.replace(extra=extra)
+        own = {}
+        if self.codec.rotates:
+            key = rng if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else jax.random.key_data(rng)
+            own["transform_key"] = jax.random.fold_in(key, _ROTATION_SALT)
+        if self.adaptive:
+            own["clip_norm"] = jnp.asarray(self.clip_norm, jnp.float32)
+        return self._outer_state(state, own)
 
     def client_state_template(self, params: Params) -> Any:
         """{"inner": the base's client state, "residual": zeros(n) for error feedback}, present parts only."""
@@ -173,8 +245,12 @@ class TransformedFedAvg(FedAvg):
         return template or None
 
     def broadcast(self, state: ServerState) -> Any:
-        inner = self.inner.broadcast(self._inner_state(state))
-        return self._join(inner, self._round_key(state) if self.codec.rotates else None)
+        own = {}
+        if self.codec.rotates:
+            own["round_key"] = self._round_key(state)
+        if self.adaptive:
+            own["clip_norm"] = state.extra["clip_norm"]
+        return self._join(self.inner.broadcast(self._inner_state(state)), own)
 
     def client_init(self, broadcast: Any, stored: Any = None, prepass: Any = None) -> Any:
         return self.inner.client_init(self._split(broadcast)[0], self._inner_stored(stored), prepass)
@@ -194,13 +270,18 @@ class TransformedFedAvg(FedAvg):
         return self.inner.prepass_step(self._split(broadcast)[0], batch)
 
     def after_prepass(self, broadcast: Any, total: Any) -> Any:
-        inner, round_key = self._split(broadcast)
-        return self._join(self.inner.after_prepass(inner, total), round_key)
+        inner, own = self._split(broadcast)
+        return self._join(self.inner.after_prepass(inner, total), own)
 
     def client_contribution(self, client: Any, broadcast: Any, weight: jax.Array, stored: Any = None,
                             prepass: Any = None, rng: jax.Array | None = None) -> tuple[dict[str, Any], Any]:
-        """Encodes (and, with DP, clips) the base's update; adds the `log_*` counters."""
-        inner_broadcast, round_key = self._split(broadcast)
+        """Encodes (and, with DP, clips) the base's update; adds the `log_*` counters.
+
+        With adaptive clipping the clip norm is the broadcast C_t, and the client also sends
+        "unclipped_centred": b_i - 1/2 with b_i = 1[||Delta_i|| <= C_t] (noised on the server, not a log).
+        """
+        inner_broadcast, own = self._split(broadcast)
+        round_key = own.get("round_key")
         contribution, inner_stored = self.inner.client_contribution(
             client, inner_broadcast, weight, self._inner_stored(stored), prepass, rng)
         if self.dp and set(contribution) - {"delta", "weight"}:
@@ -218,14 +299,22 @@ class TransformedFedAvg(FedAvg):
         decoded, new_residual, bits = self.codec.encode(update, key, round_key, residual)
         norm = jnp.linalg.norm(decoded)
         logs = {"log_clients": jnp.float32(1), "log_bits": bits, "log_update_norm": norm}
-        if self.dp:
+        released = {}
+        if self.adaptive:
+            clip = own["clip_norm"]
+            sent = decoded * jnp.minimum(1.0, clip / jnp.maximum(norm, 1e-30))
+            new_weight = jnp.ones_like(w)
+            logs["log_clipped"] = (norm > clip).astype(jnp.float32)
+            logs["log_dp_clip_norm"] = clip
+            released["unclipped_centred"] = (norm <= clip).astype(jnp.float32) - 0.5
+        elif self.dp:
             sent = decoded * jnp.minimum(1.0, self.clip_norm / jnp.maximum(norm, 1e-30))
             new_weight = jnp.ones_like(w)
             logs["log_clipped"] = (norm > self.clip_norm).astype(jnp.float32)
         else:
             sent, new_weight = w * decoded, w
         delta = sent if self.codec.rotates else unravel(sent)
-        out = {**contribution, "delta": delta, "weight": new_weight, **logs}
+        out = {**contribution, "delta": delta, "weight": new_weight, **released, **logs}
         new_stored = {}
         if inner_stored is not None:
             new_stored["inner"] = inner_stored
@@ -234,9 +323,14 @@ class TransformedFedAvg(FedAvg):
         return out, (new_stored or stored)
 
     def server_update(self, state: ServerState, total: Mapping[str, Any], rng: jax.Array | None = None) -> ServerState:
-        """S <- S + N(0, (zC)^2 I) and W <- D with DP; S <- R^{-1} S when rotating; then the base's update."""
+        """S <- S + N(0, (zC)^2 I) and W <- D with DP; S <- R^{-1} S when rotating; then the base's update.
+
+        With adaptive clipping the noise is z_Delta C_t and C_{t+1} is computed from the noised count.
+        """
         inner_state = self._inner_state(state)
+        own = self._own(state)
         total = {k: v for k, v in total.items() if not k.startswith(LOG_PREFIX)}
+        unclipped_centred = total.pop("unclipped_centred", None)
         if self.dp or self.codec.rotates:
             if self.codec.rotates:
                 flat = total["delta"]
@@ -250,18 +344,68 @@ class TransformedFedAvg(FedAvg):
                 if rng is None:
                     raise ValueError("DP-FedAvg's server update needs the round's server key")
                 noise = jax.random.normal(jax.random.fold_in(rng, _NOISE_SALT), flat.shape, flat.dtype)
-                flat = flat + (self.noise_multiplier * self.clip_norm) * noise
+                if self.adaptive:
+                    if unclipped_centred is None:
+                        raise ValueError("adaptive clipping's server update needs the clients' 'unclipped_centred'")
+                    clip = state.extra["clip_norm"]
+                    flat = flat + (self.delta_noise_multiplier * clip) * noise
+                    count_noise = jax.random.normal(jax.random.fold_in(rng, _COUNT_NOISE_SALT), (), jnp.float32)
+                    own["clip_norm"] = adapted_clip_norm(
+                        clip, unclipped_centred, self.count_noise_stddev * count_noise, self.denominator,
+                        self.clip_learning_rate, self.target_unclipped_quantile)
+                else:
+                    flat = flat + (self.noise_multiplier * self.clip_norm) * noise
                 total["weight"] = jnp.asarray(self.denominator, jnp.float32)
             if self.codec.rotates:
                 flat = self.codec.decode_sum(flat, self._round_key(state), n)
             total["delta"] = unravel(flat)
-        return self._outer_state(self.inner.server_update(inner_state, total, rng), state)
+        return self._outer_state(self.inner.server_update(inner_state, total, rng), own)
 
     def new_privacy_ledger(self) -> PrivacyLedger | None:
         """A fresh ledger for this run's mechanism (None without DP or without sampling facts)."""
         if not self.dp or self.mechanism is None:
             return None
         return PrivacyLedger(self.mechanism, self.target_delta, self.accountant)
+
+
+def delta_noise_multiplier(noise_multiplier: float, clipped_count_stddev: float) -> float:
+    """z_Delta = (z^-2 - (2 sigma_b)^-2)^(-1/2): the delta's noise multiplier that, with the count's noise
+    sigma_b, makes the round a Gaussian mechanism of overall multiplier z (Andrew et al. 2021, Section 3).
+
+    0 when z = 0 (no noise anywhere). Raises ValueError when 2 sigma_b <= z: the count alone would then
+    spend the whole budget or more.
+    """
+    z, sigma_b = float(noise_multiplier), float(clipped_count_stddev)
+    if z == 0:
+        return 0.0
+    rest = z ** -2 - (2 * sigma_b) ** -2 if sigma_b > 0 else -math.inf
+    if rest <= 0:
+        raise ValueError(f"adaptive clipping: clipped_count_stddev sigma_b = {sigma_b:g} is too small for "
+                         f"noise_multiplier z = {z:g}: z_Delta = (z^-2 - (2 sigma_b)^-2)^(-1/2) needs sigma_b > z / 2 "
+                         f"= {z / 2:g} (default sigma_b: expected clients per round / 20); set "
+                         "algorithm.options.clipped_count_stddev higher, or sample more clients per round")
+    return rest ** -0.5
+
+
+def adapted_clip_norm(clip_norm: jax.Array, unclipped_centred: jax.Array, count_noise: jax.Array,
+                      denominator: float, learning_rate: float, target_quantile: float) -> jax.Array:
+    """C_{t+1} = C_t exp(-eta_C (b_bar - gamma)), b_bar = (sum_i (b_i - 1/2) + noise) / D + 1/2: the geometric
+    update of Andrew et al. (2021), which moves C towards the gamma-quantile of the update norms."""
+    unclipped_fraction = (unclipped_centred + count_noise) / denominator + 0.5
+    return clip_norm * jnp.exp(-learning_rate * (unclipped_fraction - target_quantile))
+
+
+def _check_adaptive(algorithm: TransformedFedAvg) -> None:
+    """Refuses adaptive-clipping options that are out of range (and sigma_b too small for z)."""
+    if not algorithm.dp:
+        raise ValueError("adaptive_clipping needs DP: clip_norm > 0 (the initial clip norm)")
+    if not 0.0 <= algorithm.target_unclipped_quantile <= 1.0:
+        raise ValueError(f"target_unclipped_quantile must be in [0, 1], got {algorithm.target_unclipped_quantile}")
+    if algorithm.clip_learning_rate < 0:
+        raise ValueError(f"clip_learning_rate must be >= 0, got {algorithm.clip_learning_rate}")
+    if algorithm.count_noise_stddev < 0:
+        raise ValueError(f"clipped_count_stddev must be >= 0, got {algorithm.count_noise_stddev}")
+    delta_noise_multiplier(algorithm.noise_multiplier, algorithm.count_noise_stddev)
 
 
 def _check_model_shaped(size: int, broadcast: Any) -> None:
@@ -276,8 +420,11 @@ def round_log(logs: Mapping[str, Any]) -> dict[str, float]:
     """Log values of a round from the summed `log_*` keys (`stats["logs"]` of the round runner).
 
     Returns `transform_clients`, `bits_sent` (all clients), `bits_per_client`,
-    `update_norm_mean` (pre-clip) and, with DP, `dp_clipped_fraction`.
-    Empty for algorithms without transforms.
+    `update_norm_mean` (pre-clip) and, with DP, `dp_clipped_fraction`; with
+    adaptive clipping `dp_clip_norm`, the C_t the round's clients were clipped
+    to (each client adds the C_t it received, so the sum over the clients is
+    divided by their number; NaN, like the other per-client means, in a round
+    without clients). Empty for algorithms without transforms.
     """
     values = {k: float(v) for k, v in logs.items() if k.startswith(LOG_PREFIX)}
     if "log_clients" not in values:
@@ -288,6 +435,8 @@ def round_log(logs: Mapping[str, Any]) -> dict[str, float]:
            "update_norm_mean": values["log_update_norm"] * per}
     if "log_clipped" in values:
         out["dp_clipped_fraction"] = values["log_clipped"] * per
+    if "log_dp_clip_norm" in values:
+        out["dp_clip_norm"] = values["log_dp_clip_norm"] * per
     return out
 
 
@@ -325,6 +474,8 @@ def build_transformed(
     accountant: str = "rdp", calibration_rounds: int = 0, denominator: float = 0.0,
     compression: str = "none", bits: int = 8, quantization_scale: str = "minmax", rotate: bool = False,
     topk_fraction: float = 0.01, topk: int = 0, error_feedback: bool = True,
+    adaptive_clipping: bool = False, target_unclipped_quantile: float = 0.5, clip_learning_rate: float = 0.2,
+    clipped_count_stddev: float | None = None,
     population: int = 0, client_learning_rate: float = 0.0, sampling: str = "uniform", sampling_rate: float = 0.0,
     clients_per_round: int = 0, num_rounds: int = 0, require_dp: bool = False,
 ) -> TransformedFedAvg:
@@ -333,6 +484,9 @@ def build_transformed(
     Options (config `algorithm.options`): clip_norm C (> 0 = DP), noise_multiplier z, or target_epsilon
     (with target_delta, default 1/N^1.1) to calibrate z over calibration_rounds (default num_rounds);
     accountant 'rdp' | 'pld'; denominator D (default: q N under Poisson sampling, else clients_per_round);
+    adaptive_clipping (clip_norm is then C_0) with target_unclipped_quantile gamma, clip_learning_rate eta_C
+    and clipped_count_stddev sigma_b (default D / 20); z stays the overall noise multiplier (accounted,
+    calibrated), the delta gets z_Delta (see the module docstring);
     compression 'none' | 'quantize' (bits, quantization_scale 'minmax' | 'norm', rotate) | 'drive' |
     'topk' (topk_fraction or topk, error_feedback). population, sampling, sampling_rate, clients_per_round,
     num_rounds and client_learning_rate come from the train loop's context.
@@ -349,8 +503,8 @@ def build_transformed(
     if require_dp and clip_norm <= 0:
         raise ValueError("dp_fedavg needs clip_norm > 0 (algorithm.options.clip_norm)")
     if not clip_norm > 0:
-        if noise_multiplier or target_epsilon:
-            raise ValueError("noise_multiplier / target_epsilon need clip_norm > 0")
+        if noise_multiplier or target_epsilon or adaptive_clipping:
+            raise ValueError("noise_multiplier / target_epsilon / adaptive_clipping need clip_norm > 0")
         return TransformedFedAvg(model, client_optimizer, server_optimizer, inner=inner, codec=codec)
 
     mechanism = None
@@ -380,7 +534,10 @@ def build_transformed(
     return TransformedFedAvg(model, client_optimizer, server_optimizer, inner=inner, codec=codec,
                              clip_norm=float(clip_norm), noise_multiplier=float(noise_multiplier),
                              denominator=float(denominator), mechanism=mechanism, target_delta=float(delta),
-                             accountant=accountant)
+                             accountant=accountant, adaptive_clipping=bool(adaptive_clipping),
+                             target_unclipped_quantile=float(target_unclipped_quantile),
+                             clip_learning_rate=float(clip_learning_rate),
+                             clipped_count_stddev=None if clipped_count_stddev is None else float(clipped_count_stddev))
 
 
 dp_fedavg = functools.partial(build_transformed, require_dp=True)
@@ -392,7 +549,8 @@ def _register() -> None:
 
     register_algorithm("dp_fedavg", dp_fedavg,
                        "DP-FedAvg (McMahan et al. 2018): clip client updates to C, Gaussian noise z*C on the sum, "
-                       "fixed denominator; base= any fedavg-like algorithm; optional compression")
+                       "fixed denominator; base= any fedavg-like algorithm; optional compression and adaptive "
+                       "clipping (Andrew et al. 2021)")
     register_algorithm("compressed_fedavg", compressed_fedavg,
                        "compressed client updates (stochastic quantization +- Hadamard rotation, DRIVE, top-k with "
                        "error feedback) around any algorithm (base=)")

@@ -15,6 +15,11 @@ clients, so as a `dp_accounting` event it is:
   supported by the RDP accountant only (dp-accounting's PLD accountant has no
   sampling-without-replacement event; asking for it is an error).
 
+With adaptive clipping (Andrew et al. 2021) a round also releases a noised
+count of unclipped clients; dp_fedavg splits z between the two releases
+(z_Delta on the sum, sigma_b on the count) so that together they are one
+Gaussian mechanism of multiplier z, and the events above keep using z.
+
 T rounds compose to  SelfComposedDpEvent(event, T)  (a `ComposedDpEvent` of
 such segments if the mechanism changed, e.g. after recalibration on resume).
 `PrivacyLedger` holds that history as JSON (stored in the checkpoint's
