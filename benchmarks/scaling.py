@@ -437,7 +437,8 @@ def add_units(r: dict[str, Any]) -> dict[str, Any]:
 
 def part_b(launcher: Launcher, datasets: dict[str, pathlib.Path], cohorts: Sequence[int], min_rounds: int,
            max_rounds: int, rep: int, emit: Callable[[dict[str, Any]], None],
-           serial: set[tuple[str, int]], force_serial: bool = False) -> list[dict[str, Any]]:
+           serial: set[tuple[str, int]], force_serial: bool = False,
+           workloads: Sequence[str] = WORKLOADS) -> list[dict[str, Any]]:
     """One repetition of the clients-per-round grid on both workloads.
 
     A configuration killed by the RSS guard with the train loop's default
@@ -447,7 +448,7 @@ def part_b(launcher: Launcher, datasets: dict[str, pathlib.Path], cohorts: Seque
     `force_serial` runs every configuration that way.
     """
     results = []
-    for workload in WORKLOADS:
+    for workload in workloads:
         for cohort in cohorts:
             spec = {"workload": workload, "data": str(datasets[workload]), "cohort": cohort,
                     "rounds": timed_rounds(cohort, min_rounds, max_rounds), "warmup": 1}
@@ -704,6 +705,7 @@ def main() -> None:
     parser.add_argument("--summarize", metavar="JSONL",
                         help="run nothing: summarize, fit and plot the part b and f results of a --json file "
                              "(e.g. several runs appended to one file)")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="part b workloads, comma-separated")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -728,6 +730,9 @@ def main() -> None:
     parts = set(args.parts.split(","))
     if unknown := parts - {"b", "c", "f"}:
         parser.error(f"unknown part(s) {', '.join(sorted(unknown))}; choose from b, c, f")
+    workloads = [w for w in args.workloads.split(",") if w]
+    if unknown := set(workloads) - set(WORKLOADS):
+        parser.error(f"unknown workload(s) {', '.join(sorted(unknown))}; choose from {', '.join(WORKLOADS)}")
     repeats = args.repeats or (1 if args.quick else 3)
     population = QUICK_POPULATION if args.quick else POPULATION
     cohorts = ([int(c) for c in args.cohorts.split(",")] if args.cohorts
@@ -764,8 +769,10 @@ def main() -> None:
     b_results: list[dict[str, Any]] = []
     f_results: list[dict[str, Any]] = []
     if parts & {"b", "f"}:
-        datasets = {"emnist_mlp": emnist_dataset(root, population)}
-        if "b" in parts:
+        datasets = {}
+        if "f" in parts or "emnist_mlp" in workloads:
+            datasets["emnist_mlp"] = emnist_dataset(root, population)
+        if "b" in parts and "synthetic_logistic" in workloads:
             datasets["synthetic_logistic"] = synthetic_dataset(root, population)
         if not args.no_warm_cache:
             for path in datasets.values():
@@ -788,7 +795,7 @@ def main() -> None:
             for rep in range(1, repeats + 1):
                 if "b" in parts:
                     b_results += part_b(launcher, datasets, cohorts, args.rounds, max_rounds, rep, emit,
-                                        serial, force_serial=args.pipeline == "serial")
+                                        serial, force_serial=args.pipeline == "serial", workloads=workloads)
                 if "f" in parts:
                     f_results += part_f(launcher, datasets["emnist_mlp"], f_cohorts, DEVICE_COUNTS, args.rounds,
                                         max_rounds, rep, emit, perturbed_reference=rep == 1 and not args.quick)

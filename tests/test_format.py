@@ -14,7 +14,7 @@ from fedstream.data.format import (DatasetFormatError, FeatureSpec, decode_examp
                                    schema_from_json, schema_to_json)
 from fedstream.data.inspect import describe_dataset
 from fedstream.data.reader import FederatedDataset
-from fedstream.data.writer import DatasetWriter
+from fedstream.data.writer import DatasetWriteError, DatasetWriter
 
 SCHEMA = {"x": FeatureSpec("float32", (8, 8, 1)), "y": FeatureSpec("int32", ()),
           "tokens": FeatureSpec("int32", (None,))}
@@ -368,7 +368,7 @@ def test_failed_final_rename_restores_previous_dataset(written, monkeypatch):
         return real_replace(src, dst)
 
     monkeypatch.setattr(writer_module.os, "replace", failing_replace)
-    with pytest.raises(OSError, match="disk gone"):
+    with pytest.raises(DatasetWriteError, match=f"could not write the dataset {path}: disk gone"):
         with DatasetWriter(path, {"v": FeatureSpec("float32", ())}) as writer:
             writer.add_client("train", "new", {"v": np.ones(2, np.float32)})
     assert [p.name for p in path.parent.iterdir()] == ["ds"]

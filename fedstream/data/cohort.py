@@ -331,12 +331,27 @@ class CohortPipeline:
             grain.MapDataset.range(num_rounds * slots)
             .map(self.load_slot)
             .to_iter_dataset(grain.ReadOptions(
-                num_threads=threads, prefetch_buffer_size=2 * slots if threads else 0))
+                num_threads=threads, prefetch_buffer_size=client_read_ahead(slots, threads)))
             .batch(slots, drop_remainder=True, batch_fn=self.pack)
         )
         if threads:
             dataset = grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=1)
         return iter(dataset)
+
+
+# Clients read ahead by Grain's thread pool, at most. Grain's prefetch iterator
+# scans its whole buffer on every element (grain 0.2.x `_measure_prefetch_depth`),
+# so a buffer of thousands of clients made a 3,000-client round cost 10-40 s of
+# pure bookkeeping; whole rounds are still prepared ahead by the round-level
+# prefetch thread, so a small client buffer loses nothing.
+MAX_CLIENT_READ_AHEAD = 64
+
+
+def client_read_ahead(clients: int, threads: int) -> int:
+    """Grain's client prefetch buffer: 2 per thread at least, `MAX_CLIENT_READ_AHEAD` at most, 0 without threads."""
+    if threads <= 0:
+        return 0
+    return int(min(max(int(clients), 2 * threads), max(MAX_CLIENT_READ_AHEAD, 2 * threads)))
 
 
 def _check_local_devices(local_devices: tuple[int, ...] | None, num_devices: int) -> None:
@@ -551,7 +566,7 @@ class EvalPipeline:
             grain.MapDataset.range(num_clients)
             .map(self.load_client)
             .to_iter_dataset(grain.ReadOptions(
-                num_threads=threads, prefetch_buffer_size=self.chunk_clients if threads else 0))
+                num_threads=threads, prefetch_buffer_size=client_read_ahead(self.chunk_clients, threads)))
             .batch(self.chunk_clients, batch_fn=self.pack)
         )
         return iter(dataset)
@@ -752,7 +767,7 @@ class PersonalizedEvalPipeline:
             grain.MapDataset.range(len(self.sizes))
             .map(self.load_client)
             .to_iter_dataset(grain.ReadOptions(
-                num_threads=threads, prefetch_buffer_size=self.chunk_clients if threads else 0))
+                num_threads=threads, prefetch_buffer_size=client_read_ahead(self.chunk_clients, threads)))
             .batch(self.chunk_clients, batch_fn=self.pack)
         )
         return iter(dataset)

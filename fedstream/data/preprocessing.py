@@ -31,7 +31,7 @@ import ml_collections
 from fedstream import __version__
 from fedstream.config import ConfigError, apply_overrides, load_module, to_json
 from fedstream.data.format import METADATA_FILE, SUCCESS_FILE
-from fedstream.data.writer import DEFAULT_COMPRESSION, DatasetWriter
+from fedstream.data.writer import DEFAULT_COMPRESSION, DatasetWriter, shard_compression
 
 RECIPES_PACKAGE = "fedstream.recipes"
 PROGRESS_EVERY_S = 2.0
@@ -104,7 +104,7 @@ def run_preprocess(
     if existing is not None:
         same = (existing.get("recipe") == name and existing.get("config") == config_json
                 and existing.get("input_fingerprint") == fingerprint
-                and existing.get("shard_options") == f"group_size:1,{compression}")
+                and shard_compression(existing.get("shard_options", "")) == compression)
         if same and not force:
             say(f"{output} is up to date ({name}, same config); pass --force to rebuild it")
             return output

@@ -8,6 +8,7 @@ crash never leaves a directory that the reader accepts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -16,7 +17,7 @@ import pathlib
 import re
 import secrets
 import shutil
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
@@ -24,12 +25,19 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from fedstream.data.format import (FORMAT_VERSION, INDEX_FILE, METADATA_FILE, SUCCESS_FILE, FeatureSpec, Schema,
                                    encode_examples, schema_to_json)
 
-# group_size:1 keeps single records cheap to reach (STACK_NOTES §1).
 # Uncompressed shards read ~3.5x faster than zstd:3 (4.9 vs 18 us per 3 KB
 # example, docs/performance.md): on a CPU host the data pipeline competes with
 # training for cores, so the default spends disk rather than CPU.
 COMPRESSIONS = ("uncompressed", "snappy", "zstd:1", "zstd:3", "zstd:6", "brotli:6")
 DEFAULT_COMPRESSION = "uncompressed"
+# Records per ArrayRecord chunk. A client is read with one seek and sequential
+# reads, so a chunk of several small records costs one chunk read instead of one
+# per record: ~0.7 us instead of ~3.3 us per 240-byte record (uncompressed,
+# docs/performance.md). Chunks of about GROUP_BYTES keep the seek to a client's
+# first record cheap; group_size 1 (one record per chunk) for large records.
+GROUP_BYTES = 32 * 1024
+MAX_GROUP_SIZE = 64
+_VARIABLE_LENGTH_GUESS = 16  # elements assumed for a variable-length feature when sizing chunks
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Keys of metadata.json that the writer owns; caller metadata may not use them.
 RESERVED_METADATA_KEYS = ("format_version", "schema", "splits", "shard_options", "created_by", "assets")
@@ -124,16 +132,55 @@ def _remove_stale_tmp_dirs(output_dir: pathlib.Path) -> None:
             pass  # alive, owned by someone else
 
 
+class DatasetWriteError(RuntimeError):
+    """Writing a dataset failed (disk full, file too large, ...); nothing was left at the output path."""
+
+
+def _io_reason(e: BaseException) -> str:
+    """A failed write's reason in a few words (ArrayRecord's messages carry paths and byte offsets)."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror} (errno {e.errno})"
+    return str(e).split(";")[0].strip()[:200] or type(e).__name__
+
+
+def default_group_size(schema: Schema) -> int:
+    """Records per chunk for `schema`: the largest power of two <= 64 whose chunk stays near GROUP_BYTES."""
+    record_bytes = 0
+    for spec in schema.values():
+        elements = int(np.prod([d for d in spec.shape if d is not None], dtype=np.int64))
+        if spec.variable:
+            elements *= _VARIABLE_LENGTH_GUESS
+        record_bytes += elements * np.dtype(spec.stored_dtype).itemsize
+    group = 1
+    while group < MAX_GROUP_SIZE and 2 * group * max(record_bytes, 1) <= GROUP_BYTES:
+        group *= 2
+    return group
+
+
+def shard_options(group_size: int, compression: str) -> str:
+    """The ArrayRecord writer options of every shard (stored in metadata `shard_options`)."""
+    return f"group_size:{int(group_size)},{compression}"
+
+
+def shard_compression(options: str) -> str:
+    """The compression part of a `shard_options` string (everything after group_size)."""
+    return ",".join(part for part in str(options).split(",") if not part.startswith("group_size:"))
+
+
 class DatasetWriter:
     """Writes a dataset directory client by client.
 
     Usage:
         with DatasetWriter(out_dir, schema, metadata={"recipe": ...}) as w:
             w.add_client("train", "client_00000", {"x": x, "y": y})
+
+    `compression` and `group_size` (records per ArrayRecord chunk; default
+    `default_group_size(schema)`) are the shards' writer options.
     """
 
     def __init__(self, output_dir: str | os.PathLike, schema: Schema, *, metadata: Mapping[str, Any] | None = None,
-                 records_per_shard: int = 4096, compression: str = DEFAULT_COMPRESSION) -> None:
+                 records_per_shard: int = 4096, compression: str = DEFAULT_COMPRESSION,
+                 group_size: int | None = None) -> None:
         if compression not in COMPRESSIONS:
             raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
         if not schema:
@@ -148,7 +195,10 @@ class DatasetWriter:
         if clash:
             raise ValueError(f"metadata keys {clash} are reserved for the dataset format")
         self.compression = compression
-        self._options = f"group_size:1,{compression}"
+        self.group_size = default_group_size(self.schema) if group_size is None else int(group_size)
+        if not 1 <= self.group_size <= 1 << 16:
+            raise ValueError(f"group_size must be in 1..65536, got {group_size}")
+        self._options = shard_options(self.group_size, compression)
         if self.output_dir.exists() and not (self.output_dir / METADATA_FILE).exists() and (
                 not self.output_dir.is_dir() or any(self.output_dir.iterdir())):
             raise ValueError(f"{self.output_dir} exists and is not a fedstream dataset; refusing to replace it")
@@ -208,13 +258,14 @@ class DatasetWriter:
         records = encode_examples(self.schema, columns, n)
 
         state = self._split(split)  # only after validation: a rejected client leaves no trace
-        if state.writer is None or (state.records_in_shard >= self.records_per_shard and n):
-            self._finish_shard(state)
-            state.writer = ArrayRecordWriter(str(state.shard_path(len(state.shards))), self._options)
-            state.shards.append({"file": f"{split}/{state.shard_path(len(state.shards)).name}"})
-            state.records_in_shard = 0
-        for record in records:
-            state.writer.write(record)
+        with self._write_errors():
+            if state.writer is None or (state.records_in_shard >= self.records_per_shard and n):
+                self._finish_shard(state)
+                state.writer = ArrayRecordWriter(str(state.shard_path(len(state.shards))), self._options)
+                state.shards.append({"file": f"{split}/{state.shard_path(len(state.shards)).name}"})
+                state.records_in_shard = 0
+            for record in records:
+                state.writer.write(record)
         state.client_ids.append(client_id)
         state.seen.add(client_id)
         state.shard.append(len(state.shards) - 1)
@@ -233,8 +284,19 @@ class DatasetWriter:
             raise ValueError(f"invalid or duplicate asset name {name!r}")
         directory = self.tmp_dir / ASSETS_DIR
         directory.mkdir(exist_ok=True)
-        (directory / name).write_bytes(bytes(data))
+        with self._write_errors():
+            (directory / name).write_bytes(bytes(data))
         self._assets[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+    @contextlib.contextmanager
+    def _write_errors(self) -> Iterator[None]:
+        """A failed write (RuntimeError from ArrayRecord, OSError) drops the partial dataset and raises one line."""
+        try:
+            yield
+        except (RuntimeError, OSError) as e:
+            self.abort()
+            raise DatasetWriteError(f"could not write the dataset {self.output_dir}: {_io_reason(e)}; the partial "
+                                    "files were removed and a dataset already at that path is left as it was") from None
 
     def _finish_shard(self, state: _SplitState) -> None:
         if state.writer is None:
@@ -248,6 +310,10 @@ class DatasetWriter:
         """Finishes every shard, writes index, metadata and `_SUCCESS`, and renames into place."""
         if self._closed:
             return self.output_dir
+        with self._write_errors():
+            return self._close()
+
+    def _close(self) -> pathlib.Path:
         try:
             splits_meta = {}
             for split, state in self._splits.items():
