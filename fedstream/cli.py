@@ -101,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
              "--config.server.learning_rate=0.01")
     t.add_argument("pipeline", help="pipeline name (e.g. digits_fedavg) or path to a config .py")
     t.add_argument("--workdir", required=True, help="run directory (checkpoints, metrics); resumed if it exists")
+    t.add_argument("--resume-last-good", action="store_true",
+                   help="if the latest checkpoint is corrupted, move it to WORKDIR/corrupted_checkpoints/ and "
+                        "resume from the newest intact one (default: stop with an error naming it)")
     d = t.add_argument_group("multi-process (one command per host; see docs/multihost.md)")
     d.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() with the cluster's auto-detected settings "
@@ -152,14 +155,30 @@ def _parser() -> argparse.ArgumentParser:
 # --- end of the parser ---------------------------------------------------------------------------------------------
 
 
+def _quiet_checkpoint_thread_errors() -> None:
+    """Orbax logs the traceback of a failed asynchronous save from its writer thread; the main thread
+    re-raises the same error (as one `CheckpointWriteError` line), so those log records are dropped."""
+    import logging
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not (record.exc_info and "/orbax/" in record.pathname.replace(os.sep, "/"))
+
+    for name in ("absl", ""):
+        logging.getLogger(name).addFilter(keep)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `fedstream` console script."""
     from fedstream.config import ConfigError
     from fedstream.data.format import DatasetFormatError
+    from fedstream.data.writer import DatasetWriteError
+    from fedstream.training.checkpoint import CheckpointCorrupted, CheckpointWriteError
     from fedstream.training.train import TrainingDiverged
     from fedstream.training.lock import WorkdirLockedError
     from fedstream.training.plot import MissingExtraError
 
+    if not os.environ.get("FEDSTREAM_DEBUG"):
+        _quiet_checkpoint_thread_errors()
     args_list, overrides = _split_overrides(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(args_list)
     if overrides and args.command in ("inspect", "plot", "list"):
@@ -178,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = load_config(args.pipeline, "fedstream.pipelines", overrides)
             validate_train_config(config)
             init_distributed(args)
-            train(config, args.workdir)
+            train(config, args.workdir, resume_last_good=args.resume_last_good)
         elif args.command == "eval":
             import json
 
@@ -209,7 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 FederatedDataset(args.path).verify()
                 print("verify: all shard checksums match")
     except (ConfigError, DatasetFormatError, FileNotFoundError, ValueError, WorkdirLockedError,
-            MissingExtraError, TrainingDiverged) as e:
+            MissingExtraError, TrainingDiverged, CheckpointCorrupted, CheckpointWriteError,
+            DatasetWriteError) as e:
         # Bad input (config, dataset, recipe arguments), a busy workdir, a missing extra: one line, no
         # traceback, unless FEDSTREAM_DEBUG is set.
         if os.environ.get("FEDSTREAM_DEBUG"):

@@ -32,7 +32,7 @@ from fedstream.config import ConfigError, flatten, validate_train_config
 from fedstream.data.augment import get_augmentation
 from fedstream.data.cohort import ClientBatching, CohortPipeline, EvalPipeline, auto_data_threads
 from fedstream.models import get_model
-from fedstream.training.checkpoint import RunCheckpointer, check_config_unchanged
+from fedstream.training.checkpoint import CheckpointCorrupted, RunCheckpointer, check_config_unchanged
 from fedstream.training.client_store import ClientStateStore
 from fedstream.training.lock import locked_workdir
 from fedstream.training.metrics_log import MetricsLog, Progress
@@ -40,10 +40,14 @@ from fedstream.training.personalized_eval import evaluate_finetuned, evaluate_pe
 from fedstream.training.rounds import (EVAL_SUMS, build_eval, build_train_round, local_device_positions, make_mesh,
                                        replicate, shard_batch, summarize_eval)
 
-# Test hook: "kill_during_save:K" sends SIGKILL to this process right after
-# the asynchronous save of round K has started; "kill_after_round:K" after
-# round K's checkpoint is committed. Used by the kill-and-resume tests.
+# Test hook: SIGKILL to this process at a chosen point of round K, for the
+# kill-and-resume tests and benchmarks/chaos_resume.py:
+#   kill_in_data:K      as round K asks for its data (reader threads busy)
+#   kill_in_round:K     while round K's jitted computation runs (dispatched, not finished)
+#   kill_during_save:K  right after the asynchronous save of round K started
+#   kill_after_round:K  after round K's checkpoint is committed
 FAULT_ENV = "FEDSTREAM_FAULT"
+FAULT_KINDS = ("kill_in_data", "kill_in_round", "kill_during_save", "kill_after_round")
 
 
 @dataclasses.dataclass
@@ -122,7 +126,15 @@ def _fault_point() -> tuple[str, int] | None:
     if not spec:
         return None
     kind, _, k = spec.partition(":")
+    if kind not in FAULT_KINDS or not k.isdigit():
+        raise ValueError(f"{FAULT_ENV}={spec!r}: expected KIND:ROUND with KIND one of {', '.join(FAULT_KINDS)}")
     return kind, int(k)
+
+
+def _kill_if(fault: tuple[str, int] | None, kind: str, round_done: int) -> None:
+    """SIGKILL this process when the fault hook asks for `kind` at round `round_done`."""
+    if fault == (kind, round_done):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _open_client_store(algorithm: FedAvg, state: ServerState, dataset: Any, config: ml_collections.ConfigDict,
@@ -141,8 +153,39 @@ def _open_client_store(algorithm: FedAvg, state: ServerState, dataset: Any, conf
     else:
         store.restore(checkpointer.restore_client_index(latest), latest)
         for step in checkpointer.all_steps():
-            store.note_committed(step, checkpointer.restore_client_index(step))
+            if step != latest:
+                try:
+                    store.note_committed(step, checkpointer.restore_client_index(step))
+                except CheckpointCorrupted:  # found (and refused) if a resume ever falls back to it
+                    continue
+            else:
+                store.note_committed(step, checkpointer.restore_client_index(step))
     return store
+
+
+def restore_intact(checkpointer: RunCheckpointer, like_state: ServerState, *, client_store: bool,
+                   resume_last_good: bool, log: Callable[[str], None]) -> tuple[ServerState, dict[str, Any]] | None:
+    """(state, meta) of the newest checkpoint that reads back intact, or None when there is none.
+
+    A corrupted newest checkpoint stops the run with `CheckpointCorrupted`
+    unless `resume_last_good`: then it is moved to `corrupted_checkpoints/`
+    (kept for inspection) and the next older one is tried.
+    """
+    while (step := checkpointer.latest_round()) is not None:
+        try:
+            state, meta = checkpointer.restore(step, like_state)
+            if client_store:
+                checkpointer.restore_client_index(step)
+            return state, meta
+        except CheckpointCorrupted as e:
+            if not resume_last_good:
+                older = [k for k in checkpointer.all_steps() if k < step]
+                hint = (f"rerun with --resume-last-good to set it aside and resume from an older checkpoint "
+                        f"(rounds {', '.join(map(str, older))} are on disk)" if older else
+                        "no older checkpoint is on disk; --resume-last-good would set it aside and start over")
+                raise CheckpointCorrupted(e.step, e.path, f"{e.why}; {hint}") from None
+            log(f"{e}; moved to {checkpointer.quarantine(step)}; trying the previous checkpoint")
+    return None
 
 
 def _local_devices(mesh: jax.sharding.Mesh) -> tuple[int, ...] | None:
@@ -199,8 +242,13 @@ def evaluate_state(algorithm: FedAvg, state: ServerState, dataset: Any, config: 
 
 @locked_workdir
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-          log: Callable[[str], None] = print) -> TrainResult:
+          log: Callable[[str], None] = print, *, resume_last_good: bool = False) -> TrainResult:
     """Runs (or resumes) the experiment `config` in `workdir`.
+
+    Every restored checkpoint is checked against the digests recorded when it
+    was saved. A corrupted one stops the run (`CheckpointCorrupted`, naming
+    it) unless `resume_last_good`, which sets it aside and resumes from the
+    newest intact checkpoint.
 
     In a multi-process run (after `jax.distributed.initialize`) every process
     calls this with the same config and workdir: each reads only its own
@@ -220,7 +268,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     checkpointer = RunCheckpointer(workdir, every=config.checkpoint.every, keep=config.checkpoint.keep)
     latest = checkpointer.latest_round()
     if latest is not None:
-        check_config_unchanged(checkpointer.read_meta(latest)["config"], config_dict, workdir)
+        try:  # early, before any work; restore_intact below checks the checkpoint actually used
+            check_config_unchanged(checkpointer.read_meta(latest)["config"], config_dict, workdir)
+        except CheckpointCorrupted:
+            pass
 
     dataset = open_dataset(config, log)
     validate_train_config(config, num_train_clients=dataset.num_clients(config.data.train_split))
@@ -247,8 +298,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     start = 0
     iterator = pipeline.iterator(max(num_rounds, 1))
     saved_privacy = None
+    restored = None
     if latest is not None:
-        state, meta = checkpointer.restore(latest, state)
+        restored = restore_intact(checkpointer, state, client_store=algorithm.client_state_template(state.params)
+                                  is not None, resume_last_good=resume_last_good, log=log)
+        latest = checkpointer.latest_round()
+    if restored is not None:
+        state, meta = restored
+        check_config_unchanged(meta["config"], config_dict, workdir)
         start = int(state.round)
         iterator.set_state(meta["data_iterator"])
         saved_privacy = meta.get("privacy")
@@ -272,6 +329,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     try:
         for r in range(start, num_rounds):
             t0 = time.perf_counter()
+            _kill_if(fault, "kill_in_data", r + 1)
             element = next(iterator)
             if element["round"] != r:
                 raise RuntimeError(f"data iterator yielded round {element['round']} for round {r}")
@@ -284,6 +342,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                 state, stats, new_states = train_round(state, shard_batch(batch, mesh),
                                                        shard_batch(store.read(clients), mesh))
                 store.write(r + 1, clients, clients >= 0, jax.device_get(new_states))
+            _kill_if(fault, "kill_in_round", r + 1)
             train_metrics = {k: float(v) for k, v in stats["metrics"].compute().items()}
             nonfinite = int(stats["nonfinite_clients"])
             if nonfinite and nonfinite_policy == "stop":
