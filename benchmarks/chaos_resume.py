@@ -12,13 +12,15 @@ finishes, each launch killed with SIGKILL at a random moment:
 * kill_after_round: between rounds, after a committed checkpoint;
 
 the last four through the train loop's FEDSTREAM_FAULT hook at a random round
-ahead of the last checkpoint. At the end it compares, exactly: every array of
+1-3 rounds ahead of the last checkpoint. Each block of five kills uses every
+kind once, in random order; a timed kill waits 0.5-20 s (start-up, restore and
+compilation take most of the first ~10 s of a launch on 2 cores). At the end it compares, exactly: every array of
 the final checkpoint's state, the privacy ledger in its metadata, and
 metrics.jsonl without its timing fields (which must hold one train line per
 round, no duplicate, no gap).
 
-    python benchmarks/chaos_resume.py                       # 20 kills, 30 rounds (~5-8 min on 2 cores)
-    python benchmarks/chaos_resume.py --kills 5 --rounds 12 --seed 1
+    python benchmarks/chaos_resume.py                       # 20 kills, 60 rounds (~6-10 min on 2 cores)
+    python benchmarks/chaos_resume.py --kills 5 --rounds 20 --seed 1
 """
 
 from __future__ import annotations
@@ -127,7 +129,8 @@ def compare(reference: pathlib.Path, chaos: pathlib.Path, rounds: int) -> dict[s
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=20, help="SIGKILLs to deliver before letting the run finish")
-    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--max-delay", type=float, default=20.0, help="longest wait of a timed kill (s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill schedule")
     parser.add_argument("--workdir", help="keep the runs here (default: a temporary directory)")
     args = parser.parse_args(argv)
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         reference, chaos = root / "reference", root / "chaos"
         code, seconds = launch(command(reference, data, args.rounds), None, None, timeout=1800)
         print(f"uninterrupted run: {args.rounds} rounds in {seconds:.1f} s (exit {code})", flush=True)
-        per_launch = seconds  # a whole run's wall time bounds a timed kill's delay
+        kinds = [k for _ in range(args.kills // 5 + 1) for k in rng.sample(("timed",) + HOOK_KINDS, 5)]
 
         kills: collections.Counter[str] = collections.Counter()
         progress = []
@@ -152,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
             done = latest_round(chaos)
             fault, kill_after, what = None, None, "finish"
             if sum(kills.values()) < args.kills:
-                kind = rng.choice(("timed",) + HOOK_KINDS)
+                kind = kinds[sum(kills.values())]
                 if kind == "timed":
-                    kill_after = rng.uniform(0.5, per_launch)
+                    kill_after = rng.uniform(0.5, args.max_delay)
                     what = f"timed {kill_after:.1f} s"
                 else:
                     target = rng.randint(done + 1, min(done + 3, args.rounds))

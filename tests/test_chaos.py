@@ -11,7 +11,7 @@ SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "chaos_
 
 @pytest.mark.slow
 def test_random_sigkills_then_resume_end_bit_identical(tmp_path):
-    result = subprocess.run([sys.executable, str(SCRIPT), "--kills", "8", "--rounds", "12", "--seed", "3",
+    result = subprocess.run([sys.executable, str(SCRIPT), "--kills", "8", "--rounds", "30", "--seed", "3",
                              "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "RESULT: bit-identical" in result.stdout
