@@ -145,6 +145,7 @@ def test_file_size_limit_while_preprocessing_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no output, no temporary directory
 
 
+@pytest.mark.slow  # three trainings and a subprocess (~30 s); CI runs it
 def test_file_size_limit_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, digits):
     reference, run = tmp_path / "reference", tmp_path / "run"
     train(config(digits, 5), reference, log=lambda _: None)
