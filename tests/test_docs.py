@@ -1,10 +1,12 @@
-"""The code in the docs runs: docs/algorithms.md's user-defined algorithm trains through the real round."""
+"""The docs run: docs/algorithms.md's user algorithm trains through the real round, the tutorial's and the
+README's commands run as written, and every other documented command parses and resolves."""
 
 import pathlib
 import re
 
 import jax
 import numpy as np
+import pytest
 
 from fedstream.algorithms import build_algorithm, make_optimizer
 from fedstream.data.cohort import ClientBatching, CohortPipeline
@@ -113,3 +115,20 @@ def test_tutorial_runs_as_written(tmp_path, monkeypatch, capsys):
 
     pixels = image.imread(tmp_path / "compare.png")
     assert pixels.shape[0] > 200 and pixels.shape[1] > 200 and pixels[..., :3].var() > 0.001  # not blank
+
+
+@pytest.mark.slow  # the README's train command runs digits_fedavg's 200 rounds (~20-40 s on 2 cores)
+def test_readme_tour_runs_as_written(tmp_path, monkeypatch, capsys):
+    """The README's tour commands (all but the two set-up lines, which .ci/run executes), in order."""
+    import shlex
+
+    from fedstream import cli
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)  # the user's own file that the arrays command reads
+    np.savez(tmp_path / "mine.npz", x=rng.standard_normal((600, 4)).astype(np.float32), y=rng.integers(0, 5, 600))
+    commands = [c for c in shell_commands(ROOT / "README.md") if "pip install" not in c]
+    assert [shlex.split(c)[1] for c in commands] == ["preprocess", "preprocess", "preprocess", "inspect", "train"]
+    for command in commands:
+        assert cli.main(shlex.split(command)[1:]) == 0, command
+    assert "final test accuracy" in capsys.readouterr().out
