@@ -152,14 +152,11 @@ def _open_client_store(algorithm: FedAvg, state: ServerState, dataset: Any, conf
         store.restore(store.index(), 0)  # a fresh run: drop files of a run killed before its first checkpoint
     else:
         store.restore(checkpointer.restore_client_index(latest), latest)
-        for step in checkpointer.all_steps():
-            if step != latest:
-                try:
-                    store.note_committed(step, checkpointer.restore_client_index(step))
-                except CheckpointCorrupted:  # found (and refused) if a resume ever falls back to it
-                    continue
-            else:
+        for step in checkpointer.all_steps():  # `latest` was verified; an older bad index is refused if used
+            try:
                 store.note_committed(step, checkpointer.restore_client_index(step))
+            except CheckpointCorrupted:
+                continue
     return store
 
 
@@ -184,6 +181,10 @@ def restore_intact(checkpointer: RunCheckpointer, like_state: ServerState, *, cl
                         f"(rounds {', '.join(map(str, older))} are on disk)" if older else
                         "no older checkpoint is on disk; --resume-last-good would set it aside and start over")
                 raise CheckpointCorrupted(e.step, e.path, f"{e.why}; {hint}") from None
+            if jax.process_count() > 1:
+                raise ConfigError(f"{e}; --resume-last-good moves checkpoints in single-process runs only: move "
+                                  f"{checkpointer.step_path(step)} out of {checkpointer.directory} by hand (e.g. "
+                                  "into corrupted_checkpoints/) and relaunch") from None
             log(f"{e}; moved to {checkpointer.quarantine(step)}; trying the previous checkpoint")
     return None
 
