@@ -216,7 +216,9 @@ class FederatedDataset:
             except (RuntimeError, OSError, IndexError) as e:
                 raise DatasetFormatError(f"{self.path / file}: cannot read client {client_id!r} of split "
                                          f"{split!r} ({e})") from None
-        return decode_examples(self.schema, records, source=f"{self.path / file} (split {split!r}, client {client_id!r})")
+        # The source string is built with plain formatting: pathlib's `/` costs ~10 µs, paid per client.
+        return decode_examples(self.schema, records,
+                               source=f"{os.path.join(self.path, file)} (split {split!r}, client {client_id!r})")
 
     def asset(self, name: str) -> bytes:
         """A file stored with the dataset (e.g. `vocab.json`), checked against its size and sha256."""
