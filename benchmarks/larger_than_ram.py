@@ -64,13 +64,14 @@ from typing import Any
 
 import numpy as np
 
+from run_info import stamp  # benchmarks/ is first on sys.path when run as a script
+
 SHAPE = (28, 28, 1)
 NUM_CLASSES = 62
 RECORD_BYTES = 28 * 28 * 4 + 4
 POOL = 16  # random base images per client
 SIGMA = 0.6
 RECORDS_PER_SHARD = 4096
-OPTIONS = "group_size:1,uncompressed"
 SIZES = {  # name -> (clients, mean examples per client)
     "small": (10_000, 100),
     "large": (100_000, 100),
@@ -165,8 +166,10 @@ def stage_raw(out: pathlib.Path, num_clients: int, mean: int, seed: int) -> dict
     from array_record.python.array_record_module import ArrayRecordWriter
 
     from fedstream.data.format import encode_examples
+    from fedstream.data.writer import DEFAULT_COMPRESSION, default_group_size, shard_options
 
     sch = schema()
+    options = shard_options(default_group_size(sch), DEFAULT_COMPRESSION)  # the same chunks as DatasetWriter's
     sizes = client_sizes(num_clients, mean, seed)
     (out / "train").mkdir(parents=True)
     gen_s = encode_s = write_s = 0.0
@@ -182,7 +185,7 @@ def stage_raw(out: pathlib.Path, num_clients: int, mean: int, seed: int) -> dict
             if writer is not None:
                 writer.close()
                 shard += 1
-            writer = ArrayRecordWriter(str(out / "train" / f"shard-{shard:05d}.array_record"), OPTIONS)
+            writer = ArrayRecordWriter(str(out / "train" / f"shard-{shard:05d}.array_record"), options)
             in_shard = 0
         for r in records:
             writer.write(r)
@@ -334,7 +337,7 @@ def emit(record: dict[str, Any], keys: list[str], json_path: str | None) -> None
     print(kv(record, keys), flush=True)
     if json_path:
         with open(json_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(stamp(record)) + "\n")
 
 
 def remove(path: pathlib.Path) -> None:
@@ -456,7 +459,7 @@ def main() -> None:
           + f" under_2GB={summary['train_peak_rss_under_2GB']} kept={args.keep}", flush=True)
     if args.json:
         with open(args.json, "a") as f:
-            f.write(json.dumps(summary) + "\n")
+            f.write(json.dumps(stamp(summary)) + "\n")
 
 
 if __name__ == "__main__":

@@ -78,6 +78,8 @@ from fedstream.data.reader import FederatedDataset
 from fedstream.data.writer import DEFAULT_COMPRESSION, DatasetWriter
 from fedstream.models import get_model
 from fedstream.models.layers import resolve_conv_impl
+
+from run_info import stamp  # benchmarks/ is first on sys.path when run as a script
 from fedstream.training.rounds import build_train_round, make_mesh, replicate, shard_batch
 
 NUM_CLIENTS = 3400
@@ -398,7 +400,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "a") as f:
             for r in results:
-                f.write(json.dumps(r) + "\n")
+                f.write(json.dumps(stamp(r)) + "\n")
     print(f"total {time.perf_counter() - start:.0f} s, load average {os.getloadavg()[0]:.2f}", flush=True)
 
 

@@ -68,6 +68,7 @@ import numpy as np
 # round_efficiency.py lives next to this file; running `python benchmarks/scaling.py` puts
 # benchmarks/ first on sys.path.
 import round_efficiency
+from run_info import stamp
 from fedstream.data.cohort import ClientBatching, bucket_steps, pack_clients, padding_waste, sample_cohort
 
 COHORTS = (10, 50, 100, 500, 1000, 2000, 5000)
@@ -751,7 +752,7 @@ def main() -> None:
             line += f" error={record['error'][:300]!r}"
         print(line, flush=True)
         if json_file:
-            json_file.write(json.dumps(record) + "\n")
+            json_file.write(json.dumps(stamp(record)) + "\n")
             json_file.flush()
 
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPU cores, "
