@@ -132,3 +132,48 @@ def test_readme_tour_runs_as_written(tmp_path, monkeypatch, capsys):
     for command in commands:
         assert cli.main(shlex.split(command)[1:]) == 0, command
     assert "final test accuracy" in capsys.readouterr().out
+
+
+def load_benchmark(name: str):
+    """A module from benchmarks/ (not a package: loaded by path, its folder on sys.path as when run)."""
+    import importlib.util
+    import sys
+
+    folder = DOCS.parent / "benchmarks"
+    sys.path.insert(0, str(folder))
+    try:
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
+    return module
+
+
+def test_performance_page_matches_the_benchmark_results():
+    report = load_benchmark("performance_report")
+    assert report.main(["--check"]) == 0, "docs/performance.md is stale: run python benchmarks/performance_report.py"
+
+
+def test_performance_report_takes_medians_over_runs_and_hides_paths(tmp_path):
+    report = load_benchmark("performance_report")
+    run_info = load_benchmark("run_info")
+    command = run_info.public_command(["/somewhere/benchmarks/round_efficiency.py", "--data-dir", "/secret/d",
+                                       "--json=/secret/r.jsonl", "--rounds", "3"])
+    assert command == "python benchmarks/round_efficiency.py --data-dir DIR --json=FILE.jsonl --rounds 3"
+    lines = []
+    for i, (fed, lim) in enumerate([(2.0, 1.0), (3.0, 2.0), (9.0, 3.0)]):
+        lines.append({"model": "cnn", "clients_per_round": 10, "steps_per_round": 90, "fedstream_median_s": fed,
+                      "limit_median_s": lim, "ratio": fed / lim, "fedstream_ms_per_step": fed / 90 * 1e3,
+                      "data_wait_median_s": 0.0, "paired_ratio_median": fed / lim,
+                      "run": {"date": f"2026-12-0{i + 1} 10:00 UTC", "command": command, "machine": "2 CPU cores",
+                              "versions": {"jax": "0.10.2"}, "load_average_at_start": 1.0}})
+    (tmp_path / "round_efficiency.jsonl").write_text("".join(__import__("json").dumps(r) + "\n" for r in lines)
+                                                     + '{"unstamped": true}\n')
+    doc = "x\n<!-- BEGIN GENERATED round_limit -->\nold\n<!-- END GENERATED round_limit -->\ny\n"
+    out = report.render(doc, tmp_path)
+    row = next(line for line in out.splitlines() if line.startswith("| cnn"))
+    # fedstream 3.0 (2.0-9.0), limit 2.0 (1.0-3.0), ratio median of (2.0, 1.5, 3.0) = 2.0 over 3 runs.
+    assert row.split(" | ")[2:7] == ["3", "90", "3 (2–9)", "2 (1–3)", "**2.00 (1.50–3.00)**"]
+    assert "Measured 2026-12-01 10:00 UTC to 2026-12-03 10:00 UTC; 3 invocations" in out and "/secret" not in out
+    assert out.startswith("x\n") and out.endswith("y\n") and "old" not in out
