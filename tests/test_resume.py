@@ -85,7 +85,9 @@ def uninterrupted(tmp_path_factory, digits):
     return workdir
 
 
-@pytest.mark.parametrize("fault", ["kill_after_round:2", "kill_during_save:3"])
+# A kill during the async save is also among the 8 kills of tests/test_chaos.py (slow); here it is slow-marked
+# too, to keep the default run near 10 minutes.
+@pytest.mark.parametrize("fault", ["kill_after_round:2", pytest.param("kill_during_save:3", marks=pytest.mark.slow)])
 def test_sigkill_then_resume_is_bit_identical(tmp_path, digits, uninterrupted, fault):
     killed = train(tmp_path, digits, fault=fault)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
