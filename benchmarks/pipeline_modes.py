@@ -66,7 +66,8 @@ def main() -> int:
     args = parser.parse_args()
     from absl import flags
 
-    flags.FLAGS(sys.argv[:1])  # Grain's worker processes read absl flags (STACK_NOTES §2)
+    # Grain's worker processes read absl flags: see docs/notes.md, 'Grain worker processes and absl flags'.
+    flags.FLAGS(sys.argv[:1])
     ds = FederatedDataset(scaling.synthetic_dataset(pathlib.Path(args.data_dir), scaling.POPULATION))
     modes = args.modes.split(",")
     per_round: dict[str, list[float]] = {m: [] for m in modes}

@@ -12,7 +12,6 @@ import ast
 import importlib.util
 import pathlib
 import re
-from typing import Callable
 
 SECTIONS = ("recipes", "pipelines", "models", "algorithms", "optimizers")
 OPTIMIZER_DESCRIPTIONS = {
@@ -52,14 +51,12 @@ def package_modules(package: str) -> dict[str, str]:
 
 def model_descriptions() -> dict[str, str]:
     """Registered model names -> a line from the factory's docstring or the module class's docstring."""
-    from fedstream.models import MODEL_NAMES, core
+    from fedstream.models import model_factories
 
-    factories: dict[str, Callable] = getattr(core, "_FACTORIES", {})
     out = {}
-    for name in MODEL_NAMES:
-        factory = factories.get(name)
-        doc = getattr(factory, "__doc__", None) if getattr(factory, "__name__", "") != "<lambda>" else None
-        if not doc and factory is not None:
+    for name, factory in sorted(model_factories().items()):
+        doc = factory.__doc__ if getattr(factory, "__name__", "") != "<lambda>" else None
+        if not doc:
             try:
                 doc = type(factory(10)).__doc__
             except Exception:  # noqa: BLE001 - a factory that needs more arguments: no description
@@ -69,21 +66,17 @@ def model_descriptions() -> dict[str, str]:
 
 
 def algorithm_descriptions() -> dict[str, str]:
-    """Registered algorithms (`fedstream.algorithms.algorithm_names()`; FedAvg if there is no registry)."""
-    import fedstream.algorithms as algorithms
+    """Registered algorithms and their one-line descriptions (`fedstream.algorithms.algorithm_names()`)."""
+    from fedstream.algorithms import algorithm_names
 
-    if hasattr(algorithms, "algorithm_names"):
-        return dict(algorithms.algorithm_names())
-    from fedstream.algorithms import fedavg
-
-    return {"fedavg": _first_line(fedavg.__doc__)}
+    return algorithm_names()
 
 
 def optimizer_descriptions() -> dict[str, str]:
     """Optimizer names accepted by client.optimizer and server.optimizer."""
-    from fedstream.config import _known_optimizers
+    from fedstream.algorithms import OPTIMIZER_NAMES
 
-    return {name: OPTIMIZER_DESCRIPTIONS.get(name, "") for name in _known_optimizers()}
+    return {name: OPTIMIZER_DESCRIPTIONS.get(name, "") for name in OPTIMIZER_NAMES}
 
 
 def catalog(sections: tuple[str, ...] = SECTIONS) -> str:

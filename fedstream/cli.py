@@ -20,7 +20,7 @@ import textwrap
 from typing import Any, Sequence
 
 
-def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     """Separates `--config.k=v` / `--config.k v` items from the other arguments."""
     rest, overrides = [], []
     items = list(argv)
@@ -74,7 +74,8 @@ def _sub(sub: Any, name: str, help_text: str, description: str, examples: str) -
                           formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `fedstream` command."""
     parser = argparse.ArgumentParser(
         prog="fedstream", description=__doc__.split("\n\n")[0].strip('"'),
         epilog="Run 'fedstream COMMAND --help' for a command's options. Set FEDSTREAM_DEBUG=1 for tracebacks.")
@@ -117,8 +118,8 @@ def _parser() -> argparse.ArgumentParser:
     e = _sub(sub, "eval", "evaluate a saved checkpoint on any split",
              "Evaluate checkpoint STEP (default: the latest) of the run in WORKDIR on a split of its dataset and "
              "print loss and accuracy (example-weighted and client mean). Give the run's pipeline and overrides; "
-             "eval.* and data_threads may differ. The workdir is only read, so a running training is not "
-             "disturbed.",
+             "num_rounds, data_threads, eval.* and checkpoint.* may differ. The workdir is only read, so a running "
+             "training is not disturbed.",
              "  fedstream eval digits_fedavg --workdir checkpoints/digits\n"
              "  fedstream eval digits_fedavg --workdir checkpoints/digits --split train --step 100 --json")
     e.add_argument("pipeline", help="the run's pipeline name or config .py")
@@ -179,8 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if not os.environ.get("FEDSTREAM_DEBUG"):
         _quiet_checkpoint_thread_errors()
-    args_list, overrides = _split_overrides(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(args_list)
+    args_list, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(args_list)
     if overrides and args.command in ("inspect", "plot", "list"):
         raise SystemExit(f"fedstream {args.command} takes no --config overrides")
     try:
@@ -197,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = load_config(args.pipeline, "fedstream.pipelines", overrides)
             validate_train_config(config)
             init_distributed(args)
-            train(config, args.workdir, resume_last_good=args.resume_last_good)
+            train(config, args.workdir, resume_last_good=args.resume_last_good, validated=True)
         elif args.command == "eval":
             import json
 

@@ -16,7 +16,7 @@ import json
 import pathlib
 import sys
 from types import ModuleType
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import ml_collections
 
@@ -140,27 +140,10 @@ REFERENCE_PIPELINE = "fedstream.pipelines.digits_fedavg"
 FREE_FORM_KEYS = ("model.options", "algorithm.options")
 AGGREGATIONS = ("example", "uniform")
 NONFINITE_POLICIES = ("skip", "stop")  # config key nonfinite: a client update with NaN/Inf
-_FALLBACK_OPTIMIZERS = ("sgd", "adam", "yogi", "adagrad")
 
 
 def _reference_config() -> dict[str, Any]:
     return importlib.import_module(REFERENCE_PIPELINE).get_config().to_dict()
-
-
-def _known_algorithms() -> tuple[str, ...]:
-    """Registered algorithm names (`fedstream.algorithms.algorithm_names()`, or just fedavg)."""
-    try:
-        from fedstream.algorithms import algorithm_names
-    except ImportError:
-        return ("fedavg",)
-    return tuple(algorithm_names())
-
-
-def _known_optimizers() -> tuple[str, ...]:
-    """Optimizer names `make_optimizer` accepts (`OPTIMIZER_NAMES` of fedavg when it defines one)."""
-    from fedstream.algorithms import fedavg
-
-    return tuple(getattr(fedavg, "OPTIMIZER_NAMES", _FALLBACK_OPTIMIZERS))
 
 
 def _type_ok(expected: Any, value: Any) -> bool:
@@ -204,8 +187,8 @@ def validate_train_config(config: ml_collections.ConfigDict, num_train_clients: 
 
     Raises ConfigError naming the key. Keys and types are checked against the
     reference pipeline (`REFERENCE_PIPELINE`); `model.options` is free-form.
-    With `num_train_clients` (the train split's population) it also checks
-    `clients_per_round` against it. Cheap: no data is read.
+    With `num_train_clients` (the train split's population) it also runs
+    `check_clients_per_round`. Cheap: no data is read.
     """
     import math
 
@@ -267,19 +250,31 @@ def validate_train_config(config: ml_collections.ConfigDict, num_train_clients: 
 
         need("model.name", get("model.name") in MODEL_NAMES, f"one of {', '.join(MODEL_NAMES)}")
     if "client.optimizer" in values or "server.optimizer" in values:
-        known = _known_optimizers()
+        from fedstream.algorithms.fedavg import OPTIMIZER_NAMES
+
         for key in ("client.optimizer", "server.optimizer"):
-            need(key, get(key) in known, f"one of {', '.join(known)}")
+            need(key, get(key) in OPTIMIZER_NAMES, f"one of {', '.join(OPTIMIZER_NAMES)}")
     if "algorithm.name" in values:
-        algorithms = _known_algorithms()
+        from fedstream.algorithms import algorithm_names
+
+        algorithms = tuple(algorithm_names())
         need("algorithm.name", get("algorithm.name") in algorithms, f"one of {', '.join(algorithms)}")
     if get("data.augment"):
         from fedstream.data.augment import AUGMENTATIONS
 
         need("data.augment", get("data.augment") in AUGMENTATIONS,
              f"'' or one of {', '.join(sorted(AUGMENTATIONS))}")
-    if num_train_clients is not None and number("clients_per_round") is not None:
-        if int(get("clients_per_round")) > int(num_train_clients):
-            raise ConfigError(f"config key 'clients_per_round' is {get('clients_per_round')}, more than the "
-                              f"{num_train_clients} clients of split {get('data.train_split')!r} in "
-                              f"{get('data.path')}")
+    if num_train_clients is not None:
+        check_clients_per_round(config, num_train_clients)
+
+
+def check_clients_per_round(config: ml_collections.ConfigDict | Mapping[str, Any], num_train_clients: int) -> None:
+    """Refuses a `clients_per_round` larger than the train split's population (the check that needs the data).
+
+    Only this key is checked; the rest of the config is `validate_train_config`'s.
+    """
+    values = flatten(config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config))
+    clients = values.get("clients_per_round")
+    if isinstance(clients, (int, float)) and not isinstance(clients, bool) and int(clients) > int(num_train_clients):
+        raise ConfigError(f"config key 'clients_per_round' is {clients}, more than the {num_train_clients} clients "
+                          f"of split {values.get('data.train_split')!r} in {values.get('data.path')}")

@@ -23,7 +23,8 @@ import ml_collections
 import numpy as np
 
 from fedstream.data import tff
-from fedstream.data.download import Remote, cache_dir, fetch, sha256_file
+from fedstream.data.download import Remote, cache_dir, fetch
+from fedstream.data.format import file_sha256
 
 TFF_BASE_URL = "https://storage.googleapis.com/tff-datasets-public/"
 
@@ -92,8 +93,8 @@ def fingerprint(config: ml_collections.ConfigDict, remotes: Mapping[str, Remote]
         raise FileNotFoundError(f"{path}: no such file (config.source)")
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix == ".h5")
-        return "sha256:" + ",".join(f"{p.name}={sha256_file(p)}" for p in files)
-    return f"sha256:{sha256_file(path)}"
+        return "sha256:" + ",".join(f"{p.name}={file_sha256(p)}" for p in files)
+    return f"sha256:{file_sha256(path)}"
 
 
 @contextlib.contextmanager

@@ -24,7 +24,6 @@ input fingerprint, so rerunning after the file changed needs --force.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import zipfile
 from typing import Iterator
@@ -32,7 +31,7 @@ from typing import Iterator
 import ml_collections
 import numpy as np
 
-from fedstream.data.format import FeatureSpec, Schema
+from fedstream.data.format import FeatureSpec, Schema, file_sha256
 from fedstream.data.partition import dirichlet_label_partition, iid_partition, shards_partition
 
 SOURCE = "a user-provided .npz file (provenance and license are the user's)"
@@ -146,16 +145,12 @@ def fingerprint(config: ml_collections.ConfigDict) -> str:
     """sha256 of the .npz file: a changed file is not 'up to date'."""
     if not config.path:
         raise ValueError("recipe arrays needs --config.path=FILE.npz")
-    digest = hashlib.sha256()
     try:
-        with open(config.path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        return f"sha256:{file_sha256(config.path)}"
     except FileNotFoundError:
         raise ValueError(f"{config.path}: no such file") from None
     except OSError as e:
         raise ValueError(f"{config.path}: cannot read ({e.strerror or e})") from None
-    return f"sha256:{digest.hexdigest()}"
 
 
 def _load(config: ml_collections.ConfigDict, keys: list[str]) -> dict[str, np.ndarray]:

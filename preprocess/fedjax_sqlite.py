@@ -48,7 +48,7 @@ from typing import Any, Iterator
 import ml_collections
 import numpy as np
 
-from fedstream.data.format import FeatureSpec, Schema
+from fedstream.data.format import FeatureSpec, Schema, file_sha256
 
 SOURCE = "user-provided FedJAX SQLite files (provenance and license are the user's)"
 TABLE = "federated_data"
@@ -356,9 +356,7 @@ def fingerprint(config: ml_collections.ConfigDict) -> str:
         if not path.is_file():
             raise ValueError(f"{path}: no such file")
         try:
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
+            file_sha256(path, digest)
         except OSError as e:
             raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
     return f"sha256:{digest.hexdigest()}"

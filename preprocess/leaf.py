@@ -54,7 +54,7 @@ from typing import Any, Iterator
 import ml_collections
 import numpy as np
 
-from fedstream.data.format import FeatureSpec, Schema
+from fedstream.data.format import FeatureSpec, Schema, file_sha256
 
 SOURCE = "user-provided LEAF JSON files (LEAF, Caldas et al. 2018; data licenses are the datasets' own)"
 TASKS = ("femnist", "synthetic", "shakespeare", "celeba")
@@ -370,9 +370,7 @@ def fingerprint(config: ml_collections.ConfigDict) -> str:
         for path in files:
             digest.update(f"{split}\0{path.name}\0".encode())
             try:
-                with open(path, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        digest.update(block)
+                file_sha256(path, digest)
             except OSError as e:
                 raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
     return f"sha256:{digest.hexdigest()}"

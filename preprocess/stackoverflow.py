@@ -59,8 +59,8 @@ import ml_collections
 import numpy as np
 
 from fedstream.data import text
-from fedstream.data.download import Remote, fetch, sha256_file
-from fedstream.data.format import FeatureSpec, Schema
+from fedstream.data.download import Remote, fetch
+from fedstream.data.format import FeatureSpec, Schema, file_sha256
 from fedstream.data.tff import TFFFormatError
 from fedstream.recipes import _tff_common as common
 from fedstream.recipes import _tff_text
@@ -123,7 +123,7 @@ def _word_counts_path(config: ml_collections.ConfigDict) -> pathlib.Path:
     return fetch(WORD_COUNTS, config.cache_dir, progress=common.say)
 
 
-def _read_vocabulary(path: pathlib.Path, vocab_size: int) -> text.Vocabulary:
+def read_vocabulary(path: pathlib.Path, vocab_size: int) -> text.Vocabulary:
     """The first `vocab_size` words of a word-count file or of its `.tar.bz2` archive."""
     def build(lines: TextIO) -> text.Vocabulary:
         try:
@@ -151,7 +151,7 @@ def _read_vocabulary(path: pathlib.Path, vocab_size: int) -> text.Vocabulary:
 
 @functools.lru_cache(maxsize=4)
 def _cached_vocabulary(path: str, size: int, mtime_ns: int, vocab_size: int) -> text.Vocabulary:
-    return _read_vocabulary(pathlib.Path(path), vocab_size)
+    return read_vocabulary(pathlib.Path(path), vocab_size)
 
 
 def vocabulary(config: ml_collections.ConfigDict) -> text.Vocabulary:
@@ -197,7 +197,7 @@ def assets(config: ml_collections.ConfigDict) -> dict[str, bytes]:
 
 def fingerprint(config: ml_collections.ConfigDict) -> str:
     """sha256 of the local source and word-count files, or the pinned sha256 of the downloads."""
-    words = f"sha256:{sha256_file(_word_counts_path(config))}" if config.word_counts else f"sha256:{WORD_COUNTS.sha256}"
+    words = f"sha256:{file_sha256(_word_counts_path(config))}" if config.word_counts else f"sha256:{WORD_COUNTS.sha256}"
     return f"{common.fingerprint(config, REMOTES)};words={words}"
 
 

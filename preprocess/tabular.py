@@ -50,7 +50,7 @@ from typing import Any, Callable, Iterator
 import ml_collections
 import numpy as np
 
-from fedstream.data.format import FeatureSpec, Schema
+from fedstream.data.format import FeatureSpec, Schema, file_sha256
 from fedstream.data.partition import (dirichlet_label_partition, iid_partition, quantity_skew_partition,
                                       shards_partition)
 
@@ -572,9 +572,7 @@ def _hash_path(digest: Any, path: pathlib.Path) -> None:
     for file in files:
         digest.update(f"{file.relative_to(path) if path.is_dir() else file.name}\0".encode())
         try:
-            with open(file, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
+            file_sha256(file, digest)
         except OSError as e:
             raise ValueError(f"{file}: cannot read ({e.strerror or e})") from None
 

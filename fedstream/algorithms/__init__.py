@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import optax
 
-from fedstream.algorithms.fedavg import FedAvg, ServerState, make_optimizer
+from fedstream.algorithms.fedavg import OPTIMIZER_NAMES, FedAvg, ServerState, make_optimizer
 from fedstream.algorithms.scaffold import Scaffold
 from fedstream.models import Model
 
@@ -56,4 +56,5 @@ from fedstream.algorithms import agnostic_fedavg, fednova, fedprox, hyp_cluster,
 from fedstream.algorithms import dp_fedavg  # noqa: E402,F401  (dp_fedavg, compressed_fedavg)
 from fedstream.algorithms import ditto  # noqa: E402,F401
 
-__all__ = ["FedAvg", "ServerState", "make_optimizer", "register_algorithm", "algorithm_names", "build_algorithm"]
+__all__ = ["FedAvg", "ServerState", "make_optimizer", "OPTIMIZER_NAMES", "register_algorithm", "algorithm_names",
+           "build_algorithm"]

@@ -45,13 +45,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedstream.algorithms.fedavg import FedAvg, Params
+from fedstream.algorithms.fedavg import FedAvg, Params, squared_distance
 from fedstream.models import TrainMetrics
-
-
-def _squared_distance(a: Params, b: Params) -> jax.Array:
-    """||a - b||^2 over all leaves."""
-    return sum(jnp.sum(jnp.square(x - y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 @flax.struct.dataclass
@@ -103,7 +98,7 @@ class Ditto(FedAvg):
                       broadcast: Any) -> jax.Array:
         """h_i(v; w^t) = f_i(v; b) + lambda/2 ||v - w^t||^2 on one batch."""
         loss, _ = FedAvg.client_loss(self, v, batch, rng, broadcast)
-        return loss + 0.5 * self.ditto_lambda * _squared_distance(v, broadcast["params"])
+        return loss + 0.5 * self.ditto_lambda * squared_distance(v, broadcast["params"])
 
     def client_step(self, state: DittoClient, batch: Mapping[str, jax.Array], rng: jax.Array,
                     broadcast: Any = None) -> tuple[DittoClient, TrainMetrics]:

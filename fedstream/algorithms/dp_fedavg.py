@@ -86,11 +86,12 @@ from fedstream.algorithms.privacy import (DPMechanism, PrivacyLedger, calibrate_
 from fedstream.models import Model, TrainMetrics
 
 LOG_PREFIX = "log_"
-# fold_in constants that keep the transforms' random streams apart from everything else.
-_CODEC_SALT = 0x636F6465  # client: quantization / rotation-free randomness
-_NOISE_SALT = 0x6E6F6973  # server: DP noise
-_ROTATION_SALT = 0x726F7461  # run: the key of the shared rotations
-_COUNT_NOISE_SALT = 0x636F756E  # server: noise on the count of unclipped clients (adaptive clipping)
+# fold_in constants that keep the transforms' random streams apart from everything else (public: the
+# tests reproduce the noise and the quantization from them).
+CODEC_SALT = 0x636F6465  # client: quantization / rotation-free randomness
+NOISE_SALT = 0x6E6F6973  # server: DP noise
+ROTATION_SALT = 0x726F7461  # run: the key of the shared rotations
+COUNT_NOISE_SALT = 0x636F756E  # server: noise on the count of unclipped clients (adaptive clipping)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,7 +230,7 @@ class TransformedFedAvg(FedAvg):
         own = {}
         if self.codec.rotates:
             key = rng if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else jax.random.key_data(rng)
-            own["transform_key"] = jax.random.fold_in(key, _ROTATION_SALT)
+            own["transform_key"] = jax.random.fold_in(key, ROTATION_SALT)
         if self.adaptive:
             own["clip_norm"] = jnp.asarray(self.clip_norm, jnp.float32)
         return self._outer_state(state, own)
@@ -295,7 +296,7 @@ class TransformedFedAvg(FedAvg):
             _check_model_shaped(flat.shape[0], inner_broadcast)
         update = jnp.where(w > 0, flat / jnp.where(w > 0, w, 1.0), 0.0)  # Delta_i
         residual = stored["residual"] if self.codec.stateful else None
-        key = jax.random.fold_in(rng, _CODEC_SALT) if rng is not None else jax.random.PRNGKey(0)
+        key = jax.random.fold_in(rng, CODEC_SALT) if rng is not None else jax.random.PRNGKey(0)
         decoded, new_residual, bits = self.codec.encode(update, key, round_key, residual)
         norm = jnp.linalg.norm(decoded)
         logs = {"log_clients": jnp.float32(1), "log_bits": bits, "log_update_norm": norm}
@@ -343,13 +344,13 @@ class TransformedFedAvg(FedAvg):
             if self.dp:
                 if rng is None:
                     raise ValueError("DP-FedAvg's server update needs the round's server key")
-                noise = jax.random.normal(jax.random.fold_in(rng, _NOISE_SALT), flat.shape, flat.dtype)
+                noise = jax.random.normal(jax.random.fold_in(rng, NOISE_SALT), flat.shape, flat.dtype)
                 if self.adaptive:
                     if unclipped_centred is None:
                         raise ValueError("adaptive clipping's server update needs the clients' 'unclipped_centred'")
                     clip = state.extra["clip_norm"]
                     flat = flat + (self.delta_noise_multiplier * clip) * noise
-                    count_noise = jax.random.normal(jax.random.fold_in(rng, _COUNT_NOISE_SALT), (), jnp.float32)
+                    count_noise = jax.random.normal(jax.random.fold_in(rng, COUNT_NOISE_SALT), (), jnp.float32)
                     own["clip_norm"] = adapted_clip_norm(
                         clip, unclipped_centred, self.count_noise_stddev * count_noise, self.denominator,
                         self.clip_learning_rate, self.target_unclipped_quantile)

@@ -34,6 +34,11 @@ from fedstream.models import Model, TrainMetrics
 Params = Any
 
 
+def squared_distance(a: Params, b: Params) -> jax.Array:
+    """||a - b||^2 over all leaves of two pytrees of the same structure (proximal terms)."""
+    return sum(jnp.sum(jnp.square(x - y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
 @flax.struct.dataclass
 class ServerState:
     """What the server carries from round to round (and what is checkpointed).
@@ -154,6 +159,10 @@ class FedAvg:
         return broadcast
 
 
+# The optimizer names `make_optimizer` accepts (config keys client.optimizer and server.optimizer).
+OPTIMIZER_NAMES = ("sgd", "adam", "yogi", "adagrad")
+
+
 def make_optimizer(name: str, learning_rate: float, **options: Any) -> optax.GradientTransformation:
     """An optax optimizer by name: 'sgd' (momentum=), 'adam', 'yogi', 'adagrad' (b1=, b2=, eps=, initial_accumulator_value=).
 
@@ -172,4 +181,4 @@ def make_optimizer(name: str, learning_rate: float, **options: Any) -> optax.Gra
     if name == "adagrad":
         return optax.adagrad(learning_rate, eps=options.get("eps", 1e-7),
                              initial_accumulator_value=options.get("initial_accumulator_value", 0.1))
-    raise ValueError(f"unknown optimizer {name!r}; known: sgd, adam, yogi, adagrad")
+    raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZER_NAMES)}")

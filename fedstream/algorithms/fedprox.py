@@ -21,14 +21,8 @@ import dataclasses
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 
-from fedstream.algorithms.fedavg import FedAvg, Params
-
-
-def squared_distance(a: Params, b: Params) -> jax.Array:
-    """||a - b||^2 over all leaves."""
-    return sum(jnp.sum(jnp.square(x - y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+from fedstream.algorithms.fedavg import FedAvg, Params, squared_distance
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,13 +6,14 @@ keys the round derives from the same numbers. Nothing depends on the device
 count, on prefetching, or on restarts.
 
 A round's clients are *packed* onto devices: each device gets one stream of
-SGD steps in which several clients follow one another (the round resets the
-model at each client's first step). Clients are assigned longest-first to the
-least-loaded device, and the stream length is rounded up to one of a few
-bucket sizes (2^k or 1.5 * 2^k), so unequal client sizes waste little compute and the number of
-compiled round shapes stays small. Leaves are shaped `[devices, steps, batch,
-...]` with a per-example `mask`, plus per device one slot per cohort client
-(offset and number of its steps in the stream, weight, client index).
+SGD steps in which several clients follow one another (the round starts each
+client from the server model and runs exactly its own steps). Clients are
+assigned longest-first to the least-loaded device, and the stream length is
+rounded up to one of a few bucket sizes (2^k or 1.5 * 2^k), so unequal client
+sizes waste little compute and the number of compiled round shapes stays
+small. Leaves are shaped `[devices, steps, batch, ...]` with a per-example
+`mask`, plus per device one slot per cohort client (offset and number of its
+steps in the stream, weight, client index).
 
 Two samplings (`CohortPipeline.sampling`):
 
@@ -37,6 +38,8 @@ from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import grain
 import numpy as np
+
+from fedstream.data.format import DatasetFormatError
 
 # Sub-streams of numpy's seed sequence, so that sampling and shuffling never
 # share random numbers.
@@ -164,8 +167,9 @@ def bucket_steps(steps: int) -> int:
 
     Few distinct lengths means few compiled round shapes (a 500-round run
     with 10 heavy-tailed clients per round compiles about 6). Padding steps
-    are skipped inside the round by `lax.cond`, so they cost a copy, not a
-    gradient step.
+    are never run in a training round: it runs a `fori_loop` over exactly
+    each client's own steps (`fedstream.training.rounds`). An evaluation
+    pass skips them with `lax.cond`.
     """
     if steps <= 2:
         return max(steps, 1)
@@ -189,6 +193,26 @@ def pack_clients(step_counts: Sequence[int], num_devices: int) -> tuple[np.ndarr
         device[i], offset[i] = d, load[d]
         load[d] += counts[i]
     return device, offset, load
+
+
+def check_labels(data: Mapping[str, np.ndarray], key: str, num_classes: int, source: Any, split: str,
+                 client: int) -> None:
+    """Refuses a client whose labels `data[key]` fall outside [0, num_classes), naming the client and the range.
+
+    Such labels would otherwise index past the model's logits and show up
+    only as a diverging loss.
+    """
+    labels = data[key]
+    if labels.size == 0 or labels.dtype.kind not in "iu":
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        ids = source.client_ids(split) if hasattr(source, "client_ids") else None
+        name = repr(str(ids[client])) if ids is not None else f"at position {client}"
+        raise DatasetFormatError(
+            f"split {split!r}, client {name}: labels (feature {key!r}) range over [{low}, {high}], outside the "
+            f"model's {num_classes} classes [0, {num_classes - 1}]; set config key model.num_classes (or the "
+            f"model's num_classes) to at least {high + 1}, or fix the labels")
 
 
 def _fixed_features(schema: Any, features: Sequence[str]) -> None:
@@ -223,6 +247,8 @@ class CohortPipeline:
     sampling: str = "uniform"  # 'uniform' (cohort_size clients) or 'poisson' (each client with rate q)
     sampling_rate: float = 0.0  # Poisson q; 0 = cohort_size / N (so the expected cohort size is cohort_size)
     max_cohort_size: int = 0  # Poisson slots per round (the cap); 0 = poisson_cap(N, q)
+    # (label feature, number of classes): every client's labels are checked to lie in [0, classes) as read.
+    label_range: tuple[str, int] | None = None
 
     def __post_init__(self) -> None:
         _fixed_features(self.source.schema, self.features)
@@ -306,6 +332,8 @@ class CohortPipeline:
             order = client_example_order(self.seed, round_index, client, num_examples, self.batching)
             data = self.source.get_client(self.split, client)
             data = {name: np.asarray(data[name]) for name in self.features}
+            if self.label_range is not None:
+                check_labels(data, *self.label_range, self.source, self.split, client)
             if self.augment is not None:
                 data = self.augment(data, np.random.default_rng([self.seed, round_index, client, _AUGMENT_STREAM]))
             element.update(data=data, order=order)
@@ -467,13 +495,27 @@ def pack_round(
     }
 
 
+def _padded_steps(data: Mapping[str, Any], features: Sequence[str], num_examples: int, steps: int,
+                  batch_size: int) -> dict[str, np.ndarray]:
+    """A client's examples as `[steps, batch_size, ...]` per feature, zero-padded, plus `mask` (True: a real one)."""
+    shape = (steps, batch_size)
+    pad = steps * batch_size - num_examples
+    out = {}
+    for name in features:
+        values = np.asarray(data[name])
+        out[name] = np.concatenate([values, np.zeros((pad, *values.shape[1:]), values.dtype)]).reshape(
+            shape + values.shape[1:])
+    out["mask"] = (np.arange(steps * batch_size) < num_examples).reshape(shape)
+    return out
+
+
 def padding_waste(device_steps: np.ndarray) -> float:
     """Idle device-steps / device-steps executed in a round.
 
     Devices run their clients' steps in parallel and meet at the psum, so a
     round costs `devices * max(device_steps)` step slots, of which the
     `sum(device_steps)` real steps are useful. (Stream padding beyond the
-    busiest device is skipped, not executed, and is not counted.)
+    busiest device is never executed and is not counted.)
     """
     load = np.asarray(device_steps, np.int64)
     slots = load.size * int(load.max()) if load.size else 0
@@ -518,16 +560,8 @@ class EvalPipeline:
         element: dict[str, Any] = {"client": client, "num_examples": n, "steps": steps, "data": None}
         chunk, position = divmod(client, self.chunk_clients)
         if n and (self.local_devices is None or int(self.chunk_plan(chunk)[0][position]) in self.local_devices):
-            data = self.source.get_client(self.split, client)
-            pad = steps * self.batch_size - n
-            shape = (steps, self.batch_size)
-            element["data"] = {
-                name: np.concatenate([np.asarray(data[name]),
-                                      np.zeros((pad, *np.shape(data[name])[1:]), np.asarray(data[name]).dtype)]
-                                     ).reshape(shape + np.shape(data[name])[1:])
-                for name in self.features
-            }
-            element["data"]["mask"] = (np.arange(steps * self.batch_size) < n).reshape(shape)
+            element["data"] = _padded_steps(self.source.get_client(self.split, client), self.features, n, steps,
+                                            self.batch_size)
         return element
 
     def pack(self, elements: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -680,17 +714,8 @@ class PersonalizedEvalPipeline:
         if not n or int(plan["slot"][position]) < 0 or (
                 self.local_devices is not None and int(plan["device"][position]) not in self.local_devices):
             return element
-        data = self.source.get_client(self.test_split, client)
-        steps = element["eval_steps"]
-        pad = steps * self.eval_batch_size - n
-        shape = (steps, self.eval_batch_size)
-        element["data"] = {
-            name: np.concatenate([np.asarray(data[name]),
-                                  np.zeros((pad, *np.shape(data[name])[1:]), np.asarray(data[name]).dtype)]
-                                 ).reshape(shape + np.shape(data[name])[1:])
-            for name in self.features
-        }
-        element["data"]["mask"] = (np.arange(steps * self.eval_batch_size) < n).reshape(shape)
+        element["data"] = _padded_steps(self.source.get_client(self.test_split, client), self.features, n,
+                                        element["eval_steps"], self.eval_batch_size)
         k = element["train_steps"]
         if k:
             train = self.source.get_client(self.train_split, train_client)

@@ -33,6 +33,7 @@ import urllib.request
 from typing import Callable
 
 from fedstream import __version__
+from fedstream.data.format import file_sha256
 
 CACHE_ENV = "FEDSTREAM_CACHE"
 CHUNK_BYTES = 1 << 20
@@ -68,15 +69,6 @@ def cache_dir(configured: str | os.PathLike | None = None) -> pathlib.Path:
     return pathlib.Path(chosen).expanduser() if chosen else pathlib.Path.home() / ".cache" / "fedstream"
 
 
-def sha256_file(path: str | os.PathLike, chunk_bytes: int = CHUNK_BYTES) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk_bytes), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
 
@@ -108,14 +100,12 @@ class _Incomplete(Exception):
 
 
 def _hash_existing(part: pathlib.Path) -> tuple["hashlib._Hash", int]:
+    """The sha256 of what an earlier attempt left in `part` (to continue from), and its size."""
     digest = hashlib.sha256()
-    n = 0
-    if part.exists():
-        with open(part, "rb") as f:
-            for block in iter(lambda: f.read(CHUNK_BYTES), b""):
-                digest.update(block)
-                n += len(block)
-    return digest, n
+    if not part.exists():
+        return digest, 0
+    file_sha256(part, digest)
+    return digest, part.stat().st_size
 
 
 def _content_range_start(header: str | None) -> int | None:
@@ -242,7 +232,7 @@ def verify_file(path: str | os.PathLike, *, sha256: str | None = None, size: int
     if size is not None and got != size:
         raise DownloadError(f"{path}: {got:,} bytes, expected {size:,}")
     if sha256 is not None:
-        digest = sha256_file(path)
+        digest = file_sha256(path)
         if digest != sha256.lower():
             raise DownloadError(f"{path}: sha256 {digest}, expected {sha256.lower()}")
 

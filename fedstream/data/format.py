@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import numbers
+import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -21,6 +23,21 @@ METADATA_FILE = "metadata.json"
 SUCCESS_FILE = "_SUCCESS"
 INDEX_FILE = "index.npz"
 _LENGTH = np.dtype("<u4")
+_HASH_CHUNK_BYTES = 1 << 20
+
+
+def file_sha256(path: str | os.PathLike, digest: Any = None) -> str:
+    """Hex sha256 of the file at `path`, read in 1 MiB chunks (shards, downloads, recipe inputs).
+
+    With `digest` (a `hashlib` hash object) the file's bytes are fed into it
+    instead of a fresh sha256, to hash several files (or names and files) as
+    one; its hex digest so far is returned.
+    """
+    digest = hashlib.sha256() if digest is None else digest
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_HASH_CHUNK_BYTES), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class DatasetFormatError(ValueError):

@@ -22,10 +22,10 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader
 
 from fedstream.data.format import (FORMAT_VERSION, INDEX_FILE, METADATA_FILE, SUCCESS_FILE, DatasetFormatError,
-                                   Schema, decode_examples, schema_from_json)
-from fedstream.data.writer import ASSETS_DIR, _sha256, is_safe_split_name
+                                   Schema, decode_examples, file_sha256, schema_from_json)
+from fedstream.data.writer import ASSETS_DIR, is_safe_split_name
 
-# Random-access reader options: no readahead fill per seek (STACK_NOTES §1).
+# Random-access reader options: no readahead fill per seek (see docs/notes.md, 'ArrayRecord random access').
 READER_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"
 _SHARD_NAME = re.compile(r"^shard-[0-9]{5}\.array_record$")
 
@@ -240,7 +240,7 @@ class FederatedDataset:
         for split, shards in self._shards.items():
             for k, shard in enumerate(shards):
                 shard_path = self.path / shard["file"]
-                if _sha256(shard_path) != shard["sha256"]:
+                if file_sha256(shard_path) != shard["sha256"]:
                     raise DatasetFormatError(f"{shard_path}: sha256 does not match {METADATA_FILE} (corrupted)")
                 try:
                     self._reader(split, k)

@@ -23,7 +23,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from fedstream.data.format import (FORMAT_VERSION, INDEX_FILE, METADATA_FILE, SUCCESS_FILE, FeatureSpec, Schema,
-                                   encode_examples, schema_to_json)
+                                   encode_examples, file_sha256, schema_to_json)
 
 # Uncompressed shards read ~3.5x faster than zstd:3 (4.9 vs 18 us per 3 KB
 # example, docs/performance.md): on a CPU host the data pipeline competes with
@@ -47,15 +47,6 @@ ASSETS_DIR = "assets"
 def is_safe_split_name(split: Any) -> bool:
     """Whether `split` can be a split directory name (also checked by the reader)."""
     return isinstance(split, str) and bool(_SAFE_NAME.match(split)) and split != METADATA_FILE
-
-
-def _sha256(path: pathlib.Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclasses.dataclass
@@ -304,7 +295,7 @@ class DatasetWriter:
         state.writer.close()
         state.writer = None
         path = state.shard_path(len(state.shards) - 1)
-        state.shards[-1].update(num_records=state.records_in_shard, bytes=path.stat().st_size, sha256=_sha256(path))
+        state.shards[-1].update(num_records=state.records_in_shard, bytes=path.stat().st_size, sha256=file_sha256(path))
 
     def close(self) -> pathlib.Path:
         """Finishes every shard, writes index, metadata and `_SUCCESS`, and renames into place."""

@@ -11,6 +11,6 @@ Registered: `logistic`, `mlp`, `cnn` (core.py); `shakespeare_lstm`,
 
 # text and vision register their models on import; MODEL_NAMES is read after them.
 from fedstream.models import text, vision  # noqa: F401
-from fedstream.models.core import Model, TrainMetrics, get_model, MODEL_NAMES
+from fedstream.models.core import Model, TrainMetrics, get_model, model_factories, MODEL_NAMES
 
-__all__ = ["Model", "TrainMetrics", "get_model", "MODEL_NAMES"]
+__all__ = ["Model", "TrainMetrics", "get_model", "model_factories", "MODEL_NAMES"]

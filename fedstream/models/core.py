@@ -6,7 +6,8 @@ the round runner can scan over client steps, shard clients over devices and
 checkpoint params without knowing anything about the module.
 
 Dropout keys are passed at call time (never stored in the model), so every
-client and every step draws its own mask (STACK_NOTES §6 pitfall).
+client and every step draws its own mask (see docs/notes.md, 'Flax dropout
+keys at call time').
 """
 
 # No `from __future__ import annotations`: clu reads the Collection annotations.
@@ -174,6 +175,11 @@ def register_model(name: str, factory: Callable[..., nn.Module]) -> None:
     global MODEL_NAMES
     _FACTORIES[name] = factory
     MODEL_NAMES = tuple(sorted(_FACTORIES))
+
+
+def model_factories() -> dict[str, Callable[..., nn.Module]]:
+    """The registered model factories by name (a copy: `register_model` adds to the registry)."""
+    return dict(_FACTORIES)
 
 
 def get_model(

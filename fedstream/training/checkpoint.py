@@ -5,7 +5,7 @@ A checkpoint step `k` holds the server state after `k` completed rounds
 config, the data iterator's position and the run's seed. Saves are
 asynchronous; a step becomes visible only after Orbax's atomic rename, so a
 process killed mid-save leaves a temporary directory that is ignored on
-restart (STACK_NOTES §3).
+restart (see docs/notes.md, 'Orbax: a step is committed by an atomic rename').
 
 Integrity: every save records the sha256 of the state's bytes (and of the
 client-store index) in the JSON item; a restore recomputes it, so bytes
@@ -218,17 +218,21 @@ class RunCheckpointer:
             self.manager.close()
 
 
-def check_config_unchanged(saved: Mapping[str, Any], current: Mapping[str, Any], workdir: str | pathlib.Path) -> None:
-    """Refuses to resume when a config value that changes results differs.
+RESUME_HINT = "use a new --workdir (only num_rounds, data_threads, eval.* and checkpoint.* may change on resume)"
 
-    Raises ConfigError naming the first such key, with both values.
+
+def check_config_unchanged(saved: Mapping[str, Any], current: Mapping[str, Any], workdir: str | os.PathLike, *,
+                           hint: str = RESUME_HINT) -> None:
+    """Refuses a config that differs from the run's (`saved`) in a key that changes results (not `RESUMABLE_KEYS`).
+
+    Raises ConfigError naming the first such key, with both values, followed
+    by `hint` (what to do instead).
     """
     old, new = flatten(dict(saved)), flatten(dict(current))
     for key in sorted(set(old) | set(new)):
-        if key in RESUMABLE_KEYS or any(key.startswith(p) for p in RESUMABLE_KEYS if p.endswith(".")):
+        if any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESUMABLE_KEYS):
             continue
         if old.get(key, "<missing>") != new.get(key, "<missing>"):
             raise ConfigError(
                 f"config key {key!r} is {new.get(key, '<missing>')!r} but the run in {workdir} was started with "
-                f"{old.get(key, '<missing>')!r}; use a new --workdir (only num_rounds, data_threads, eval.* and "
-                "checkpoint.* may change on resume)")
+                f"{old.get(key, '<missing>')!r}; {hint}")

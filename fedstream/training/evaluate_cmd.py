@@ -18,8 +18,8 @@ from typing import Any, Callable, Mapping
 import ml_collections
 import orbax.checkpoint as ocp
 
-from fedstream.config import ConfigError, flatten, validate_train_config
-from fedstream.training.checkpoint import RESUMABLE_KEYS, RunCheckpointer
+from fedstream.config import ConfigError, validate_train_config
+from fedstream.training.checkpoint import RunCheckpointer, check_config_unchanged
 
 
 class ReadOnlyCheckpointer(RunCheckpointer):
@@ -48,18 +48,6 @@ class ReadOnlyCheckpointer(RunCheckpointer):
         self.manager.close()
 
 
-def _check_same_run(saved: Mapping[str, Any], current: Mapping[str, Any], workdir: str | os.PathLike) -> None:
-    """Refuses a config whose model-affecting keys differ from the run's (names the first such key)."""
-    old, new = flatten(dict(saved)), flatten(dict(current))
-    for key in sorted(set(old) | set(new)):
-        if any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESUMABLE_KEYS):
-            continue
-        if old.get(key, "<missing>") != new.get(key, "<missing>"):
-            raise ConfigError(
-                f"config key {key!r} is {new.get(key, '<missing>')!r} but the run in {workdir} used "
-                f"{old.get(key, '<missing>')!r}; eval needs the run's pipeline and overrides")
-
-
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, split: str | None = None,
                         step: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Evaluates checkpoint `step` (default: the latest) of the run in `workdir` on `split`
@@ -84,7 +72,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.Pat
             step = steps[-1]
         elif step not in steps:
             raise ConfigError(f"{workdir}: no checkpoint of step {step}; kept steps: {', '.join(map(str, steps))}")
-        _check_same_run(checkpointer.read_meta(step)["config"], config.to_dict(), workdir)
+        check_config_unchanged(checkpointer.read_meta(step)["config"], config.to_dict(), workdir,
+                               hint="eval needs the run's pipeline and overrides")
 
         dataset = open_dataset(config, log)
         split = split or str(config.data.test_split)

@@ -41,8 +41,8 @@ from fedstream.algorithms.fedavg import FedAvg
 from fedstream.data.augment import get_augmentation
 from fedstream.data.cohort import PersonalizedEvalPipeline, auto_data_threads
 from fedstream.training.client_store import ClientStateStore
-from fedstream.training.rounds import (AXIS, EVAL_SUMS, _stream_step, _varying, local_device_positions, shard_batch,
-                                       step_key, summarize_eval)
+from fedstream.training.rounds import (AXIS, EVAL_SUMS, local_device_positions, shard_batch, step_key, stream_step,
+                                       summarize_eval, varying)
 
 PersonalizedEvalFn = Callable[..., dict[str, jax.Array]]
 
@@ -70,9 +70,9 @@ def build_personalized_eval(algorithm: FedAvg, mesh: jax.sharding.Mesh, num_slot
         train = {k[len("train_"):]: v for k, v in batch.items() if k.startswith("train_")}
         slots = {k: v[0] for k, v in batch.items() if k.startswith("slot_")}
         personal = None if personal is None else jax.tree.map(lambda a: a[0], personal)
-        params = _varying(params)
-        zeros = _varying({key: jnp.zeros((num_slots,), jnp.float32) for key in EVAL_SUMS})
-        client_zeros = _varying({key: jnp.zeros((), jnp.float32) for key in EVAL_SUMS})
+        params = varying(params)
+        zeros = varying({key: jnp.zeros((num_slots,), jnp.float32) for key in EVAL_SUMS})
+        client_zeros = varying({key: jnp.zeros((), jnp.float32) for key in EVAL_SUMS})
 
         def run_slot(acc, xs):
             slot, personal_i = xs
@@ -85,23 +85,23 @@ def build_personalized_eval(algorithm: FedAvg, mesh: jax.sharding.Mesh, num_slot
 
                 def finetune_step(t, carry):
                     theta, opt_state = carry
-                    step = _stream_step(train, slot["slot_train_offset"] + t)
+                    step = stream_step(train, slot["slot_train_offset"] + t)
                     grads = jax.grad(finetune_loss)(theta, step, step_key(seed, round_index, slot["slot_client"], t))
                     updates, opt_state = optimizer.update(grads, opt_state, theta)
-                    return _varying((optax.apply_updates(theta, updates), opt_state))
+                    return varying((optax.apply_updates(theta, updates), opt_state))
 
                 theta, _ = jax.lax.fori_loop(0, slot["slot_train_steps"], finetune_step,
-                                             _varying((start, optimizer.init(start))))
+                                             varying((start, optimizer.init(start))))
 
                 def eval_step(t, sums):
-                    s = _stream_step(test, slot["slot_eval_offset"] + t)
+                    s = stream_step(test, slot["slot_eval_offset"] + t)
                     logits = model.apply(theta, s[model.input_key])
                     w = s["mask"].astype(jnp.float32)
                     scores = {**model.example_scores(logits, s[model.label_key]), "count": jnp.ones_like(w)}
                     return {key: sums[key] + jnp.sum(scores[key] * w) for key in EVAL_SUMS}
 
                 sums = jax.lax.fori_loop(0, slot["slot_eval_steps"], eval_step, client_zeros)
-                return _varying({key: acc[key].at[slot["slot_position"]].add(sums[key]) for key in EVAL_SUMS})
+                return varying({key: acc[key].at[slot["slot_position"]].add(sums[key]) for key in EVAL_SUMS})
 
             return jax.lax.cond(slot["slot_eval_steps"] > 0, run, lambda a: a, acc), None
 

@@ -34,7 +34,7 @@ EVAL_SUMS = ("loss", "loss_count", "correct", "accuracy_count", "count")
 def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
     """A `('clients',)` mesh over the first `num_devices` devices (default: all).
 
-    Axis type Auto: see STACK_NOTES §4 for why Explicit does not work here.
+    Axis type Auto: see docs/notes.md, 'Mesh axis type Auto', for why Explicit does not work here.
     """
     devices = jax.devices()[: num_devices or jax.device_count()]
     return jax.sharding.Mesh(np.array(devices), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
@@ -90,12 +90,14 @@ def step_key(seed: int, round_index: jax.Array, client: jax.Array, step: jax.Arr
     return jax.random.fold_in(jax.random.fold_in(key, client), step)
 
 
-def _varying(tree: Any) -> Any:
-    """Marks the device-invariant leaves of `tree` as per-device values.
+def varying(tree: Any) -> Any:
+    """Marks the device-invariant leaves of `tree` as per-device values (inside `shard_map` over `AXIS`).
 
     Inside shard_map every value is typed as varying over devices or not, and
     both branches of a `lax.cond` must agree (constants such as clu's
-    reduction counter are invariant).
+    reduction counter are invariant); a replicated input that is
+    differentiated must be varying too. See docs/notes.md, 'shard_map and
+    varying types'.
     """
 
     def cast(leaf: jax.Array) -> jax.Array:
@@ -114,7 +116,7 @@ def server_key(seed: int, round_index: jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), round_index), (1 << 31) + 7)
 
 
-def _stream_step(stream: Mapping[str, jax.Array], index: jax.Array) -> dict[str, jax.Array]:
+def stream_step(stream: Mapping[str, jax.Array], index: jax.Array) -> dict[str, jax.Array]:
     """One step's batch from a device's packed stream (leaves `[1, L, ...]`, indexed in place)."""
     return {k: jax.lax.dynamic_index_in_dim(v, index, axis=1, keepdims=False)[0] for k, v in stream.items()}
 
@@ -140,31 +142,31 @@ def build_train_round(
         slots = {k: v[0] for k, v in batch.items() if k.startswith("slot_")}
         stored = jax.tree.map(lambda a: a[0], stored)
         batch_size = stream["mask"].shape[2]
-        # Without this pcast, gradients of the replicated params would be
-        # silently psum-ed across devices (STACK_NOTES §4).
-        broadcast = _varying(algorithm.broadcast(state))
+        # Without this pcast, gradients of the replicated params would be silently
+        # psum-ed across devices (see docs/notes.md, 'shard_map and varying types').
+        broadcast = varying(algorithm.broadcast(state))
 
         prepass = None
         if algorithm.uses_prepass:
-            template = jax.eval_shape(algorithm.prepass_step, broadcast, _stream_step(stream, 0))
-            zeros = _varying(jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), template))
+            template = jax.eval_shape(algorithm.prepass_step, broadcast, stream_step(stream, 0))
+            zeros = varying(jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), template))
 
             def prepass_client(total, slot):
                 def run(_):
                     def body(t, acc):
-                        step = _stream_step(stream, slot["slot_offset"] + t)
+                        step = stream_step(stream, slot["slot_offset"] + t)
                         first_epoch = t * batch_size + jnp.arange(batch_size) < slot["slot_examples"]
                         part = algorithm.prepass_step(broadcast, {**step, "mask": step["mask"] & first_epoch})
-                        return _varying(jax.tree.map(jnp.add, acc, part))
+                        return varying(jax.tree.map(jnp.add, acc, part))
 
                     steps = jnp.minimum(slot["slot_steps"], -(-slot["slot_examples"] // batch_size))
                     return jax.lax.fori_loop(0, steps, body, zeros)
 
                 own = jax.lax.cond(slot["slot_steps"] > 0, run, lambda _: zeros, None)
-                return _varying(jax.tree.map(jnp.add, total, own)), own
+                return varying(jax.tree.map(jnp.add, total, own)), own
 
             total, prepass = jax.lax.scan(prepass_client, zeros, slots)
-            broadcast = _varying(algorithm.after_prepass(broadcast, jax.lax.psum(total, AXIS)))
+            broadcast = varying(algorithm.after_prepass(broadcast, jax.lax.psum(total, AXIS)))
 
         def run_client(carry, xs):
             slot, stored_i, prepass_i = xs
@@ -176,10 +178,10 @@ def build_train_round(
                     client, metrics = inner
                     key = step_key(seed, state.round, slot["slot_client"], t)
                     client, step_metrics = algorithm.client_step(
-                        client, _stream_step(stream, slot["slot_offset"] + t), key, broadcast)
-                    return _varying((client, metrics.merge(step_metrics)))
+                        client, stream_step(stream, slot["slot_offset"] + t), key, broadcast)
+                    return varying((client, metrics.merge(step_metrics)))
 
-                start = _varying((algorithm.client_init(broadcast, stored_i, prepass_i), TrainMetrics.empty()))
+                start = varying((algorithm.client_init(broadcast, stored_i, prepass_i), TrainMetrics.empty()))
                 client, client_metrics = jax.lax.fori_loop(0, slot["slot_steps"], local_step, start)
                 contribution, new_stored = algorithm.client_contribution(
                     client, broadcast, slot["slot_weight"], stored_i, prepass_i,
@@ -192,9 +194,9 @@ def build_train_round(
                 metrics = keep(metrics.merge(client_metrics), metrics)
                 bad = {"count": bad["count"] + jnp.where(finite, 0, 1),
                        "client": jnp.where(finite | (bad["client"] >= 0), bad["client"], slot["slot_client"])}
-                return _varying(((sums, metrics, bad), keep(new_stored, stored_i)))
+                return varying(((sums, metrics, bad), keep(new_stored, stored_i)))
 
-            return jax.lax.cond(slot["slot_steps"] > 0, train, lambda c: _varying((c, stored_i)), carry)
+            return jax.lax.cond(slot["slot_steps"] > 0, train, lambda c: varying((c, stored_i)), carry)
 
         sums_shape = jax.eval_shape(
             lambda: algorithm.client_contribution(
@@ -203,7 +205,7 @@ def build_train_round(
                 broadcast, jnp.float32(1), jax.tree.map(lambda a: a[0], stored), jax.tree.map(lambda a: a[0], prepass),
                 jax.random.PRNGKey(0))[0])
         no_bad = {"count": jnp.zeros((), jnp.int32), "client": jnp.full((), -1, jnp.int32)}
-        init = _varying((jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), sums_shape), TrainMetrics.empty(),
+        init = varying((jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), sums_shape), TrainMetrics.empty(),
                          no_bad))
         (sums, metrics, bad), new_stored = jax.lax.scan(run_client, init, (slots, stored, prepass))
         sums, metrics = jax.lax.psum((sums, metrics), AXIS)
@@ -245,8 +247,8 @@ def build_eval(
 
     def device_eval(params, batch):
         batch = jax.tree.map(lambda a: a[0], batch)
-        params = _varying(params)
-        zeros = _varying({key: jnp.zeros((num_slots,), jnp.float32) for key in EVAL_SUMS})
+        params = varying(params)
+        zeros = varying({key: jnp.zeros((num_slots,), jnp.float32) for key in EVAL_SUMS})
 
         def step(acc, s):
             def score(acc):

@@ -28,7 +28,7 @@ import numpy as np
 from fedstream.algorithms import build_algorithm as make_algorithm
 from fedstream.algorithms.dp_fedavg import privacy_ledger, round_log
 from fedstream.algorithms.fedavg import FedAvg, ServerState, make_optimizer
-from fedstream.config import ConfigError, flatten, validate_train_config
+from fedstream.config import ConfigError, check_clients_per_round, flatten, validate_train_config
 from fedstream.data.augment import get_augmentation
 from fedstream.data.cohort import ClientBatching, CohortPipeline, EvalPipeline, auto_data_threads
 from fedstream.models import get_model
@@ -109,9 +109,6 @@ def build_algorithm(config: ml_collections.ConfigDict, dataset: Any) -> FedAvg:
 
 class TrainingDiverged(RuntimeError):
     """The run produced non-finite values and stopped; the last saved checkpoint is intact."""
-
-
-NONFINITE_POLICIES = ("skip", "stop")
 
 
 def _last_good(checkpointer: RunCheckpointer) -> str:
@@ -243,7 +240,8 @@ def evaluate_state(algorithm: FedAvg, state: ServerState, dataset: Any, config: 
 
 @locked_workdir
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-          log: Callable[[str], None] = print, *, resume_last_good: bool = False) -> TrainResult:
+          log: Callable[[str], None] = print, *, resume_last_good: bool = False,
+          validated: bool = False) -> TrainResult:
     """Runs (or resumes) the experiment `config` in `workdir`.
 
     Every restored checkpoint is checked against the digests recorded when it
@@ -255,16 +253,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     calls this with the same config and workdir: each reads only its own
     devices' clients, all take part in Orbax's checkpointing, and process 0
     alone writes metrics and progress.
+
+    The config is checked first (`validate_train_config`) unless `validated`
+    says the caller has done so already (the CLI checks it before joining a
+    multi-process run); `clients_per_round` is checked against the train
+    split once the dataset is open.
     """
-    validate_train_config(config)
+    if not validated:
+        validate_train_config(config)
     workdir = pathlib.Path(workdir)
     primary = jax.process_index() == 0
     if not primary:
         log = lambda *_: None  # noqa: E731
     workdir.mkdir(parents=True, exist_ok=True)
     config_dict = config.to_dict()
-    if config.aggregation not in ("example", "uniform"):
-        raise ConfigError(f"config key 'aggregation' must be 'example' or 'uniform', got {config.aggregation!r}")
 
     checkpointer = RunCheckpointer(workdir, every=config.checkpoint.every, keep=config.checkpoint.keep)
     latest = checkpointer.latest_round()
@@ -275,7 +277,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
             pass
 
     dataset = open_dataset(config, log)
-    validate_train_config(config, num_train_clients=dataset.num_clients(config.data.train_split))
+    check_clients_per_round(config, num_train_clients=dataset.num_clients(config.data.train_split))
     algorithm = build_algorithm(config, dataset)
     mesh = make_mesh()
     batching = ClientBatching(int(config.client.batch_size), int(config.client.epochs),
@@ -291,9 +293,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                               sampling_rate=float(config.get("sampling_rate", 0.0)),
                               max_cohort_size=int(config.get("max_clients_per_round", 0)))
     num_rounds = int(config.num_rounds)
-    nonfinite_policy = str(config.get("nonfinite", "skip"))
-    if nonfinite_policy not in NONFINITE_POLICIES:
-        raise ConfigError(f"config key 'nonfinite' must be one of {NONFINITE_POLICIES}, got {nonfinite_policy!r}")
+    nonfinite_policy = str(config.get("nonfinite", "skip"))  # one of config.NONFINITE_POLICIES (validated)
 
     state = replicate(algorithm.init(jax.random.PRNGKey(int(config.seed))), mesh)
     start = 0
