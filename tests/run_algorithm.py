@@ -1,32 +1,19 @@
 """Rounds of a registered algorithm on softmax regression over in-memory clients, on N devices.
 
-Imported by test_algorithms.py (1 device, in process) and run by it in a
-subprocess for several devices (the CPU device count must be fixed before
-jax is imported):
-
-    python tests/run_algorithm.py NUM_DEVICES OUT.npz CASE [CASE ...]
-
-OUT.npz holds `CASE/NAME` arrays: the final params (`W`, `b`; a leading
-cluster axis for HypCluster), the initial ones (`W0`, `b0`) and each array
-of `ServerState.extra`.
+Used by test_algorithms.py on meshes of 1 and 4 of the session's devices. `run` returns the final
+params (`W`, `b`; a leading cluster axis for HypCluster), the initial ones (`W0`, `b0`) and each
+array of `ServerState.extra`.
 """
 
-import os
-import sys
+import jax
+import numpy as np
 
-if __name__ == "__main__":  # the test imports this file for its cases and `run`
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={int(sys.argv[1])}"
-    sys.path.insert(0, os.path.dirname(__file__))
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from fedstream.algorithms import build_algorithm, make_optimizer  # noqa: E402
-from fedstream.data.cohort import ClientBatching, CohortPipeline  # noqa: E402
-from fedstream.data.format import FeatureSpec  # noqa: E402
-from fedstream.models import get_model  # noqa: E402
-from fedstream.training.rounds import build_train_round, make_mesh, replicate, shard_batch  # noqa: E402
-from support import InMemorySource  # noqa: E402
+from fedstream.algorithms import build_algorithm, make_optimizer
+from fedstream.data.cohort import ClientBatching, CohortPipeline
+from fedstream.data.format import FeatureSpec
+from fedstream.models import get_model
+from fedstream.training.rounds import build_train_round, make_mesh, replicate, shard_batch
+from support import InMemorySource
 
 # Clients smaller than a batch and clients of many steps: FedNova's tau_i differ. With this seed every
 # round packs to one stream length on 1 and on 4 devices (one compilation per run), and the empty
@@ -98,16 +85,3 @@ def run(spec: dict, num_devices: int, rounds: int = ROUNDS, sizes=SIZES, init=No
         out[key] = np.asarray(value)
     return out
 
-
-def main() -> None:
-    num_devices, path, cases = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
-    assert jax.device_count() == num_devices
-    arrays = {}
-    for case in cases:
-        for key, value in run(CASES[case], num_devices).items():
-            arrays[f"{case}/{key}"] = value
-    np.savez(path, **arrays)
-
-
-if __name__ == "__main__":
-    main()

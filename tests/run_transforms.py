@@ -1,32 +1,20 @@
 """Rounds of dp_fedavg / compressed_fedavg on softmax regression over in-memory clients, on N devices.
 
-Imported by test_dp.py and test_compression.py (1 device, in process) and
-run by them in a subprocess for several devices (the CPU device count must
-be fixed before jax is imported):
-
-    python tests/run_transforms.py NUM_DEVICES OUT.npz STORE_DIR CASE [CASE ...]
-
-OUT.npz holds `CASE/NAME` arrays: the final params (`W`, `b`), the initial
-ones (`W0`, `b0`), the per-round sums of the `log_*` keys (`logs/KEY`) and,
-with adaptive clipping, the final clip norm (`clip_norm`).
+Used by test_dp.py, test_compression.py and test_adaptive_clipping.py on meshes of 1 and 4 of the
+session's devices. `run` returns the final params (`W`, `b`), the initial ones (`W0`, `b0`), the
+per-round sums of the `log_*` keys (`logs/KEY`) and, with adaptive clipping, the final clip norm
+(`clip_norm`).
 """
 
-import os
-import sys
+import jax
+import numpy as np
 
-if __name__ == "__main__":  # the tests import this file for its cases and `run`
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={int(sys.argv[1])}"
-    sys.path.insert(0, os.path.dirname(__file__))
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from fedstream.algorithms import build_algorithm, make_optimizer  # noqa: E402
-from fedstream.data.cohort import ClientBatching, CohortPipeline  # noqa: E402
-from fedstream.models import get_model  # noqa: E402
-from fedstream.training.client_store import ClientStateStore  # noqa: E402
-from fedstream.training.rounds import build_train_round, make_mesh, replicate, shard_batch  # noqa: E402
-from support import InMemorySource  # noqa: E402
+from fedstream.algorithms import build_algorithm, make_optimizer
+from fedstream.data.cohort import ClientBatching, CohortPipeline
+from fedstream.models import get_model
+from fedstream.training.client_store import ClientStateStore
+from fedstream.training.rounds import build_train_round, make_mesh, replicate, shard_batch
+from support import InMemorySource
 
 # An empty client, clients smaller than a batch, and clients of many steps.
 SIZES = [3, 40, 0, 7, 1, 25, 12, 2, 60, 9, 17, 5]
@@ -166,16 +154,3 @@ def client_updates(spec: dict, r: int, theta: np.ndarray,
         out.append((int(c), t - theta, 1.0 if spec["uniform"] else float(n)))
     return out
 
-
-def main() -> None:
-    num_devices, path, store_dir, cases = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
-    assert jax.device_count() == num_devices
-    arrays = {}
-    for case in cases:
-        for key, value in run(CASES[case], num_devices, os.path.join(store_dir, case)).items():
-            arrays[f"{case}/{key}"] = value
-    np.savez(path, **arrays)
-
-
-if __name__ == "__main__":
-    main()

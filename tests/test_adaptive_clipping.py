@@ -11,10 +11,6 @@ definition of the randomness).
 """
 
 import math
-import os
-import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.flatten_util
@@ -24,8 +20,9 @@ import numpy as np
 import pytest
 
 import run_transforms as rt
+from support import final_state, flatten_tree, train_records
 from fedstream.algorithms import build_algorithm, make_optimizer
-from fedstream.algorithms.dp_fedavg import _COUNT_NOISE_SALT, _NOISE_SALT, delta_noise_multiplier, round_log
+from fedstream.algorithms.dp_fedavg import COUNT_NOISE_SALT, NOISE_SALT, delta_noise_multiplier, round_log
 from fedstream.algorithms.fedavg import ClientState
 from fedstream.models import get_model
 from fedstream.training.rounds import server_key
@@ -66,8 +63,8 @@ def reference_adaptive(case: str, W0: np.ndarray, b0: np.ndarray) -> dict:
         updates = rt.client_updates(spec, r, theta, SHAPE)
         assert updates, "the runner skips a round without clients (no noise); pick another seed"
         key = server_key(rt.SEED, r)
-        xi = np.asarray(jax.random.normal(jax.random.fold_in(key, _NOISE_SALT), theta.shape, jnp.float32), np.float64)
-        xi_b = float(jax.random.normal(jax.random.fold_in(key, _COUNT_NOISE_SALT), (), jnp.float32))
+        xi = np.asarray(jax.random.normal(jax.random.fold_in(key, NOISE_SALT), theta.shape, jnp.float32), np.float64)
+        xi_b = float(jax.random.normal(jax.random.fold_in(key, COUNT_NOISE_SALT), (), jnp.float32))
         norms = [np.linalg.norm(d) for _, d, _ in updates]
         total = sum(d * min(1.0, C / n) for (_, d, _), n in zip(updates, norms))
         unclipped = sum(n <= C for n in norms)
@@ -104,14 +101,9 @@ def test_adaptive_clipping_matches_numpy_reference_on_one_device(case, tmp_path)
     assert log["dp_clip_norm"] == pytest.approx(got["logs/log_dp_clip_norm"][1] / got["logs/log_clients"][1])
 
 
-def test_adaptive_clipping_matches_numpy_reference_on_four_devices(tmp_path):
-    out = tmp_path / "w.npz"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    subprocess.run([sys.executable, str(pathlib.Path(rt.__file__)), "4", str(out), str(tmp_path / "store"),
-                    *ADAPTIVE_CASES], check=True, env=env, timeout=600)
-    got = np.load(out)
-    for case in ADAPTIVE_CASES:
-        check_against_reference(case, {k.split("/", 1)[1]: got[k] for k in got.files if k.startswith(case + "/")})
+@pytest.mark.parametrize("case", ADAPTIVE_CASES)
+def test_adaptive_clipping_matches_numpy_reference_on_four_devices(case, tmp_path):
+    check_against_reference(case, rt.run(rt.CASES[case], 4, str(tmp_path / "store")))
 
 
 def test_adaptive_clipping_with_a_rotating_codec_keeps_both_states(tmp_path):
@@ -126,7 +118,7 @@ def test_adaptive_clipping_with_a_rotating_codec_keeps_both_states(tmp_path):
     for r in range(rt.ROUNDS):
         clients, clipped = got["logs/log_clients"][r], got["logs/log_clipped"][r]
         np.testing.assert_allclose(got["logs/log_dp_clip_norm"][r] / clients, C, rtol=1e-5)
-        xi_b = float(jax.random.normal(jax.random.fold_in(server_key(rt.SEED, r), _COUNT_NOISE_SALT), (), jnp.float32))
+        xi_b = float(jax.random.normal(jax.random.fold_in(server_key(rt.SEED, r), COUNT_NOISE_SALT), (), jnp.float32))
         b_bar = (clients - clipped - clients / 2 + o["clipped_count_stddev"] * xi_b) / D + 0.5
         C = C * math.exp(-o["clip_learning_rate"] * (b_bar - o["target_unclipped_quantile"]))
     np.testing.assert_allclose(got["clip_norm"], C, rtol=1e-5)
@@ -242,12 +234,12 @@ def test_delta_noise_std_is_z_delta_c_t_over_the_denominator():
                                           "unclipped_centred": jnp.float32(0)}, key)
     moved = np.concatenate([np.asarray(a - b).ravel() for a, b in zip(jax.tree.leaves(new.params),
                                                                        jax.tree.leaves(state.params))])
-    xi = np.asarray(jax.random.normal(jax.random.fold_in(key, _NOISE_SALT), (moved.size,), jnp.float32))
+    xi = np.asarray(jax.random.normal(jax.random.fold_in(key, NOISE_SALT), (moved.size,), jnp.float32))
     flat_order = np.concatenate([np.asarray(a).ravel() for a in jax.tree.leaves(
         jax.flatten_util.ravel_pytree(state.params)[1](jnp.asarray(xi)))])
     np.testing.assert_allclose(moved, z_delta_reference(z, sigma_b) * 2 * C / D * flat_order, rtol=1e-4, atol=1e-6)
     # The count's noise is another stream: C_{t+1} = C_t exp(-eta (sigma_b xi_b / D + 1/2 - gamma)).
-    xi_b = float(jax.random.normal(jax.random.fold_in(key, _COUNT_NOISE_SALT), (), jnp.float32))
+    xi_b = float(jax.random.normal(jax.random.fold_in(key, COUNT_NOISE_SALT), (), jnp.float32))
     assert xi_b != pytest.approx(float(xi[0]))
     np.testing.assert_allclose(float(new.extra["clip_norm"]), 2 * C * math.exp(-0.2 * (sigma_b * xi_b / D)),
                                rtol=1e-6)
@@ -256,13 +248,6 @@ def test_delta_noise_std_is_z_delta_c_t_over_the_denominator():
 # ---------------------------------------------------------------------------------------------------------------
 # Resume: C_t comes back from the checkpoint
 # ---------------------------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from fedstream.data.preprocessing import run_preprocess
-
-    return run_preprocess("digits", tmp_path_factory.mktemp("data") / "digits", progress=None)
-
 
 def adaptive_config(digits, num_rounds: int) -> ml_collections.ConfigDict:
     from fedstream.config import load_config
@@ -278,8 +263,6 @@ def adaptive_config(digits, num_rounds: int) -> ml_collections.ConfigDict:
 @pytest.mark.slow
 def test_resume_restores_the_clip_norm(tmp_path, digits):
     """4 rounds in one go == 2 rounds, then a resumed run to 4: params, C_t, and the logged C_t per round."""
-    from test_resume import _flatten, final_state, train_records
-
     from fedstream.training.train import train
 
     rounds = 4
@@ -290,7 +273,7 @@ def test_resume_restores_the_clip_norm(tmp_path, digits):
     step_a, a = final_state(tmp_path / "full")
     step_b, b = final_state(tmp_path / "resumed")
     assert step_a == step_b == rounds
-    flat_a, flat_b = dict(_flatten(a)), dict(_flatten(b))
+    flat_a, flat_b = dict(flatten_tree(a)), dict(flatten_tree(b))
     assert flat_a.keys() == flat_b.keys() and "/extra/clip_norm" in flat_a
     for key in flat_a:
         assert np.array_equal(np.asarray(flat_a[key]), np.asarray(flat_b[key])), key

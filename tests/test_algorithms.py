@@ -5,15 +5,12 @@ softmax regression (gradients by hand, optax's SGD/momentum/Adam rules
 written out) and shares only the data order with the library: which
 clients a round samples, the order in which each client sees its
 examples, and which examples the prepass covers (a client's first epoch).
-fedstream's params after 3 rounds must match on 1 device and, through
-`run_algorithm.py` in a subprocess, on 4 devices. Properties tie each
+fedstream's params after 3 rounds (`run_algorithm.py`) must match on 1 and
+on 4 devices. Properties tie each
 algorithm to FedAvg (or to centralized SGD) where the papers say they meet.
 """
 
 import dataclasses
-import pathlib
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -25,7 +22,7 @@ from fedstream.algorithms.hyp_cluster import combine_cluster_evals, kmeans_init
 from fedstream.data.cohort import ClientBatching, client_example_order, sample_cohort
 from fedstream.models import get_model
 from run_algorithm import CASES, COHORT, ROUNDS, SEED, SIZES, DomainSource
-from test_fedavg_reference import softmax
+from support import softmax
 
 TOL = dict(rtol=2e-4, atol=2e-5)
 
@@ -321,20 +318,9 @@ def test_one_device_matches_numpy_reference(case):
     assert_matches_reference(case, run_algorithm.run(CASES[case], 1))
 
 
-@pytest.fixture(scope="module")
-def four_devices(tmp_path_factory):
-    """Every case on 4 CPU devices, in one subprocess."""
-    out = tmp_path_factory.mktemp("algorithms") / "four.npz"
-    subprocess.run([sys.executable, str(pathlib.Path(__file__).with_name("run_algorithm.py")), "4", str(out),
-                    *sorted(CASES)], check=True, timeout=900)
-    got = np.load(out)
-    return {case: {key.split("/", 1)[1]: got[key] for key in got.files if key.startswith(case + "/")}
-            for case in CASES}
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_four_devices_match_numpy_reference(case, four_devices):
-    assert_matches_reference(case, four_devices[case])
+def test_four_devices_match_numpy_reference(case):
+    assert_matches_reference(case, run_algorithm.run(CASES[case], 4))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -5,8 +5,7 @@ import pathlib
 
 import pytest
 
-from fedstream.cli import _parser, main
-from fedstream.data.preprocessing import run_preprocess
+from fedstream.cli import build_parser, main
 
 COMMANDS = ("preprocess", "inspect", "train", "eval", "plot", "list")
 
@@ -33,7 +32,7 @@ def test_every_command_has_useful_help(command, capsys):
 
 
 def test_parser_has_no_command_without_help():
-    sub = next(a for a in _parser()._actions if a.dest == "command")
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert set(sub.choices) == set(COMMANDS)
     assert all(action.help for action in sub._choices_actions)
 
@@ -71,10 +70,10 @@ def test_commands_without_config_refuse_overrides():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A 2-round digits run (about 15 s): (workdir, data path)."""
+def trained(tmp_path_factory, digits):
+    """A 2-round digits run: (workdir, data path)."""
     root = tmp_path_factory.mktemp("eval")
-    data = run_preprocess("digits", root / "digits", progress=None)
+    data = digits
     workdir = root / "run"
     assert main(["train", "digits_fedavg", "--workdir", str(workdir), "--config.num_rounds=2", "--config.eval.every=1",
                  f"--config.data.path={data}"]) == 0

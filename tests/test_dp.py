@@ -9,10 +9,6 @@ with the DP salt), which is the definition of the randomness.
 
 import json
 import math
-import os
-import pathlib
-import subprocess
-import sys
 
 import dp_accounting as dpa
 import jax
@@ -23,7 +19,7 @@ import pytest
 
 import run_transforms as rt
 from fedstream.algorithms import build_algorithm, make_optimizer
-from fedstream.algorithms.dp_fedavg import _NOISE_SALT, privacy_ledger, round_log
+from fedstream.algorithms.dp_fedavg import NOISE_SALT, privacy_ledger, round_log
 from fedstream.algorithms.privacy import DPMechanism, PrivacyLedger, calibrate_noise_multiplier, epsilon_of
 from fedstream.data.cohort import ClientBatching, CohortPipeline, poisson_cap, sample_cohort
 from fedstream.models import get_model
@@ -58,7 +54,7 @@ def reference_dp(case: str, W0: np.ndarray, b0: np.ndarray) -> tuple[np.ndarray,
         for _, delta, _ in updates:
             norm = np.linalg.norm(delta)
             total += delta * min(1.0, C / norm)
-        xi = np.asarray(jax.random.normal(jax.random.fold_in(server_key(rt.SEED, r), _NOISE_SALT), theta.shape,
+        xi = np.asarray(jax.random.normal(jax.random.fold_in(server_key(rt.SEED, r), NOISE_SALT), theta.shape,
                                           jnp.float32), np.float64)
         theta = theta + spec["server_lr"] * (total + z * C * xi) / D
         clients.append(len(updates))
@@ -85,14 +81,9 @@ def test_dp_fedavg_matches_numpy_reference_on_one_device(case, tmp_path):
     assert 0 <= log["dp_clipped_fraction"] <= 1 and log["bits_per_client"] == 32 * (SHAPE[0] + 1) * SHAPE[1]
 
 
-def test_dp_fedavg_matches_numpy_reference_on_four_devices(tmp_path):
-    out = tmp_path / "w.npz"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    subprocess.run([sys.executable, str(pathlib.Path(rt.__file__)), "4", str(out), str(tmp_path / "store"),
-                    *DP_CASES], check=True, env=env, timeout=600)
-    got = np.load(out)
-    for case in DP_CASES:
-        check_against_reference(case, {k.split("/", 1)[1]: got[k] for k in got.files if k.startswith(case + "/")})
+@pytest.mark.parametrize("case", DP_CASES)
+def test_dp_fedavg_matches_numpy_reference_on_four_devices(case, tmp_path):
+    check_against_reference(case, rt.run(rt.CASES[case], 4, str(tmp_path / "store")))
 
 
 def test_dp_with_no_noise_and_a_large_clip_is_uniform_fedavg_with_a_fixed_denominator(tmp_path):
@@ -128,7 +119,7 @@ def test_noise_std_is_z_c_over_the_denominator():
     np.testing.assert_allclose(moved.std(), z * C / D, rtol=0.03)
     assert abs(moved.mean()) < 4 * z * C / D / math.sqrt(moved.size)
     # Exactly z C / D times the standard normal drawn from the server key folded with the DP salt.
-    xi = np.asarray(jax.random.normal(jax.random.fold_in(key, _NOISE_SALT), (moved.size,), jnp.float32))
+    xi = np.asarray(jax.random.normal(jax.random.fold_in(key, NOISE_SALT), (moved.size,), jnp.float32))
     flat_order = np.concatenate([np.asarray(a).ravel() for a in jax.tree.leaves(
         jax.flatten_util.ravel_pytree(state.params)[1](jnp.asarray(xi)))])
     np.testing.assert_allclose(moved, z * C / D * flat_order, rtol=1e-4, atol=1e-6)

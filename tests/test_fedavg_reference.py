@@ -8,9 +8,6 @@ its examples (`sample_cohort`, `client_example_order`), which is the
 pipeline's definition rather than arithmetic under test.
 """
 
-import pathlib
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -20,13 +17,7 @@ from fedstream.algorithms.fedavg import FedAvg, make_optimizer
 from fedstream.data.cohort import ClientBatching, CohortPipeline, client_example_order, sample_cohort
 from fedstream.models import get_model
 from fedstream.training.rounds import build_train_round, make_mesh, shard_batch
-from support import InMemorySource
-
-
-def softmax(z):
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+from support import InMemorySource, softmax
 
 
 class NumpyServerOpt:
@@ -135,10 +126,7 @@ def test_packed_clients_of_very_different_sizes_match_one_at_a_time_reference(tm
     """Clients from 1 to 310 examples, several per device stream, against the client-by-client reference."""
     import run_packed
 
-    out = tmp_path / "packed.npz"
-    subprocess.run([sys.executable, str(pathlib.Path(__file__).with_name("run_packed.py")), str(num_devices),
-                    str(out)], check=True, timeout=600)
-    got = np.load(out)
+    got = run_packed.run(num_devices)
     source = InMemorySource(run_packed.SIZES, input_shape=(4, 3, 1), num_classes=5, seed=2)
     W, b = reference_fedavg(source, seed=run_packed.SEED, rounds=run_packed.ROUNDS, cohort=run_packed.COHORT,
                             batching=ClientBatching(run_packed.BATCH), client_lr=run_packed.CLIENT_LR,

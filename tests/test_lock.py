@@ -10,6 +10,7 @@ import textwrap
 import pytest
 
 from fedstream.training.lock import LOCK_FILE, WorkdirLock, WorkdirLockedError, locked_workdir
+from support import run_cli
 
 HOLDER = textwrap.dedent("""
     import sys, time
@@ -102,19 +103,10 @@ def test_decorator_locks_the_workdir_argument(tmp_path):
         locked_workdir(lambda path: None)
 
 
-def _train_hook_present():
-    from fedstream.training import train
-
-    return bool(getattr(train.train, "fedstream_locks_workdir", False))
-
-
-@pytest.mark.skipif(not _train_hook_present(), reason="train.py does not lock its workdir yet (@locked_workdir hook)")
 def test_fedstream_train_refuses_a_busy_workdir(holder):
-    process, workdir = holder
-    result = subprocess.run([sys.executable, "-m", "fedstream.cli", "train", "digits_fedavg", "--workdir", str(workdir),
-                             "--config.num_rounds=1", f"--config.data.path={workdir.parent / 'no_data'}",
-                             "--config.data.recipe="],
-                            capture_output=True, text=True, timeout=300)
+    process, workdir = holder  # the lock is held by another process
+    result = run_cli("train", "digits_fedavg", "--workdir", workdir, "--config.num_rounds=1",
+                     f"--config.data.path={workdir.parent / 'no_data'}", "--config.data.recipe=")
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and str(workdir) in lines[0] and f"pid {process.pid}" in lines[0], result.stderr

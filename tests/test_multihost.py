@@ -8,19 +8,13 @@ import sys
 import numpy as np
 import pytest
 
-from fedstream.data.preprocessing import run_preprocess
-from test_resume import _flatten, final_state, train_records
+from support import final_state, flatten_tree, train_records
 
 ROUNDS = 4
 ARGS = [f"--config.num_rounds={ROUNDS}", "--config.eval.every=2", "--config.clients_per_round=12",
         "--config.server.optimizer=adam", "--config.server.learning_rate=0.01"]
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    return run_preprocess("digits", tmp_path_factory.mktemp("data") / "digits", progress=None)
 
 
 def _free_port() -> int:
@@ -60,7 +54,7 @@ def run_pair(workdir, digits, fault=None):
 
 def _params(workdir):
     step, state = final_state(workdir)
-    return step, {k: np.asarray(v) for k, v in _flatten(state) if v is not None}
+    return step, {k: np.asarray(v) for k, v in flatten_tree(state) if v is not None}
 
 
 @pytest.fixture(scope="module")

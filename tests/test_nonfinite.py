@@ -1,26 +1,13 @@
 """NaN policy end to end: 'stop' names the round and client; a diverged evaluation stops with the last checkpoint intact."""
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
-import pytest
-
-from fedstream.data.preprocessing import run_preprocess
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    return run_preprocess("digits", tmp_path_factory.mktemp("data") / "digits", progress=None)
+from support import run_cli
 
 
 def train(workdir, digits, *extra):
-    cmd = [sys.executable, "-m", "fedstream.cli", "train", "digits_fedavg", "--workdir", str(workdir),
-           f"--config.data.path={digits}", *extra]
-    env = {k: v for k, v in os.environ.items() if k != "FEDSTREAM_FAULT"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    return run_cli("train", "digits_fedavg", "--workdir", workdir, f"--config.data.path={digits}", *extra)
 
 
 def test_stop_policy_names_round_and_client(tmp_path, digits):

@@ -10,7 +10,8 @@ import pytest
 from fedstream.config import ConfigError, load_config
 from fedstream.data.preprocessing import run_preprocess
 from fedstream.data.reader import FederatedDataset
-from fedstream.recipes import digits, synthetic
+from fedstream.recipes import digits as digits_recipe
+from fedstream.recipes import synthetic
 
 
 def raw_digits():
@@ -19,16 +20,11 @@ def raw_digits():
         return np.loadtxt(f, delimiter=",", dtype=np.int64)
 
 
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
-    return run_preprocess("digits", tmp_path_factory.mktemp("data") / "digits", progress=None)
-
-
 # ---------------------------------------------------------------------------------------------- digits
 
 
-def test_digits_end_to_end(digits_dir):
-    ds = FederatedDataset(digits_dir)
+def test_digits_end_to_end(digits):
+    ds = FederatedDataset(digits)
     table = raw_digits()
     assert table.shape == (1797, 65)
     assert sorted(ds.splits) == ["test", "train"]
@@ -39,7 +35,7 @@ def test_digits_end_to_end(digits_dir):
     assert "UCI" in ds.metadata["source"]
 
     config = load_config("digits", "fedstream.recipes")
-    splits = digits.client_splits(config, table[:, 64])
+    splits = digits_recipe.client_splits(config, table[:, 64])
     seen = []
     for i, (train_rows, test_rows) in enumerate(splits):
         sizes = len(train_rows) + len(test_rows)
@@ -61,8 +57,8 @@ def test_digits_end_to_end(digits_dir):
     assert set(labels.tolist()) == set(range(10))
 
 
-def test_digits_clients_are_label_skewed(digits_dir):
-    ds = FederatedDataset(digits_dir)
+def test_digits_clients_are_label_skewed(digits):
+    ds = FederatedDataset(digits)
     shares = []
     for i in range(ds.num_clients("train")):
         y = np.concatenate([ds.get_client(s, i)["y"] for s in ("train", "test")])

@@ -1,9 +1,5 @@
 """Sharded round execution: device-count invariance and bounded compilation."""
 
-import pathlib
-import subprocess
-import sys
-
 import jax
 import numpy as np
 import pytest
@@ -12,31 +8,22 @@ from fedstream.algorithms.fedavg import FedAvg, make_optimizer
 from fedstream.data.cohort import ClientBatching, CohortPipeline
 from fedstream.models import get_model
 from fedstream.training.rounds import build_train_round, make_mesh, replicate, shard_batch
+import run_rounds
 from support import InMemorySource
 
-RUNNER = pathlib.Path(__file__).with_name("run_rounds.py")
-
-
-def run_rounds_on(devices: int, out: pathlib.Path) -> dict[str, np.ndarray]:
-    """Four FedAdam rounds in a subprocess with `devices` host devices; the parameters and losses it saved."""
-    subprocess.run([sys.executable, str(RUNNER), str(devices), str(out)], check=True, timeout=600)
-    return dict(np.load(out))
-
-
 @pytest.fixture(scope="module")
-def one_device_rounds(tmp_path_factory):
-    base = run_rounds_on(1, tmp_path_factory.mktemp("one_device") / "params_1.npz")
+def one_device_rounds():
+    base = run_rounds.run(1)
     # Four FedAdam rounds must have moved the model (the comparison is not of two inits).
     assert np.isfinite(base["losses"]).all()
     assert abs(float(base["norm_change"])) > 1.0
     return base
 
 
-# Eight devices take ~30 s more on a 2-core machine: slow-marked (CI runs it).
-@pytest.mark.parametrize("devices", [2, 4, pytest.param(8, marks=pytest.mark.slow)])
-def test_same_parameters_as_on_one_device(one_device_rounds, devices, tmp_path):
+@pytest.mark.parametrize("devices", [2, 4, 8])
+def test_same_parameters_as_on_one_device(one_device_rounds, devices):
     base = one_device_rounds
-    result = run_rounds_on(devices, tmp_path / f"params_{devices}.npz")
+    result = run_rounds.run(devices)
     assert result.keys() == base.keys()
     for key in base:
         scale = np.abs(base[key]).max()

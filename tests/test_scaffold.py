@@ -1,10 +1,5 @@
 """SCAFFOLD against a plain-NumPy implementation of the paper's option-II equations, and its client-state store."""
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -15,8 +10,7 @@ from fedstream.data.cohort import ClientBatching, CohortPipeline, client_example
 from fedstream.models import get_model
 from fedstream.training.client_store import ClientStateStore
 from fedstream.training.rounds import build_train_round, make_mesh, replicate, shard_batch
-from support import InMemorySource
-from test_fedavg_reference import softmax
+from support import InMemorySource, assert_bit_identical, run_cli, run_cli_process, softmax
 
 SIZES = [3, 40, 0, 7, 1, 25, 12, 2, 60, 9]
 SEED, COHORT, ROUNDS, BATCH, LR, SERVER_LR = 4, 6, 3, 5, 0.2, 0.8
@@ -103,16 +97,10 @@ def test_scaffold_matches_numpy_reference_on_one_device(tmp_path):
 
 
 def test_scaffold_matches_numpy_reference_on_four_devices(tmp_path):
-    out = tmp_path / "w.npz"
-    code = (f"import sys, numpy as np; sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r}); "
-            f"import test_scaffold as t; W, b, w0, b0 = t.run_fedstream(4, {str(tmp_path / 'store')!r}); "
-            f"np.savez({str(out)!r}, W=W, b=b, w0=w0, b0=b0)")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=600)
-    got = np.load(out)
-    W_ref, b_ref = reference_scaffold(got["w0"], got["b0"])
-    np.testing.assert_allclose(got["W"], W_ref, rtol=2e-4, atol=2e-5)
-    np.testing.assert_allclose(got["b"], b_ref, rtol=2e-4, atol=2e-5)
+    W, b, w0, b0 = run_fedstream(4, str(tmp_path / "store"))
+    W_ref, b_ref = reference_scaffold(w0, b0)
+    np.testing.assert_allclose(W, W_ref, rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(b, b_ref, rtol=2e-4, atol=2e-5)
 
 
 def test_first_round_with_zero_control_variates_equals_fedavg(tmp_path):
@@ -150,27 +138,24 @@ def test_store_reads_what_it_wrote_restores_and_collects_garbage(tmp_path):
 
 
 @pytest.mark.slow
-def test_scaffold_kill_and_resume_is_bit_identical(tmp_path, digits_dataset):
-    from test_resume import assert_bit_identical, train
+def test_scaffold_kill_and_resume_is_bit_identical(tmp_path, digits):
+    rounds = 5
+
+    def train_args(workdir, digits, *extra):
+        return ["train", "digits_fedavg", "--workdir", str(workdir), f"--config.data.path={digits}",
+                f"--config.num_rounds={rounds}", "--config.eval.every=2", "--config.checkpoint.keep=2", *extra]
 
     extra = ["--config.algorithm.name=scaffold"]
-    full = train(tmp_path / "full", digits_dataset, *extra)
+    full = run_cli(*train_args(tmp_path / "full", digits, *extra))
     assert full.returncode == 0, full.stderr[-2000:]
     killed = tmp_path / "killed"
-    assert train(killed, digits_dataset, *extra, fault="kill_after_round:2").returncode == -9
-    assert train(killed, digits_dataset, *extra, fault="kill_during_save:3").returncode == -9
-    resumed = train(killed, digits_dataset, *extra)
+    assert run_cli_process(*train_args(killed, digits, *extra), fault="kill_after_round:2").returncode == -9
+    assert run_cli_process(*train_args(killed, digits, *extra), fault="kill_during_save:3").returncode == -9
+    resumed = run_cli(*train_args(killed, digits, *extra))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert_bit_identical(tmp_path / "full", killed)
+    assert_bit_identical(tmp_path / "full", killed, rounds)
     states = sorted(p.name for p in (killed / "client_state").iterdir())
     assert states and all(name.endswith(".states") for name in states)
-
-
-@pytest.fixture(scope="module")
-def digits_dataset(tmp_path_factory):
-    from fedstream.data.preprocessing import run_preprocess
-
-    return run_preprocess("digits", tmp_path_factory.mktemp("data") / "digits", progress=None)
 
 
 def test_store_compaction_bounds_disk_and_keeps_latest_states(tmp_path):

@@ -326,7 +326,7 @@ def test_word_counts_archive_truncated(tmp_path):
     assert bz2.decompress(data)  # a valid archive first
     truncate(archive, 0.5)
     with pytest.raises(ValueError, match=r"wc.tar.bz2: truncated or unreadable archive"):
-        stackoverflow._read_vocabulary(archive, 6)
+        stackoverflow.read_vocabulary(archive, 6)
 
 
 def test_stackoverflow_rerun_is_noop_and_word_counts_change_needs_force(tmp_path):

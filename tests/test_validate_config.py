@@ -1,14 +1,13 @@
 """validate_train_config: bad keys, types and values are refused before any work, naming the key."""
 
 import pkgutil
-import subprocess
-import sys
 
 import ml_collections
 import pytest
 
 import fedstream.pipelines
 from fedstream.config import ConfigError, load_config, validate_train_config
+from support import run_cli
 
 
 def base():
@@ -115,31 +114,19 @@ def test_accepts_a_plain_configdict_from_a_user_file(tmp_path):
 
 def test_cli_train_refuses_before_any_work(tmp_path):
     workdir = tmp_path / "w"
-    result = subprocess.run([sys.executable, "-m", "fedstream.cli", "train", "digits_fedavg", "--workdir", str(workdir),
-                             "--config.client.batch_size=0", f"--config.data.path={tmp_path / 'data'}"],
-                            capture_output=True, text=True, timeout=300)
+    result = run_cli("train", "digits_fedavg", "--workdir", workdir, "--config.client.batch_size=0",
+                     f"--config.data.path={tmp_path / 'data'}")
     assert result.returncode == 2
     assert result.stderr.strip() == "fedstream: error: config key 'client.batch_size' must be an integer >= 1, got 0"
     assert not workdir.exists() and not (tmp_path / "data").exists()  # no workdir, no preprocessing
 
 
-def _population_hook_present():
-    import inspect
-
-    from fedstream.training import train
-
-    return "num_train_clients" in inspect.getsource(train)
-
-
-@pytest.mark.skipif(not _population_hook_present(), reason="train.py does not check the population yet (hook)")
-def test_train_refuses_more_clients_per_round_than_the_population(tmp_path, capsys):
-    from fedstream.cli import main
-    from fedstream.data.preprocessing import run_preprocess
-
-    data = run_preprocess("digits", tmp_path / "digits", progress=None)
-    assert main(["train", "digits_fedavg", "--workdir", str(tmp_path / "w"), "--config.clients_per_round=101",
-                 f"--config.data.path={data}"]) == 2
-    err = capsys.readouterr().err.strip()
+def test_train_refuses_more_clients_per_round_than_the_population(tmp_path, digits):
+    data = digits
+    result = run_cli("train", "digits_fedavg", "--workdir", tmp_path / "w", "--config.clients_per_round=101",
+                     f"--config.data.path={data}")
+    assert result.returncode == 2
+    err = result.stderr.strip()
     assert err == (f"fedstream: error: config key 'clients_per_round' is 101, more than the 100 clients of split "
                    f"'train' in {data}")
     assert not (tmp_path / "w" / "metrics.jsonl").exists()
