@@ -78,6 +78,7 @@ from fedstream.data.format import FeatureSpec
 from fedstream.data.reader import FederatedDataset
 from fedstream.data.writer import DEFAULT_COMPRESSION, DatasetWriter
 from fedstream.pipelines import emnist_fedadam
+from fedstream.training import simulation as simulation_module
 from fedstream.training import train as train_module
 from fedstream.training.client_store import ClientStateStore
 from fedstream.training.rounds import build_train_round, make_mesh, replicate, shard_batch
@@ -200,7 +201,7 @@ def timed_rounds(lengths: list[int], warmup: int) -> list[int]:
     return keep
 
 
-class _TimedMetricsLog(train_module.MetricsLog):
+class _TimedMetricsLog(simulation_module.MetricsLog):
     """MetricsLog that notes the wall clock of every train record (to time the whole loop iteration)."""
 
     stamps: dict[int, float] = {}
@@ -217,14 +218,14 @@ def run_one(name: str, data_path: pathlib.Path, args: argparse.Namespace, keep: 
     config = make_config(name, data_path, args)
     workdir = pathlib.Path(tempfile.mkdtemp(prefix=f"{name}_", dir=work))
     _TimedMetricsLog.stamps = {}
-    original = train_module.MetricsLog
-    train_module.MetricsLog = _TimedMetricsLog
+    original = simulation_module.MetricsLog
+    simulation_module.MetricsLog = _TimedMetricsLog
     t0 = time.perf_counter()
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # the loop's progress lines
             result = train_module.train(config, workdir, log=lambda _: None)
     finally:
-        train_module.MetricsLog = original
+        simulation_module.MetricsLog = original
     wall = time.perf_counter() - t0
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     train_records = {r["round"]: r for r in records if r["kind"] == "train"}

@@ -13,6 +13,8 @@ keys at call time').
 # No `from __future__ import annotations`: clu reads the Collection annotations.
 
 import dataclasses
+import functools
+import inspect
 from typing import Any, Callable, Sequence
 
 import flax
@@ -35,9 +37,31 @@ class TrainMetrics(metrics.Collection):
     accuracy: metrics.Average
 
 
+# Per-target functions of (logits, labels): a loss (softmax cross-entropy by default) and a correctness score
+# (argmax == label by default), each shaped like `labels`.
+TargetFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Softmax cross-entropy per target (the default loss)."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def argmax_correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """1.0 where the highest logit is the label (the default accuracy)."""
+    return (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class Model:
-    """A Flax module plus its input/label feature names and how it is scored.
+    """A model the rounds can train: how to initialise and apply it, its features, and how it is scored.
+
+    Build one with `Model.from_flax(module, ...)` (any Linen module, or an
+    initialised NNX module), `Model.from_functions(init, apply, ...)` (any
+    pure JAX init/apply pair), or `get_model(name, ...)` for the built-in zoo.
+    Everything is a pure function of a params pytree, so the round runner can
+    scan over client steps, shard clients over devices and checkpoint params
+    without knowing anything else about the model.
 
     Classification models score one label per example. Sequence models
     (labels `[batch, T]`, logits `[batch, T, vocab]`) score every target
@@ -46,15 +70,19 @@ class Model:
     OOV: "in-vocabulary accuracy") are left out of the accuracy.
 
     Attributes:
-      module: the Linen module; `module.apply(vars, x, train=..., rngs=...)`.
+      module: a Linen module (`module.apply(vars, x, train=..., rngs=...)`), or None with `init_fn`/`apply_fn`.
       input_shape: per-example input shape, e.g. (28, 28, 1) or (20,).
-      num_classes: number of output logits (the vocabulary size for text).
+      num_classes: number of output logits (the vocabulary size for text); labels must lie in [0, num_classes).
       input_key / label_key: dataset features holding inputs and labels.
       input_dtype: dtype of the input feature (int32 for token ids).
       loss_mask_ids / accuracy_mask_ids: label ids left out of the scores.
+      loss_fn: per-target loss `f(logits, labels)` shaped like labels (default: softmax cross-entropy).
+      correct_fn: per-target correctness `f(logits, labels)` in [0, 1] (default: argmax == label).
+      init_fn / apply_fn: `init(rng) -> params` and `apply(params, x, rng_or_None) -> logits`, used
+        instead of `module` when given (rng None means evaluation: no dropout).
     """
 
-    module: nn.Module
+    module: Any
     input_shape: tuple[int, ...]
     num_classes: int
     input_key: str = "x"
@@ -62,34 +90,86 @@ class Model:
     input_dtype: str = "float32"
     loss_mask_ids: tuple[int, ...] = ()
     accuracy_mask_ids: tuple[int, ...] = ()
+    loss_fn: TargetFn = cross_entropy_loss
+    correct_fn: TargetFn = argmax_correct
+    init_fn: Callable[[jax.Array], Params] | None = None
+    apply_fn: Callable[[Params, jax.Array, jax.Array | None], jax.Array] | None = None
+
+    @classmethod
+    def from_flax(cls, module: Any, input_shape: Sequence[int], num_classes: int, *, input_key: str = "x",
+                  label_key: str = "y", input_dtype: str = "float32", loss_fn: TargetFn = cross_entropy_loss,
+                  correct_fn: TargetFn = argmax_correct) -> "Model":
+        """Wraps a Flax module: a Linen module (initialised from the run's seed), or an NNX module instance.
+
+        A Linen module's `__call__(x)` may take `train: bool` (or `deterministic: bool`); it is then
+        told whether it is training, and gets a `dropout` rng while it is. An NNX module is used as
+        initialised (its current parameters are the initial model, whatever the run's seed).
+        """
+        common = dict(input_key=input_key, label_key=label_key, input_dtype=str(input_dtype), loss_fn=loss_fn,
+                      correct_fn=correct_fn)
+        shape = tuple(int(d) for d in input_shape)
+        if isinstance(module, nn.Module):
+            return cls(module, shape, int(num_classes), **common)
+        from flax import nnx
+
+        if isinstance(module, nnx.Module):
+            graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+            return cls(None, shape, int(num_classes), **common, init_fn=lambda rng: params,
+                       apply_fn=lambda p, x, rng: nnx.merge(graphdef, p, rest)(x))
+        raise TypeError(f"Model.from_flax: expected a flax.linen.Module or a flax.nnx.Module, got "
+                        f"{type(module).__name__}; for other code use Model.from_functions(init, apply, ...)")
+
+    @classmethod
+    def from_functions(cls, init: Callable[[jax.Array], Params],
+                       apply: Callable[[Params, jax.Array, jax.Array | None], jax.Array],
+                       input_shape: Sequence[int], num_classes: int, *, input_key: str = "x", label_key: str = "y",
+                       input_dtype: str = "float32", loss_fn: TargetFn = cross_entropy_loss,
+                       correct_fn: TargetFn = argmax_correct) -> "Model":
+        """Wraps a pure init/apply pair: `init(rng) -> params`, `apply(params, x, rng) -> logits`
+        (`rng` is a key while training, None while evaluating)."""
+        return cls(None, tuple(int(d) for d in input_shape), int(num_classes), input_key, label_key,
+                   str(input_dtype), loss_fn=loss_fn, correct_fn=correct_fn, init_fn=init, apply_fn=apply)
 
     def init(self, rng: jax.Array) -> Params:
-        """Initial params (a plain nested dict of arrays)."""
+        """Initial params (a pytree of arrays)."""
+        if self.init_fn is not None:
+            return self.init_fn(rng)
         x = jnp.zeros((1, *self.input_shape), self.input_dtype)
-        return self.module.init({"params": rng, "dropout": rng}, x, train=False)["params"]
+        return self.module.init({"params": rng, "dropout": rng}, x, **self._mode(False))["params"]
 
     def apply(self, params: Params, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
         """Logits for a batch. With `rng`, runs in training mode (dropout on)."""
+        if self.apply_fn is not None:
+            return self.apply_fn(params, x, rng)
         if rng is None:
-            return self.module.apply({"params": params}, x, train=False)
-        return self.module.apply({"params": params}, x, train=True, rngs={"dropout": rng})
+            return self.module.apply({"params": params}, x, **self._mode(False))
+        return self.module.apply({"params": params}, x, **self._mode(True), rngs={"dropout": rng})
+
+    def _mode(self, train: bool) -> dict[str, bool]:
+        """The keyword that tells a Linen module whether it trains (`train` or `deterministic`), if it takes one."""
+        parameters = _call_parameters(type(self.module))
+        if "train" in parameters:
+            return {"train": train}
+        if "deterministic" in parameters:
+            return {"deterministic": not train}
+        return {}
 
     def example_scores(self, logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
-        """Per-example sums `[batch]`: `loss` (cross-entropy summed over scored targets),
+        """Per-example sums `[batch]`: `loss` (loss summed over scored targets),
         `loss_count` (targets in the loss), `correct` and `accuracy_count` (targets in the accuracy).
 
-        For a classifier the counts are 1 and `loss` is the example's cross-entropy.
+        For a classifier the counts are 1 and `loss` is the example's loss.
         """
-        cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        hit = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+        loss = self.loss_fn(logits, labels)
+        hit = self.correct_fn(logits, labels).astype(jnp.float32)
         in_loss = _not_in(labels, self.loss_mask_ids)
         in_accuracy = in_loss * _not_in(labels, self.accuracy_mask_ids)
         per_target = lambda v: v.reshape(v.shape[0], -1).sum(-1)  # noqa: E731 (sums over T for sequences)
-        return {"loss": per_target(cross_entropy * in_loss), "loss_count": per_target(in_loss),
+        return {"loss": per_target(loss * in_loss), "loss_count": per_target(in_loss),
                 "correct": per_target(hit * in_accuracy), "accuracy_count": per_target(in_accuracy)}
 
     def batch_loss(self, logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
-        """Mean cross-entropy over the batch's scored targets (padded examples excluded by `mask`)."""
+        """Mean loss over the batch's scored targets (padded examples excluded by `mask`)."""
         scores = self.example_scores(logits, labels)
         weights = mask.astype(jnp.float32)
         return jnp.sum(scores["loss"] * weights) / jnp.maximum(jnp.sum(scores["loss_count"] * weights), 1.0)
@@ -105,6 +185,15 @@ class Model:
 
         return TrainMetrics.empty().replace(loss=average("loss", "loss_count"),
                                             accuracy=average("correct", "accuracy_count"))
+
+
+@functools.lru_cache(maxsize=None)
+def _call_parameters(module_type: type) -> frozenset[str]:
+    """Parameter names of a Linen module class's `__call__`."""
+    try:
+        return frozenset(inspect.signature(module_type.__call__).parameters)
+    except (TypeError, ValueError):
+        return frozenset()
 
 
 def _not_in(labels: jax.Array, ids: tuple[int, ...]) -> jax.Array:

@@ -18,7 +18,7 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any, Mapping, TextIO
+from typing import Any, Callable, Mapping, TextIO
 
 
 def _tensorboard_writer(logdir: pathlib.Path) -> Any | None:
@@ -123,14 +123,20 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def print_line(line: str) -> None:
+    """Prints one line at once (progress must show while stdout is a pipe or a file)."""
+    print(line, flush=True)
+
+
 class Progress:
     """A throttled one-line progress report: round, rounds/s, examples/s, ETA, last eval."""
 
     def __init__(self, total_rounds: int, start_round: int, stream: TextIO | None = None, every_secs: float = 2.0,
-                 enabled: bool = True):
+                 enabled: bool = True, emit: Callable[[str], None] | None = None):
         self.total, self.start, self.enabled = total_rounds, start_round, enabled
         # None: whatever sys.stdout is when a line is printed (not the stream at import time).
         self.stream, self.every = stream, every_secs
+        self.emit = emit  # where lines go instead of the stream (e.g. a simulation's `log`)
         self.t0 = time.perf_counter()
         self.last_print = -math.inf
         self.examples = 0
@@ -151,4 +157,7 @@ class Progress:
                 f"acc {train.get('accuracy', float('nan')):.4f}")
         if self.last_eval:
             line += f" | {self.last_eval}"
-        print(line, file=self.stream if self.stream is not None else sys.stdout, flush=True)
+        if self.emit is not None:
+            self.emit(line)
+        else:
+            print(line, file=self.stream if self.stream is not None else sys.stdout, flush=True)

@@ -1,0 +1,575 @@
+"""The simulation: federated rounds of an algorithm over a dataset, in memory or resumable in a workdir.
+
+    sim = Simulation(dataset, algorithm, clients_per_round=10, batch_size=10)
+    for metrics in sim.rounds(100):        # one dict per round (train metrics; eval ones every `eval_every`)
+        print(metrics["round"], metrics["train"]["loss"])
+    print(sim.evaluate())                  # loss and accuracy on the test split
+
+Each round samples a cohort from (seed, round), streams its clients' data
+onto the devices through the Grain cohort pipeline, runs one sharded XLA
+program and applies the server update. Given a `workdir`, the simulation
+also holds the workdir's lock, checkpoints the server state (Orbax) every
+`checkpoint_every` rounds, writes `metrics.jsonl` (and TensorBoard, if
+installed) and resumes from the latest checkpoint when created again:
+everything a round computes is a function of (settings, round, server
+state), so a resumed run ends bit-identical to an uninterrupted one.
+
+`fedstream train` builds a `Simulation` from a pipeline config
+(`fedstream.training.train.simulation_from_config`) and runs it; both
+routes give the same parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import tempfile
+import time
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from fedstream.algorithms.dp_fedavg import privacy_ledger, round_log
+from fedstream.algorithms.fedavg import FedAvg, ServerState
+from fedstream.config import ConfigError, check_clients_per_round, flatten, validate_train_config
+from fedstream.data.augment import get_augmentation
+from fedstream.data.cohort import ClientBatching, CohortPipeline, EvalPipeline, auto_data_threads
+from fedstream.training.checkpoint import CheckpointCorrupted, RunCheckpointer, check_config_unchanged
+from fedstream.training.client_store import ClientStateStore
+from fedstream.training.lock import WorkdirLock
+from fedstream.training.metrics_log import MetricsLog, Progress, print_line
+from fedstream.training.personalized_eval import evaluate_finetuned, evaluate_personal
+from fedstream.training.rounds import (EVAL_SUMS, build_eval, build_train_round, local_device_positions, make_mesh,
+                                       replicate, shard_batch, summarize_eval)
+
+
+class TrainingDiverged(RuntimeError):
+    """The run produced non-finite values and stopped; the last saved checkpoint is intact."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a finished `Simulation.run` (or `train`) returns."""
+
+    state: ServerState
+    rounds_done: int
+    final_eval: dict[str, float]
+    workdir: pathlib.Path | None
+
+
+class Callback:
+    """Hooks into the round loop (all optional): subclass and override what you need.
+
+    The tests' fault injection (a SIGKILL at a chosen point of a round) is a
+    callback; so is anything a researcher wants to watch or stop.
+    """
+
+    def on_round_start(self, round_index: int) -> None:
+        """Round `round_index` (1-based) is about to ask for its data."""
+
+    def on_round_dispatched(self, round_index: int) -> None:
+        """Round `round_index`'s computation has been dispatched (it may still be running)."""
+
+    def on_round_end(self, round_index: int, metrics: Mapping[str, Any], saved: bool,
+                     checkpointer: RunCheckpointer | None) -> None:
+        """Round `round_index` is done and logged; `saved` says whether its checkpoint save started."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation over every client of a split
+# ---------------------------------------------------------------------------------------------------------------
+
+def _local_devices(mesh: jax.sharding.Mesh) -> tuple[int, ...] | None:
+    """This process's mesh positions in a multi-process run (it reads only their clients), else None."""
+    return local_device_positions(mesh) if jax.process_count() > 1 else None
+
+
+def client_eval_sums(algorithm: FedAvg, params: Any, dataset: Any, config: ml_collections.ConfigDict,
+                     mesh: jax.sharding.Mesh, eval_fn: Callable | None = None,
+                     split: str | None = None) -> dict[str, np.ndarray]:
+    """Per-client evaluation sums (`EVAL_SUMS`) of `params` over every client of `split` (default: test)."""
+    chunk = int(config.eval.chunk_clients)
+    pipeline = EvalPipeline(dataset, split or config.data.test_split,
+                            (algorithm.model.input_key, algorithm.model.label_key),
+                            int(config.eval.batch_size), mesh.size, chunk,
+                            auto_data_threads(int(config.data_threads)), local_devices=_local_devices(mesh))
+    eval_fn = eval_fn or build_eval(algorithm, mesh, chunk)
+    sums: dict[str, list[np.ndarray]] = {key: [] for key in EVAL_SUMS}
+    for part in pipeline.chunks():
+        out = jax.device_get(eval_fn(params, shard_batch(part["batch"], mesh)))
+        for key in sums:
+            sums[key].append(np.asarray(out[key])[: len(part["clients"])])
+    return {k: np.concatenate(v) if v else np.zeros(0) for k, v in sums.items()}
+
+
+def evaluate(algorithm: FedAvg, params: Any, dataset: Any, config: ml_collections.ConfigDict,
+             mesh: jax.sharding.Mesh, eval_fn: Callable | None = None) -> dict[str, float]:
+    """Loss and accuracy of one model over all clients of the test split (pooled and client-averaged)."""
+    return summarize_eval(client_eval_sums(algorithm, params, dataset, config, mesh, eval_fn))
+
+
+def evaluate_state(algorithm: FedAvg, state: ServerState, dataset: Any, config: ml_collections.ConfigDict,
+                   mesh: jax.sharding.Mesh, eval_fn: Callable | None = None) -> dict[str, float]:
+    """The test evaluation of a server state: its model, or for HypCluster each client's best cluster
+    model (chosen by the lowest loss on the client's train data, as FedJAX's HypClusterEvaluator)."""
+    if not hasattr(algorithm, "num_clusters"):
+        return evaluate(algorithm, state.params, dataset, config, mesh, eval_fn)
+    from fedstream.algorithms.hyp_cluster import cluster_params, combine_cluster_evals
+
+    test_ids = dataset.client_ids(config.data.test_split)
+    train_position = {str(c): i for i, c in enumerate(dataset.client_ids(config.data.train_split))}
+    rows = np.array([train_position.get(str(c), -1) for c in test_ids])
+    train_sums, test_sums = [], []
+    for j in range(int(algorithm.num_clusters)):
+        params = cluster_params(state, j)
+        on_train = client_eval_sums(algorithm, params, dataset, config, mesh, eval_fn, config.data.train_split)
+        # Aligned to the test clients; a client without train data scores 0 everywhere (-> cluster 0).
+        train_sums.append({k: np.where(rows >= 0, v[np.maximum(rows, 0)], 0.0) for k, v in on_train.items()})
+        test_sums.append(client_eval_sums(algorithm, params, dataset, config, mesh, eval_fn))
+    combined, assignment = combine_cluster_evals(train_sums, test_sums)
+    return {**summarize_eval(combined), **{f"clients_in_cluster_{j}": int((assignment == j).sum())
+                                           for j in range(int(algorithm.num_clusters))}}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Restoring a run
+# ---------------------------------------------------------------------------------------------------------------
+
+def restore_intact(checkpointer: RunCheckpointer, like_state: ServerState, *, client_store: bool,
+                   resume_last_good: bool, log: Callable[[str], None]) -> tuple[ServerState, dict[str, Any]] | None:
+    """(state, meta) of the newest checkpoint that reads back intact, or None when there is none.
+
+    A corrupted newest checkpoint stops the run with `CheckpointCorrupted`
+    unless `resume_last_good`: then it is moved to `corrupted_checkpoints/`
+    (kept for inspection) and the next older one is tried.
+    """
+    while (step := checkpointer.latest_round()) is not None:
+        try:
+            state, meta = checkpointer.restore(step, like_state)
+            if client_store:
+                checkpointer.restore_client_index(step)
+            return state, meta
+        except CheckpointCorrupted as e:
+            if not resume_last_good:
+                older = [k for k in checkpointer.all_steps() if k < step]
+                hint = (f"rerun with --resume-last-good to set it aside and resume from an older checkpoint "
+                        f"(rounds {', '.join(map(str, older))} are on disk)" if older else
+                        "no older checkpoint is on disk; --resume-last-good would set it aside and start over")
+                raise CheckpointCorrupted(e.step, e.path, f"{e.why}; {hint}") from None
+            if jax.process_count() > 1:
+                raise ConfigError(f"{e}; --resume-last-good moves checkpoints in single-process runs only: move "
+                                  f"{checkpointer.step_path(step)} out of {checkpointer.directory} by hand (e.g. "
+                                  "into corrupted_checkpoints/) and relaunch") from None
+            log(f"{e}; moved to {checkpointer.quarantine(step)}; trying the previous checkpoint")
+    return None
+
+
+def _last_good(checkpointer: RunCheckpointer | None) -> str:
+    """Which checkpoint survives a stop, in words."""
+    if checkpointer is None:
+        return "no workdir, nothing saved"
+    checkpointer.wait()
+    latest = checkpointer.latest_round()
+    return "no checkpoint was saved yet" if latest is None else f"the checkpoint of round {latest} is intact"
+
+
+def describe_algorithm(algorithm: FedAvg) -> dict[str, Any]:
+    """A JSON description of an algorithm object: its class and the options (dataclass fields) JSON can hold.
+
+    Stored with a run built in Python, so that resuming it with different
+    options is refused. Optimizers are not described (optax transformations
+    keep their hyperparameters in closures).
+    """
+    options = {}
+    for field in dataclasses.fields(algorithm) if dataclasses.is_dataclass(algorithm) else ():
+        value = getattr(algorithm, field.name)
+        if isinstance(value, (bool, int, float, str, type(None))):
+            options[field.name] = value
+        elif isinstance(value, (tuple, list)) and all(isinstance(v, (bool, int, float, str)) for v in value):
+            options[field.name] = list(value)
+    model = getattr(algorithm, "model", None)
+    return {"class": f"{type(algorithm).__module__}.{type(algorithm).__qualname__}", "options": options,
+            "model": repr(getattr(model, "module", model))}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The simulation
+# ---------------------------------------------------------------------------------------------------------------
+
+class Simulation:
+    """Federated rounds of `algorithm` over `dataset`; checkpointed and resumable when given a `workdir`.
+
+    Args:
+      dataset: a `FederatedDataset` (a preprocessed directory) or an `InMemoryDataset`.
+      algorithm: a built algorithm (e.g. `fedstream.FedAvg(model, optax.sgd(0.1), optax.sgd(1.0))`).
+      clients_per_round: cohort size (the expected size under Poisson sampling).
+      batch_size, epochs, max_examples, max_steps: each client's local training (0 = no cap).
+      seed: the run's seed: initial model, cohorts, example orders and dropout keys derive from it.
+      sampling: 'uniform' (exactly `clients_per_round` clients) or 'poisson' (each client with rate q).
+      sampling_rate: Poisson q (0 = clients_per_round / population); max_clients_per_round: Poisson slots.
+      aggregation: 'example' (client weight = its examples) or 'uniform'.
+      train_split, test_split: split names of `dataset`.
+      augment: per-client augmentation in the pipeline ('' = none).
+      eval_every: rounds between test evaluations (0 = only at the end of `run`).
+      eval_batch_size, eval_chunk_clients: evaluation batch and clients per evaluation program.
+      finetune_steps: > 0 also evaluates "FedAvg + fine-tune" with this many local steps per client.
+      workdir: directory for checkpoints, `metrics.jsonl`, TensorBoard and the lock (None: in memory only).
+      checkpoint_every, checkpoint_keep: Orbax checkpoint interval and how many to keep.
+      resume_last_good: a corrupted latest checkpoint is set aside and the newest intact one is used.
+      nonfinite: a client update with NaN/Inf is 'skip'ped (counted) or 'stop's the run.
+      data_threads: reader threads (0 = auto).
+      num_devices: devices of the `('clients',)` mesh (None: all).
+      callbacks: `Callback` objects called around each round.
+      log: where progress and messages go (printed by default; `lambda _: None` for silence).
+      run_config: the JSON-able record of the run kept in its checkpoints and compared on resume
+        (default: these settings plus a description of the algorithm; `fedstream train` passes its config).
+      lock: take the workdir's lock (False only when the caller already holds it, as `train` does).
+    """
+
+    def __init__(self, dataset: Any, algorithm: FedAvg, *, clients_per_round: int = 10, batch_size: int = 10,
+                 epochs: int = 1, max_examples: int = 0, max_steps: int = 0, seed: int = 0,
+                 sampling: str = "uniform", sampling_rate: float = 0.0, max_clients_per_round: int = 0,
+                 aggregation: str = "example", train_split: str = "train", test_split: str = "test",
+                 augment: str = "", eval_every: int = 0, eval_batch_size: int = 64, eval_chunk_clients: int = 256,
+                 finetune_steps: int = 0, workdir: str | os.PathLike | None = None, checkpoint_every: int = 1,
+                 checkpoint_keep: int = 3, resume_last_good: bool = False, nonfinite: str = "skip",
+                 data_threads: int = 0, num_devices: int | None = None, callbacks: Sequence[Callback] = (),
+                 log: Callable[[str], None] = print_line, run_config: Mapping[str, Any] | None = None,
+                 lock: bool = True) -> None:
+        self.dataset, self.algorithm = dataset, algorithm
+        self.settings = _settings(
+            seed=seed, clients_per_round=clients_per_round, sampling=sampling, sampling_rate=sampling_rate,
+            max_clients_per_round=max_clients_per_round, aggregation=aggregation, nonfinite=nonfinite,
+            data_threads=data_threads, train_split=train_split, test_split=test_split, augment=augment,
+            batch_size=batch_size, epochs=epochs, max_examples=max_examples, max_steps=max_steps,
+            eval_every=eval_every, eval_batch_size=eval_batch_size, eval_chunk_clients=eval_chunk_clients,
+            finetune_steps=finetune_steps, checkpoint_every=checkpoint_every, checkpoint_keep=checkpoint_keep)
+        for split in (train_split, test_split):
+            if split not in dataset.splits:
+                raise ConfigError(f"the dataset has no split {split!r} (splits: {', '.join(dataset.splits)})")
+        check_clients_per_round(self.settings, num_train_clients=dataset.num_clients(train_split))
+        features = (algorithm.model.input_key, algorithm.model.label_key, *algorithm.extra_features)
+        for key in features:
+            if key not in dataset.schema:
+                raise ConfigError(f"the dataset has no feature {key!r} (features: {', '.join(dataset.schema)})")
+        self.workdir = pathlib.Path(workdir) if workdir is not None else None
+        self.resume_last_good = resume_last_good
+        self.take_lock = lock
+        self.callbacks = tuple(callbacks)
+        self.primary = jax.process_index() == 0
+        self.log = log if self.primary else (lambda *_: None)
+        self.run_config = dict(run_config) if run_config is not None else {
+            **self.settings.to_dict(), "algorithm": describe_algorithm(algorithm)}
+        self.mesh = make_mesh(num_devices)
+        s = self.settings
+        self.pipeline = CohortPipeline(
+            dataset, train_split, features, seed=seed, cohort_size=clients_per_round,
+            batching=ClientBatching(batch_size, epochs, max_examples, max_steps), num_devices=self.mesh.size,
+            uniform_weights=aggregation == "uniform", data_threads=auto_data_threads(data_threads),
+            local_devices=_local_devices(self.mesh), augment=get_augmentation(augment), sampling=sampling,
+            sampling_rate=sampling_rate, max_cohort_size=max_clients_per_round, label_range=_label_range(algorithm))
+        self.state: ServerState = replicate(algorithm.init(jax.random.PRNGKey(int(s.seed))), self.mesh)
+        self._train_round = build_train_round(algorithm, self.mesh, seed=int(s.seed))
+        self._eval_fn = build_eval(algorithm, self.mesh, int(s.eval.chunk_clients))
+        self._opened = False
+        self._lock: WorkdirLock | None = None
+        self._checkpointer: RunCheckpointer | None = None
+        self._store: ClientStateStore | None = None
+        self._store_tmp: tempfile.TemporaryDirectory | None = None
+        self._ledger = None
+        self._iterator: Any = None
+        self._iterator_rounds = 0
+        self._metrics_log: MetricsLog | None = None
+
+    # --- public ------------------------------------------------------------------------------------------------
+
+    @property
+    def params(self) -> Any:
+        """The server model's parameters now."""
+        return self.state.params
+
+    @property
+    def rounds_done(self) -> int:
+        """Rounds completed so far (restored from the workdir's checkpoint when resuming)."""
+        self._open()
+        return int(self.state.round)
+
+    def rounds(self, num_rounds: int) -> Iterator[dict[str, Any]]:
+        """Runs rounds until `num_rounds` are done in total, yielding each round's metrics as it ends.
+
+        A yielded dict holds `round`, `train` (loss, accuracy, clients, examples, ...)
+        and, on evaluation rounds (every `eval_every` and the last), `eval`.
+        """
+        num_rounds = _count("num_rounds", num_rounds, low=0)
+        self._open()
+        self._ensure_iterator(num_rounds)
+        progress = Progress(num_rounds, self.rounds_done, enabled=self.primary, emit=self.log)
+        for r in range(self.rounds_done, num_rounds):
+            metrics = self._one_round(r, num_rounds)
+            progress.last_eval = (f"test acc {metrics['eval']['accuracy']:.4f} (round {metrics['round']})"
+                                  if "eval" in metrics else progress.last_eval)
+            progress.update(r + 1, metrics["train"]["examples"], metrics["train"], force="eval" in metrics)
+            yield metrics
+
+    def run(self, num_rounds: int) -> TrainResult:
+        """Runs (or resumes) until `num_rounds` rounds are done, evaluates, closes the workdir; returns the result."""
+        final_eval: dict[str, float] = {}
+        try:
+            start = self.rounds_done
+            for metrics in self.rounds(num_rounds):
+                final_eval = metrics.get("eval", final_eval)
+            if start >= num_rounds:
+                final_eval = self.evaluate()
+                self.log(f"run already complete ({start} rounds); final evaluation repeated")
+        finally:
+            self.close()
+        if final_eval:
+            self.log(f"final test accuracy {final_eval['accuracy']:.4f} (example-weighted), "
+                     f"{final_eval['client_mean_accuracy']:.4f} (client mean), loss {final_eval['loss']:.4f} "
+                     f"over {final_eval['num_clients']} clients / {final_eval['num_examples']} examples")
+        return TrainResult(self.state, max(int(self.state.round), num_rounds), final_eval, self.workdir)
+
+    def evaluate(self, split: str | None = None, dataset: Any = None, params: Any = None) -> dict[str, float]:
+        """Loss and accuracy of the server model (or `params`) over every client of `split` of `dataset`.
+
+        Defaults: the test split of the simulation's dataset. Returns example-weighted
+        (`loss`, `accuracy`) and client-averaged (`client_mean_*`) numbers and counts.
+        """
+        config = ml_collections.ConfigDict(self.settings.to_dict())
+        config.data.test_split = split or self.settings.data.test_split
+        dataset = self.dataset if dataset is None else dataset
+        if config.data.test_split not in dataset.splits:
+            raise ConfigError(f"the dataset has no split {config.data.test_split!r} (splits: "
+                              f"{', '.join(dataset.splits)})")
+        if params is not None:
+            return evaluate(self.algorithm, params, dataset, config, self.mesh, self._eval_fn)
+        return evaluate_state(self.algorithm, self.state, dataset, config, self.mesh, self._eval_fn)
+
+    def close(self) -> None:
+        """Waits for the last checkpoint and releases the workdir (the simulation can be opened again)."""
+        try:
+            if self._checkpointer is not None:
+                self._checkpointer.close()
+            if self._store is not None:
+                self._store.close()
+            if self._metrics_log is not None:
+                self._metrics_log.close()
+            if self._iterator is not None and hasattr(self._iterator, "close"):
+                self._iterator.close()
+        finally:
+            if self._store_tmp is not None:
+                self._store_tmp.cleanup()
+            if self._lock is not None:
+                self._lock.release()
+            self._checkpointer = self._store = self._metrics_log = self._iterator = None
+            self._store_tmp = self._lock = None
+            self._opened = False
+
+    def __enter__(self) -> "Simulation":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # --- internals ---------------------------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        """Takes the workdir (lock, checkpoints, metrics) and restores its latest intact checkpoint, once."""
+        if self._opened:
+            return
+        self._opened = True
+        s, algorithm = self.settings, self.algorithm
+        saved_privacy, meta, start = None, None, 0
+        template = algorithm.client_state_template(self.state.params)
+        try:
+            if self.workdir is not None:
+                self.workdir.mkdir(parents=True, exist_ok=True)
+                self._lock = WorkdirLock(self.workdir, enabled=self.primary and self.take_lock).acquire()
+                self._checkpointer = RunCheckpointer(self.workdir, every=int(s.checkpoint.every),
+                                                     keep=int(s.checkpoint.keep))
+                if self._checkpointer.latest_round() is not None:
+                    restored = restore_intact(self._checkpointer, self.state, client_store=template is not None,
+                                              resume_last_good=self.resume_last_good, log=self.log)
+                    if restored is not None:
+                        self.state, meta = restored
+                        check_config_unchanged(meta["config"], self.run_config, self.workdir)
+                        start = int(self.state.round)
+                        saved_privacy = meta.get("privacy")
+                        self.log(f"resumed {self.workdir} from the checkpoint after round {start}")
+            self._ledger = privacy_ledger(algorithm, saved_privacy, start)  # None unless the algorithm is DP
+            if self._ledger is not None and start == 0:
+                self.log(f"DP-FedAvg: clip C={algorithm.clip_norm:g}, noise multiplier z="
+                         f"{algorithm.noise_multiplier:.4g}, denominator D={algorithm.denominator:g}, "
+                         f"{self._ledger.mechanism.sampling} sampling, {self._ledger.accountant} accountant, "
+                         f"delta={self._ledger.target_delta:.3g}")
+            if self.workdir is not None:
+                self._metrics_log = MetricsLog(self.workdir, resume_round=start, enabled=self.primary)
+                self._metrics_log.write_hparams(flatten(self.run_config))
+                if not self._metrics_log.tensorboard_enabled and start == 0:
+                    self.log("TensorBoard summaries off (install fedstream[tensorboard]); metrics go to metrics.jsonl")
+            if template is not None:
+                self._store = self._open_client_store(template, start)
+            self._data_position = meta["data_iterator"] if meta is not None else None
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_client_store(self, template: Any, start: int) -> ClientStateStore:
+        """The per-client state store of a stateful algorithm, in step with the latest checkpoint."""
+        if jax.process_count() > 1:
+            raise ConfigError(f"algorithm {type(self.algorithm).__name__} keeps per-client state, which "
+                              "multi-process runs do not support yet; run it in one process")
+        template = jax.tree.map(np.asarray, jax.device_get(template))
+        if self.workdir is None:
+            self._store_tmp = tempfile.TemporaryDirectory(prefix="fedstream-client-state-")
+            directory = pathlib.Path(self._store_tmp.name)
+        else:
+            directory = self.workdir / "client_state"
+        store = ClientStateStore(directory, template, self.dataset.num_clients(self.settings.data.train_split))
+        checkpointer = self._checkpointer
+        if start == 0 or checkpointer is None:
+            store.restore(store.index(), 0)  # a fresh run: drop files of a run killed before its first checkpoint
+        else:
+            store.restore(checkpointer.restore_client_index(start), start)
+            for step in checkpointer.all_steps():  # `start` was verified; an older bad index is refused if used
+                try:
+                    store.note_committed(step, checkpointer.restore_client_index(step))
+                except CheckpointCorrupted:
+                    continue
+        return store
+
+    def _ensure_iterator(self, num_rounds: int) -> None:
+        """The cohort iterator, positioned at the next round (rebuilt when asked for more rounds)."""
+        if self._iterator is not None and num_rounds <= self._iterator_rounds:
+            return
+        position = self._iterator.get_state() if self._iterator is not None else self._data_position
+        if self._iterator is not None and hasattr(self._iterator, "close"):
+            self._iterator.close()
+        self._iterator = self.pipeline.iterator(max(num_rounds, 1))
+        self._iterator_rounds = max(num_rounds, 1)
+        if position is not None:
+            self._iterator.set_state(position)
+
+    def _one_round(self, r: int, num_rounds: int) -> dict[str, Any]:
+        """Round r + 1: data, the compiled round, metrics, evaluation, checkpoint."""
+        s, mesh = self.settings, self.mesh
+        for callback in self.callbacks:
+            callback.on_round_start(r + 1)
+        t0 = time.perf_counter()
+        element = next(self._iterator)
+        if element["round"] != r:
+            raise RuntimeError(f"data iterator yielded round {element['round']} for round {r}")
+        t_data = time.perf_counter()
+        batch = element["batch"]
+        if self._store is None:
+            self.state, stats = self._train_round(self.state, shard_batch(batch, mesh))
+        else:  # per-client state: read for the cohort, written back after the round
+            clients = np.where(batch["slot_steps"] > 0, batch["slot_client"], -1)
+            self.state, stats, new_states = self._train_round(self.state, shard_batch(batch, mesh),
+                                                              shard_batch(self._store.read(clients), mesh))
+            self._store.write(r + 1, clients, clients >= 0, jax.device_get(new_states))
+        for callback in self.callbacks:
+            callback.on_round_dispatched(r + 1)
+        train_metrics = {k: float(v) for k, v in stats["metrics"].compute().items()}
+        nonfinite = int(stats["nonfinite_clients"])
+        if nonfinite and s.nonfinite == "stop":
+            client = str(self.dataset.client_ids(s.data.train_split)[int(stats["nonfinite_client"])])
+            raise TrainingDiverged(f"round {r + 1}: client {client!r} sent a non-finite (NaN/Inf) update "
+                                   f"({nonfinite} such clients); stopping as config nonfinite='stop' asks "
+                                   f"({_last_good(self._checkpointer)}); nonfinite='skip' leaves such clients "
+                                   "out instead")
+        transform_log = round_log(jax.device_get(stats["logs"]))  # bits sent, clipped fraction, ...
+        if self._ledger is not None:
+            self._ledger.record_round()
+            transform_log.update(dp_epsilon=self._ledger.epsilon(), dp_delta=self._ledger.target_delta)
+        seconds = time.perf_counter() - t0
+        train = {
+            **transform_log,
+            "cohort_size": element["cohort_size"],
+            **train_metrics,
+            "clients": element["num_clients_trained"],
+            "empty_clients_skipped": element["num_clients_empty"],
+            "examples": element["num_examples"],
+            "steps": element["num_steps"],
+            "padding_waste": element["padding_waste"],
+            "nonfinite_clients_skipped": nonfinite,
+            "round_seconds": seconds,
+            "data_wait_seconds": t_data - t0,
+            "examples_per_second": element["num_examples"] / max(seconds, 1e-9),
+        }
+        if self._metrics_log is not None:
+            self._metrics_log.write(r + 1, "train", train)
+        done = r + 1
+        result: dict[str, Any] = {"round": done, "train": train}
+        every = int(s.eval.every)
+        if done == num_rounds or (every and done % every == 0):
+            result["eval"] = self._evaluate_round(done)
+        saved = False
+        if self._checkpointer is not None:
+            meta = {"config": self.run_config, "round": done, "seed": int(s.seed),
+                    "data_iterator": self._iterator.get_state()}
+            if self._ledger is not None:
+                meta["privacy"] = self._ledger.to_json()
+            client_index = self._store.index() if self._store is not None else None
+            saved = self._checkpointer.save(done, self.state, meta, force=done == num_rounds,
+                                            client_index=client_index)
+            if self._store is not None:
+                if saved:
+                    self._store.note_committed(done, client_index)
+                self._store.collect_garbage(self._checkpointer.all_steps() + ([done] if saved else []))
+        elif self._store is not None:
+            self._store.note_committed(done, self._store.index())
+            self._store.collect_garbage([done])
+        for callback in self.callbacks:
+            callback.on_round_end(done, result, saved, self._checkpointer)
+        return result
+
+    def _evaluate_round(self, done: int) -> dict[str, float]:
+        """The test evaluation after round `done` (plus fine-tuned / personal models where configured)."""
+        s, algorithm = self.settings, self.algorithm
+        result = evaluate_state(algorithm, self.state, self.dataset, s, self.mesh, self._eval_fn)
+        if int(s.eval.finetune_steps):  # "FedAvg + fine-tune" personalization
+            result.update(evaluate_finetuned(algorithm, self.state.params, self.dataset, s, self.mesh,
+                                             int(s.eval.finetune_steps), round_index=done))
+        if self._store is not None and hasattr(algorithm, "personal_model"):  # e.g. Ditto's v_i
+            result.update(evaluate_personal(algorithm, self.state.params, self._store, self.dataset, s, self.mesh))
+        if self._metrics_log is not None:
+            self._metrics_log.write(done, "eval", result)
+        if not np.isfinite(result["loss"]):
+            raise TrainingDiverged(f"evaluation after round {done}: test loss is {result['loss']} (diverged); "
+                                   f"stopping ({_last_good(self._checkpointer)}); lower the learning rates and "
+                                   "start a new workdir")
+        return result
+
+
+def _label_range(algorithm: FedAvg) -> tuple[str, int] | None:
+    """(label feature, classes) of a classifier whose labels must index its logits; None if unknown."""
+    classes = getattr(algorithm.model, "num_classes", None)
+    return (algorithm.model.label_key, int(classes)) if isinstance(classes, int) and classes > 0 else None
+
+
+def _count(name: str, value: Any, low: int) -> int:
+    """An integer argument >= low (bools and floats refused), or ConfigError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < low:
+        raise ConfigError(f"Simulation argument {name!r} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def _settings(**kw: Any) -> ml_collections.ConfigDict:
+    """The simulation's settings in the layout of a training config (checked by the same validation)."""
+    c = ml_collections.ConfigDict()
+    for key in ("seed", "clients_per_round", "sampling", "sampling_rate", "max_clients_per_round", "aggregation",
+                "nonfinite", "data_threads"):
+        c[key] = kw[key]
+    c.data = ml_collections.ConfigDict({"train_split": kw["train_split"], "test_split": kw["test_split"],
+                                        "augment": kw["augment"]})
+    c.client = ml_collections.ConfigDict({k: kw[k] for k in ("batch_size", "epochs", "max_examples", "max_steps")})
+    c.eval = ml_collections.ConfigDict({"every": kw["eval_every"], "batch_size": kw["eval_batch_size"],
+                                        "chunk_clients": kw["eval_chunk_clients"],
+                                        "finetune_steps": kw["finetune_steps"]})
+    c.checkpoint = ml_collections.ConfigDict({"every": kw["checkpoint_every"], "keep": kw["checkpoint_keep"]})
+    validate_train_config(c)  # the keys present are checked; a bad value is named by its config key
+    return c
