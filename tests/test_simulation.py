@@ -219,3 +219,40 @@ def test_bad_arguments_are_named(digits):
     with pytest.raises(ConfigError, match="no feature 'pixels'"):
         fs.Simulation(data, fs.FedAvg(fs.Model.from_flax(Sequential(), (8, 8, 1), 10, input_key="pixels"),
                                       optax.sgd(0.1), optax.sgd(1.0)))
+
+
+@pytest.mark.parametrize("name,num_devices", [("fedavg", 1), ("fedavg", 4), ("scaffold", 4), ("mime", 1)])
+def test_debug_mode_runs_clients_eagerly_and_matches_the_compiled_round(name, num_devices):
+    """fedavg, a stateful algorithm (per-client control variates) and one with a prepass (Mime)."""
+    data = small_digits()
+    model = fs.get_model("logistic", (8, 8, 1), 10)
+
+    def simulation(debug):
+        algorithm = fs.build_algorithm(name, model, optax.sgd(0.1, momentum=0.9 if name == "mime" else None),
+                                       optax.sgd(1.0), context={"client_learning_rate": 0.1, "population": 6})
+        return fs.Simulation(data, algorithm, clients_per_round=4, batch_size=8, num_devices=num_devices,
+                             debug=debug, **QUIET)
+
+    compiled, eager = simulation(False), simulation(True)
+    for a, b in zip(compiled.rounds(2), eager.rounds(2)):
+        assert a["train"]["loss"] == pytest.approx(b["train"]["loss"], rel=1e-5)
+        assert a["train"]["clients"] == b["train"]["clients"]
+    for key, value in leaves(compiled.state.params).items():
+        np.testing.assert_allclose(leaves(eager.state.params)[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+    assert np.abs(leaves(eager.state.params)["/Dense_0/kernel"]).max() > 0  # trained
+
+
+def test_debug_mode_lets_a_client_step_use_python_on_values():
+    seen = []
+
+    class Printing(fs.FedAvg):
+        def client_step(self, state, batch, rng, broadcast=None):
+            state, metrics = super().client_step(state, batch, rng, broadcast)
+            seen.append(float(metrics.compute()["loss"]))  # a concrete number: only possible when eager
+            return state, metrics
+
+    model = fs.get_model("logistic", (8, 8, 1), 10)
+    sim = fs.Simulation(small_digits(), Printing(model, optax.sgd(0.1), optax.sgd(1.0)), clients_per_round=2,
+                        batch_size=8, debug=True, **QUIET)
+    first = next(iter(sim.rounds(1)))
+    assert len(seen) == first["train"]["steps"] and all(np.isfinite(seen))

@@ -234,6 +234,99 @@ def build_train_round(
     return train_round
 
 
+def build_debug_round(
+    algorithm: FedAvg, seed: int
+) -> Callable[..., tuple[ServerState, dict[str, Any]] | tuple[ServerState, dict[str, Any], Any]]:
+    """The round of `build_train_round`, run eagerly: clients one at a time, steps in a Python loop.
+
+    Nothing is compiled (`jax.disable_jit`), so `print`, `float(x)` and `pdb`
+    work inside an algorithm's hooks (`client_step`, `client_contribution`,
+    `server_update`, ...). Same inputs and outputs as the compiled round, and
+    the same keys, steps and weights; results agree with it to float rounding
+    (clients are summed in another order). Slow: for finding bugs, not for runs.
+    """
+
+    def debug_round(state: ServerState, batch: Mapping[str, Any], client_states: Any = None):
+        with jax.disable_jit():
+            host = {k: np.asarray(v) for k, v in batch.items()}
+            stream = {k: v for k, v in host.items() if not k.startswith("slot_")}
+            stored_all = jax.tree.map(np.asarray, client_states)
+            batch_size = stream["mask"].shape[2]
+            devices, slots = host["slot_steps"].shape
+            clients = [(d, j) for d in range(devices) for j in range(slots) if host["slot_steps"][d, j] > 0]
+
+            def step_batch(d: int, index: int) -> dict[str, jax.Array]:
+                return {k: jnp.asarray(v[d, index]) for k, v in stream.items()}
+
+            def stored_of(d: int, j: int) -> Any:
+                return jax.tree.map(lambda a: jnp.asarray(a[d, j]), stored_all)
+
+            broadcast = algorithm.broadcast(state)
+            prepass: dict[tuple[int, int], Any] = {}
+            if algorithm.uses_prepass:
+                total = None
+                for d, j in clients:
+                    own = None
+                    steps = min(int(host["slot_steps"][d, j]), -(-int(host["slot_examples"][d, j]) // batch_size))
+                    for t in range(steps):
+                        step = step_batch(d, int(host["slot_offset"][d, j]) + t)
+                        first_epoch = t * batch_size + jnp.arange(batch_size) < int(host["slot_examples"][d, j])
+                        part = algorithm.prepass_step(broadcast, {**step, "mask": step["mask"] & first_epoch})
+                        own = part if own is None else jax.tree.map(jnp.add, own, part)
+                    prepass[d, j] = own
+                    total = own if total is None else jax.tree.map(jnp.add, total, own)
+                broadcast = algorithm.after_prepass(broadcast, total)
+            sums, metrics = None, TrainMetrics.empty()
+            bad_count, bad_client = 0, -1
+            new_stored = stored_all
+            for d, j in clients:
+                client_id = int(host["slot_client"][d, j])
+                stored_i = stored_of(d, j)
+                client = algorithm.client_init(broadcast, stored_i, prepass.get((d, j)))
+                client_metrics = TrainMetrics.empty()
+                for t in range(int(host["slot_steps"][d, j])):
+                    key = step_key(seed, state.round, jnp.int32(client_id), jnp.int32(t))
+                    client, step_metrics = algorithm.client_step(
+                        client, step_batch(d, int(host["slot_offset"][d, j]) + t), key, broadcast)
+                    client_metrics = client_metrics.merge(step_metrics)
+                contribution, stored_out = algorithm.client_contribution(
+                    client, broadcast, jnp.float32(host["slot_weight"][d, j]), stored_i, prepass.get((d, j)),
+                    client_key(seed, state.round, jnp.int32(client_id)))
+                if not all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(contribution)):
+                    bad_count, bad_client = bad_count + 1, max(bad_client, client_id)
+                    continue  # left out of the round, its stored state unchanged (as in the compiled round)
+                sums = contribution if sums is None else jax.tree.map(jnp.add, sums, contribution)
+                metrics = metrics.merge(client_metrics)
+                if new_stored is not None:
+                    new_stored = jax.tree.map(lambda all_, one: _set(all_, d, j, one), new_stored, stored_out)
+            if sums is None:  # no client trained: zeros shaped like a contribution
+                d, j = clients[0] if clients else (0, 0)
+                shape = jax.eval_shape(lambda: algorithm.client_contribution(
+                    algorithm.client_init(broadcast, stored_of(d, j), None), broadcast, jnp.float32(1),
+                    stored_of(d, j), None, jax.random.PRNGKey(0))[0])
+                sums = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shape)
+            key = server_key(seed, state.round)
+            if getattr(algorithm, "updates_on_empty_rounds", False) or float(sums["weight"]) > 0:
+                new_state = algorithm.server_update(state, sums, key)
+            else:
+                new_state = state.replace(round=state.round + 1)
+            stats = {"metrics": metrics, "weight": sums["weight"], "nonfinite_clients": jnp.int32(bad_count),
+                     "nonfinite_client": jnp.int32(bad_client),
+                     "logs": {k: v for k, v in sums.items() if k.startswith("log_")}}
+        if client_states is None:
+            return new_state, stats
+        return new_state, stats, new_stored
+
+    return debug_round
+
+
+def _set(array: np.ndarray, d: int, j: int, value: Any) -> np.ndarray:
+    """A copy of `array` with row [d, j] replaced by `value`."""
+    out = np.array(array, copy=True)
+    out[d, j] = np.asarray(value)
+    return out
+
+
 def build_eval(
     algorithm: FedAvg, mesh: jax.sharding.Mesh, num_slots: int
 ) -> Callable[[Any, Mapping[str, jax.Array]], dict[str, jax.Array]]:

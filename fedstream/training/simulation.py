@@ -42,8 +42,8 @@ from fedstream.training.client_store import ClientStateStore
 from fedstream.training.lock import WorkdirLock
 from fedstream.training.metrics_log import MetricsLog, Progress, print_line
 from fedstream.training.personalized_eval import evaluate_finetuned, evaluate_personal
-from fedstream.training.rounds import (EVAL_SUMS, build_eval, build_train_round, local_device_positions, make_mesh,
-                                       replicate, shard_batch, summarize_eval)
+from fedstream.training.rounds import (EVAL_SUMS, build_debug_round, build_eval, build_train_round,
+                                       local_device_positions, make_mesh, replicate, shard_batch, summarize_eval)
 
 
 class TrainingDiverged(RuntimeError):
@@ -227,6 +227,8 @@ class Simulation:
       run_config: the JSON-able record of the run kept in its checkpoints and compared on resume
         (default: these settings plus a description of the algorithm; `fedstream train` passes its config).
       lock: take the workdir's lock (False only when the caller already holds it, as `train` does).
+      debug: run each round eagerly, client by client (`print` and `pdb` work inside an algorithm's
+        hooks; results equal the compiled round's to float rounding; slow).
     """
 
     def __init__(self, dataset: Any, algorithm: FedAvg, *, clients_per_round: int = 10, batch_size: int = 10,
@@ -238,7 +240,7 @@ class Simulation:
                  checkpoint_keep: int = 3, resume_last_good: bool = False, nonfinite: str = "skip",
                  data_threads: int = 0, num_devices: int | None = None, callbacks: Sequence[Callback] = (),
                  log: Callable[[str], None] = print_line, run_config: Mapping[str, Any] | None = None,
-                 lock: bool = True) -> None:
+                 lock: bool = True, debug: bool = False) -> None:
         self.dataset, self.algorithm = dataset, algorithm
         self.settings = _settings(
             seed=seed, clients_per_round=clients_per_round, sampling=sampling, sampling_rate=sampling_rate,
@@ -272,7 +274,8 @@ class Simulation:
             local_devices=_local_devices(self.mesh), augment=get_augmentation(augment), sampling=sampling,
             sampling_rate=sampling_rate, max_cohort_size=max_clients_per_round, label_range=_label_range(algorithm))
         self.state: ServerState = replicate(algorithm.init(jax.random.PRNGKey(int(s.seed))), self.mesh)
-        self._train_round = build_train_round(algorithm, self.mesh, seed=int(s.seed))
+        self._train_round = (build_debug_round(algorithm, seed=int(s.seed)) if debug
+                             else build_train_round(algorithm, self.mesh, seed=int(s.seed)))
         self._eval_fn = build_eval(algorithm, self.mesh, int(s.eval.chunk_clients))
         self._opened = False
         self._lock: WorkdirLock | None = None

@@ -123,7 +123,7 @@ class FaultInjector(Callback):
 
 def simulation_from_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None, *,
                            log: Callable[[str], None] = print_line, resume_last_good: bool = False,
-                           callbacks: tuple[Callback, ...] = (), lock: bool = True) -> Simulation:
+                           callbacks: tuple[Callback, ...] = (), lock: bool = True, debug: bool = False) -> Simulation:
     """The `Simulation` a (validated) training config describes: dataset, model, algorithm and settings."""
     dataset = open_dataset(config, log)
     algorithm = build_algorithm(config, dataset)
@@ -138,13 +138,13 @@ def simulation_from_config(config: ml_collections.ConfigDict, workdir: str | os.
         finetune_steps=int(config.eval.finetune_steps), workdir=workdir,
         checkpoint_every=int(config.checkpoint.every), checkpoint_keep=int(config.checkpoint.keep),
         resume_last_good=resume_last_good, nonfinite=str(config.nonfinite), data_threads=int(config.data_threads),
-        callbacks=callbacks, log=log, run_config=config.to_dict(), lock=lock)
+        callbacks=callbacks, log=log, run_config=config.to_dict(), lock=lock, debug=debug)
 
 
 @locked_workdir
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
           log: Callable[[str], None] = print_line, *, resume_last_good: bool = False,
-          validated: bool = False, callbacks: tuple[Callback, ...] = ()) -> TrainResult:
+          validated: bool = False, callbacks: tuple[Callback, ...] = (), debug: bool = False) -> TrainResult:
     """Runs (or resumes) the experiment `config` in `workdir`.
 
     Every restored checkpoint is checked against the digests recorded when it
@@ -161,7 +161,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     says the caller has done so already (the CLI checks it before joining a
     multi-process run). The workdir's lock is held from the start, so a
     refused second run preprocesses nothing. `FEDSTREAM_FAULT=KIND:ROUND`
-    adds a `FaultInjector`.
+    adds a `FaultInjector`. `debug` runs each round eagerly, client by client (see `Simulation`).
     """
     if not validated:
         validate_train_config(config)
@@ -180,5 +180,5 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     fault = fault_point()
     callbacks = (*callbacks, FaultInjector(*fault)) if fault else tuple(callbacks)
     simulation = simulation_from_config(config, workdir, log=log, resume_last_good=resume_last_good,
-                                        callbacks=callbacks, lock=False)  # the lock is held by this call
+                                        callbacks=callbacks, lock=False, debug=debug)  # this call holds the lock
     return simulation.run(int(config.num_rounds))
