@@ -59,6 +59,18 @@ def test_readme_python_api_example_runs_as_written(tmp_path, monkeypatch, capsys
     assert list(tmp_path.iterdir()) == []  # in memory: nothing written
 
 
+def test_fedjax_port_runs_on_a_small_stand_in(tmp_path, monkeypatch, digits):
+    """docs/porting_from_fedjax.md's fedstream block, with the digits in place of EMNIST and 2 rounds."""
+    blocks = python_blocks("porting_from_fedjax.md")
+    assert len(blocks) == 1 and "sim.run(1500)" in blocks[0]
+    code = (blocks[0].replace('"data/emnist"', repr(str(digits))).replace("(28, 28, 1), num_classes=62",
+                                                                           "(8, 8, 1), num_classes=10")
+            .replace("sim.run(1500)", "sim.run(2)"))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "docs/porting_from_fedjax.md", "exec"), {"__name__": "port"})  # noqa: S102 - our own docs
+    assert (tmp_path / "checkpoints" / "emnist_fedavg" / "metrics.jsonl").exists()
+
+
 # --- every shell command in the docs -------------------------------------------------------------------------------
 
 PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]

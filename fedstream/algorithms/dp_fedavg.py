@@ -417,6 +417,10 @@ def _check_model_shaped(size: int, broadcast: Any) -> None:
                          f"entries); this algorithm's update has {size}")
 
 
+# The `log_*` keys of DP and compression, formatted by `round_log` (per-client means, fractions).
+TRANSFORM_LOG_KEYS = ("log_clients", "log_bits", "log_update_norm", "log_clipped", "log_dp_clip_norm")
+
+
 def round_log(logs: Mapping[str, Any]) -> dict[str, float]:
     """Log values of a round from the summed `log_*` keys (`stats["logs"]` of the round runner).
 
@@ -425,11 +429,16 @@ def round_log(logs: Mapping[str, Any]) -> dict[str, float]:
     adaptive clipping `dp_clip_norm`, the C_t the round's clients were clipped
     to (each client adds the C_t it received, so the sum over the clients is
     divided by their number; NaN, like the other per-client means, in a round
-    without clients). Empty for algorithms without transforms.
+    without clients).
+
+    Any other `log_NAME` key an algorithm's contributions carry is logged as
+    `NAME`, its sum over the round's clients: that is how an algorithm of
+    one's own reports a metric (e.g. `log_clipped_clients`).
     """
     values = {k: float(v) for k, v in logs.items() if k.startswith(LOG_PREFIX)}
+    own = {k[len(LOG_PREFIX):]: v for k, v in values.items() if k not in TRANSFORM_LOG_KEYS}
     if "log_clients" not in values:
-        return {}
+        return own
     clients = values["log_clients"]
     per = 1.0 / clients if clients > 0 else float("nan")
     out = {"transform_clients": clients, "bits_sent": values["log_bits"], "bits_per_client": values["log_bits"] * per,
@@ -438,7 +447,7 @@ def round_log(logs: Mapping[str, Any]) -> dict[str, float]:
         out["dp_clipped_fraction"] = values["log_clipped"] * per
     if "log_dp_clip_norm" in values:
         out["dp_clip_norm"] = values["log_dp_clip_norm"] * per
-    return out
+    return {**own, **out}
 
 
 def privacy_ledger(algorithm: FedAvg, saved: Mapping[str, Any] | None = None,
