@@ -48,12 +48,14 @@ _EXPORTS = {
     "Ditto": "fedstream.algorithms.ditto",
     "build_algorithm": "fedstream.algorithms",
     "register_algorithm": "fedstream.algorithms",
+    "algorithm_options": "fedstream.algorithms",
     # running
     "Simulation": "fedstream.training.simulation",
     "Callback": "fedstream.training.simulation",
     "TrainResult": "fedstream.training.simulation",
     "train": "fedstream.training.train",
     "load_config": "fedstream.config",
+    "default_train_config": "fedstream.config",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -4,6 +4,7 @@ Recipes (`preprocess/`, for `fedstream preprocess`) and pipelines (`pipelines/`,
 for `fedstream train`) are described by the first line of their module
 docstring, read without importing them; models by their factory's or
 module's docstring; algorithms by their registry; optimizers by a table.
+`algorithm_options_text` describes one algorithm's declared options.
 """
 
 from __future__ import annotations
@@ -72,6 +73,30 @@ def algorithm_descriptions() -> dict[str, str]:
     return algorithm_names()
 
 
+def algorithm_options_text(name: str) -> str:
+    """The text `fedstream list --algorithm NAME` prints: the algorithm's description and its options
+    (`algorithm.options.KEY`) with type, default and doc."""
+    from fedstream.algorithms import accepts_any_option, algorithm_names, algorithm_options, resolve_algorithm
+    from fedstream.config import search_dirs
+
+    factory = resolve_algorithm(name, search_dirs())
+    target = getattr(factory, "func", factory)  # a functools.partial's function
+    description = algorithm_names().get(name) or _first_line(getattr(target, "__doc__", None))
+    specs = algorithm_options(factory)
+    lines = [f"{name}: {description}".rstrip(": "), ""]
+    if not specs:
+        lines.append("options: none" + (" declared (takes any keyword option)" if accepts_any_option(factory) else ""))
+        return "\n".join(lines)
+    lines.append("options (--config.algorithm.options.NAME=VALUE):")
+    rows = [("NAME", "TYPE", "DEFAULT", "DOC")] + [
+        (spec.name, spec.type_name or "any", "(required)" if spec.required else repr(spec.default), spec.doc)
+        for spec in specs.values()]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        lines.append("  " + "  ".join(f"{cell:<{w}}" for cell, w in zip(row[:3], widths)) + f"  {row[3]}".rstrip())
+    return "\n".join(lines)
+
+
 def optimizer_descriptions() -> dict[str, str]:
     """Optimizer names accepted by client.optimizer and server.optimizer."""
     from fedstream.algorithms import OPTIMIZER_NAMES
@@ -87,7 +112,8 @@ def catalog(sections: tuple[str, ...] = SECTIONS) -> str:
         "pipelines": ("pipelines", "fedstream train NAME --workdir DIR; or a path to your own config .py",
                       lambda: package_modules("fedstream.pipelines")),
         "models": ("models", "config key model.name", model_descriptions),
-        "algorithms": ("algorithms", "config key algorithm.name", algorithm_descriptions),
+        "algorithms": ("algorithms", "config key algorithm.name; options: fedstream list --algorithm NAME",
+                       algorithm_descriptions),
         "optimizers": ("optimizers", "config keys client.optimizer and server.optimizer", optimizer_descriptions),
     }
     blocks = []

@@ -7,7 +7,7 @@ import pytest
 
 from fedstream.cli import build_parser, main
 
-COMMANDS = ("preprocess", "inspect", "train", "eval", "plot", "list")
+COMMANDS = ("preprocess", "inspect", "train", "eval", "config", "plot", "list")
 
 
 def test_top_level_help_lists_every_command(capsys):

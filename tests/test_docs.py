@@ -97,8 +97,9 @@ def resolve(argv: list[str]) -> None:
 
     rest, overrides = cli.split_overrides(argv)
     args = cli.build_parser().parse_args(rest)
-    if args.command in ("train", "eval") and not (args.pipeline.endswith(".py") and not pathlib.Path(
-            args.pipeline).exists()):  # a user's own pipeline file that the page tells how to write
+    if args.command in ("train", "eval", "config") and args.pipeline and not (
+            args.pipeline.endswith(".py") and not pathlib.Path(args.pipeline).exists()):
+        # (not a user's own pipeline file that the page tells how to write, nor a workdir's stored config)
         load_config(args.pipeline, "fedstream.pipelines", overrides)
     elif args.command == "preprocess":
         apply_overrides(load_module(args.recipe, "preprocess").get_config(), overrides)

@@ -65,7 +65,16 @@ def update_domain_weights(weights: jax.Array, domain_loss: jax.Array, learning_r
 
 @dataclasses.dataclass(frozen=True)
 class AgnosticFedAvg(FedAvg):
-    """AgnosticFedAvg; `ServerState.extra` holds `domain_weights` [K] and `domain_window` [W, K]."""
+    """AgnosticFedAvg; `ServerState.extra` holds `domain_weights` [K] and `domain_window` [W, K].
+
+    Options:
+      init_domain_weights: the initial domain weights lambda, one per domain K (on the simplex: >= 0, sum 1).
+      domain_learning_rate: eta_lambda of the exponentiated-gradient step on the domain weights (0 = fixed).
+      domain_algorithm: how the domain weights move: 'eg' (exponentiated gradient) or 'none'.
+      domain_window_size: W, rounds of per-domain example counts averaged for alpha_k.
+      init_domain_window: the initial per-domain counts in the window, one per domain (None = ones).
+      domain_key: the dataset feature holding each example's domain id in [0, K).
+    """
 
     init_domain_weights: Sequence[float] = (0.5, 0.5)
     domain_learning_rate: float = 0.0

@@ -61,7 +61,12 @@ class DittoClient:
 
 @dataclasses.dataclass(frozen=True)
 class Ditto(FedAvg):
-    """Ditto: FedAvg for w plus per-client personal models v_i with the proximal weight lambda = `ditto_lambda`."""
+    """Ditto: FedAvg for w plus per-client personal models v_i with the proximal weight lambda = `ditto_lambda`.
+
+    Options:
+      ditto_lambda: lambda >= 0, the weight of lambda/2 ||v_i - w||^2 in each personal objective.
+      personal_learning_rate: eta_p of plain SGD for the personal models v_i (0 = the client optimizer).
+    """
 
     ditto_lambda: float = 0.1
     personal_learning_rate: float = 0.0  # 0 = the client optimizer for v_i too

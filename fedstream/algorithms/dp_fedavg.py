@@ -491,15 +491,32 @@ def build_transformed(
 ) -> TransformedFedAvg:
     """Builds `base` (with `base_options`) wrapped in compression and/or DP.
 
-    Options (config `algorithm.options`): clip_norm C (> 0 = DP), noise_multiplier z, or target_epsilon
-    (with target_delta, default 1/N^1.1) to calibrate z over calibration_rounds (default num_rounds);
-    accountant 'rdp' | 'pld'; denominator D (default: q N under Poisson sampling, else clients_per_round);
-    adaptive_clipping (clip_norm is then C_0) with target_unclipped_quantile gamma, clip_learning_rate eta_C
-    and clipped_count_stddev sigma_b (default D / 20); z stays the overall noise multiplier (accounted,
-    calibrated), the delta gets z_Delta (see the module docstring);
-    compression 'none' | 'quantize' (bits, quantization_scale 'minmax' | 'norm', rotate) | 'drive' |
-    'topk' (topk_fraction or topk, error_feedback). population, sampling, sampling_rate, clients_per_round,
-    num_rounds and client_learning_rate come from the train loop's context.
+    With adaptive_clipping, z stays the overall noise multiplier (accounted,
+    calibrated) and the delta gets z_Delta (see the module docstring).
+    population, sampling, sampling_rate, clients_per_round, num_rounds and
+    client_learning_rate come from the train loop's context.
+
+    Options:
+      base: the algorithm wrapped (any registered one whose clients send only a delta; default fedavg).
+      base_options: the wrapped algorithm's own options (a mapping, e.g. {'proximal_weight': 0.1}).
+      clip_norm: C, each client delta is clipped to L2 norm C; > 0 turns DP on (C_0 with adaptive_clipping).
+      noise_multiplier: z, Gaussian noise of std z*C on the sum of clipped deltas (or use target_epsilon).
+      target_epsilon: calibrate z so that the run ends at this epsilon (0 = give noise_multiplier instead).
+      target_delta: the delta of (epsilon, delta)-DP (0 = 1/N^1.1 for N clients).
+      accountant: the privacy accountant: 'rdp' or 'pld' (Google's dp-accounting).
+      calibration_rounds: rounds target_epsilon is calibrated over (0 = num_rounds).
+      denominator: D of the noised mean (0 = q N under Poisson sampling, else clients_per_round).
+      compression: client update compression: 'none', 'quantize', 'drive' or 'topk'.
+      bits: bits per coordinate for compression='quantize'.
+      quantization_scale: 'minmax' (per-vector range) or 'norm' (QSGD) for compression='quantize'.
+      rotate: apply a randomized Hadamard rotation before quantizing.
+      topk_fraction: fraction of coordinates each client sends for compression='topk' (when topk is 0).
+      topk: number of coordinates each client sends for compression='topk' (0 = use topk_fraction).
+      error_feedback: keep each client's unsent remainder for its next round (top-k).
+      adaptive_clipping: adapt C each round towards the target_unclipped_quantile (Andrew et al. 2021).
+      target_unclipped_quantile: gamma, the fraction of clients whose update should be unclipped.
+      clip_learning_rate: eta_C of the geometric clip-norm update.
+      clipped_count_stddev: sigma_b, noise std of the unclipped count (None = D / 20).
     """
     from fedstream.algorithms import build_algorithm
 

@@ -27,7 +27,11 @@ from fedstream.algorithms.fedavg import FedAvg, Params, squared_distance
 
 @dataclasses.dataclass(frozen=True)
 class FedProx(FedAvg):
-    """FedAvg with the proximal term mu/2 ||w_i - w||^2 (mu = `proximal_weight`) in the client objective."""
+    """FedAvg with the proximal term mu/2 ||w_i - w||^2 (mu = `proximal_weight`) in the client objective.
+
+    Options:
+      proximal_weight: mu >= 0, the weight of the proximal term mu/2 ||w_i - w||^2 (0 = FedAvg).
+    """
 
     proximal_weight: float = 0.0
 

@@ -68,7 +68,11 @@ def _per_cluster(mask: jax.Array, leaf: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class HypCluster(FedAvg):
-    """HypCluster with `num_clusters` models; clients train the one with the lowest loss on their data."""
+    """HypCluster with `num_clusters` models; clients train the one with the lowest loss on their data.
+
+    Options:
+      num_clusters: k >= 1, the number of cluster models (1 = FedAvg).
+    """
 
     num_clusters: int = 2
 

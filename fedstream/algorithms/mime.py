@@ -50,7 +50,11 @@ def safe_mean(total: Params, count: jax.Array) -> Params:
 
 @dataclasses.dataclass(frozen=True)
 class Mime(FedAvg):
-    """Mime: frozen base-optimizer state on clients plus the SVRG-style control variate c."""
+    """Mime: frozen base-optimizer state on clients plus the SVRG-style control variate c.
+
+    Options:
+      server_learning_rate: eta_s, the server's plain SGD step on the mean client delta (1 = apply it as is).
+    """
 
     server_learning_rate: float = 1.0
 

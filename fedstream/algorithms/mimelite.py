@@ -43,7 +43,12 @@ def clip_by_global_norm(tree: Any, max_norm: float) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class MimeLite(Mime):
-    """MimeLite: frozen base-optimizer state, no control variate; optional per-client delta clipping."""
+    """MimeLite: frozen base-optimizer state, no control variate; optional per-client delta clipping.
+
+    Options:
+      server_learning_rate: eta_s, the server's plain SGD step on the mean client delta (1 = apply it as is).
+      client_delta_clip_norm: C, each client delta is scaled to L2 norm at most C (0 = no clipping).
+    """
 
     client_delta_clip_norm: float = 0.0  # 0 = no clipping
 

@@ -9,8 +9,18 @@ Registered: `logistic`, `mlp`, `cnn` (core.py); `shakespeare_lstm`,
 `cifar_logistic` (vision.py).
 """
 
-# text and vision register their models on import; MODEL_NAMES is read after them.
-from fedstream.models import text, vision  # noqa: F401
-from fedstream.models.core import Model, TrainMetrics, get_model, model_factories, MODEL_NAMES
+from typing import Any
 
-__all__ = ["Model", "TrainMetrics", "get_model", "model_factories", "MODEL_NAMES"]
+# text and vision register their models on import.
+from fedstream.models import core, text, vision  # noqa: F401
+from fedstream.models.core import Model, TrainMetrics, get_model, model_factories, register_model, resolve_model
+
+__all__ = ["Model", "TrainMetrics", "get_model", "model_factories", "register_model", "resolve_model",
+           "MODEL_NAMES"]
+
+
+def __getattr__(name: str) -> Any:
+    """`MODEL_NAMES`, read from the live registry (so it includes models registered later)."""
+    if name == "MODEL_NAMES":
+        return core.MODEL_NAMES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -251,19 +251,37 @@ class EmnistCNN(nn.Module):
         return nn.Dense(self.num_classes)(x)
 
 
-_FACTORIES: dict[str, Callable[..., nn.Module]] = {
-    "logistic": lambda num_classes, **kw: LogisticRegression(num_classes),
-    "mlp": lambda num_classes, hidden=(200, 200), **kw: MLP(num_classes, tuple(hidden)),
-    "cnn": lambda num_classes, conv_impl="auto", **kw: EmnistCNN(num_classes, conv_impl),
-}
-MODEL_NAMES = tuple(sorted(_FACTORIES))
+# The built-in factories take `hidden` and `conv_impl` whether they use them or not (as the zoo's do), so that
+# scripts passing both to every model keep working; the train loop passes each only to factories declaring it.
+def _logistic(num_classes: int, hidden: Any = None, conv_impl: Any = None) -> nn.Module:
+    """Multinomial logistic regression on the flattened input (`hidden`, `conv_impl` ignored)."""
+    del hidden, conv_impl
+    return LogisticRegression(int(num_classes))
+
+
+def _mlp(num_classes: int, hidden: Sequence[int] = (200, 200), conv_impl: Any = None) -> nn.Module:
+    """Dense ReLU layers (default 2x200, the 'dense' model of McMahan et al.); `hidden` are the widths."""
+    del conv_impl
+    return MLP(int(num_classes), tuple(int(h) for h in hidden))
+
+
+def _cnn(num_classes: int, conv_impl: ConvImpl = "auto", hidden: Any = None) -> nn.Module:
+    """The EMNIST CNN of Reddi et al. (2021) and FedJAX: 2 convs, max-pool, dropout, dense 128, dropout."""
+    del hidden
+    return EmnistCNN(int(num_classes), conv_impl)
+
+
+_FACTORIES: dict[str, Callable[..., nn.Module]] = {"logistic": _logistic, "mlp": _mlp, "cnn": _cnn}
 
 
 def register_model(name: str, factory: Callable[..., nn.Module]) -> None:
-    """Adds a model factory `factory(num_classes, **options) -> nn.Module` under `name`."""
-    global MODEL_NAMES
+    """Adds a model factory `factory(num_classes, **options) -> flax.linen.Module` under `name`.
+
+    The train loop passes `hidden` and `conv_impl` (config keys model.hidden,
+    model.conv_impl) only to factories that declare them, and `model.options`
+    as keyword arguments.
+    """
     _FACTORIES[name] = factory
-    MODEL_NAMES = tuple(sorted(_FACTORIES))
 
 
 def model_factories() -> dict[str, Callable[..., nn.Module]]:
@@ -271,8 +289,44 @@ def model_factories() -> dict[str, Callable[..., nn.Module]]:
     return dict(_FACTORIES)
 
 
+def __getattr__(name: str) -> Any:
+    """`MODEL_NAMES`: the registered model names, sorted, read from the live registry."""
+    if name == "MODEL_NAMES":
+        return tuple(sorted(_FACTORIES))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def resolve_model(name: str | Callable[..., nn.Module], search: Sequence[Any] = ()) -> Callable[..., nn.Module]:
+    """The factory that `name` (config key `model.name`) stands for.
+
+    `name` is a registered name (`model_factories()`), `module:attribute` or
+    `path/to/file.py:attribute` (a relative file is looked up in `search`, by
+    default the cwd); a callable is returned as is. Raises a one-line
+    ConfigError (a ValueError) naming the key otherwise.
+    """
+    from fedstream.config import ConfigError, is_attribute_name, load_attribute
+
+    if callable(name):
+        return name
+    if name in _FACTORIES:
+        return _FACTORIES[name]
+    if is_attribute_name(name):
+        return load_attribute(name, "model.name", search)
+    raise ConfigError(f"config key 'model.name' must be one of {', '.join(sorted(_FACTORIES))} (registered), "
+                      f"module:attribute or path/to/file.py:attribute, got {name!r} (unknown model)")
+
+
+def factory_accepts(factory: Callable[..., Any], option: str) -> bool:
+    """Whether `factory` has a parameter named `option` (or takes `**kwargs`)."""
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return True
+    return option in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
 def get_model(
-    name: str,
+    name: str | Callable[..., nn.Module],
     input_shape: Sequence[int],
     num_classes: int,
     input_key: str = "x",
@@ -283,9 +337,8 @@ def get_model(
     accuracy_mask_ids: Sequence[int] = (),
     **options: Any,
 ) -> Model:
-    """Builds a registered model by name (see `MODEL_NAMES`); `options` go to its factory."""
-    if name not in _FACTORIES:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(_FACTORIES))}")
-    module = _FACTORIES[name](num_classes, **options)
+    """Builds a model: a registered name (see `model_factories()`), `module:attribute`,
+    `path/to/file.py:attribute`, or a factory itself; `options` go to its factory."""
+    module = resolve_model(name)(num_classes, **options)
     return Model(module, tuple(int(d) for d in input_shape), int(num_classes), input_key, label_key,
                  str(input_dtype), tuple(int(i) for i in loss_mask_ids), tuple(int(i) for i in accuracy_mask_ids))

@@ -226,12 +226,18 @@ def check_config_unchanged(saved: Mapping[str, Any], current: Mapping[str, Any],
     """Refuses a config that differs from the run's (`saved`) in a key that changes results (not `RESUMABLE_KEYS`).
 
     Raises ConfigError naming the first such key, with both values, followed
-    by `hint` (what to do instead).
+    by `hint` (what to do instead). A key the run's config lacks because it
+    was added to fedstream later counts as its default (`default_train_config`).
     """
+    from fedstream.config import default_train_config
+
     old, new = flatten(dict(saved)), flatten(dict(current))
+    defaults = flatten(default_train_config().to_dict())
     for key in sorted(set(old) | set(new)):
         if any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESUMABLE_KEYS):
             continue
+        if key not in old and key in defaults and new.get(key) == defaults[key]:
+            continue  # e.g. model.input_key in a run saved before that key existed
         if old.get(key, "<missing>") != new.get(key, "<missing>"):
             raise ConfigError(
                 f"config key {key!r} is {new.get(key, '<missing>')!r} but the run in {workdir} was started with "

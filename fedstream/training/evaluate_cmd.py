@@ -1,25 +1,88 @@
-"""`fedstream eval`: evaluate a saved checkpoint of a run on any split of its dataset.
+"""`fedstream eval`: evaluate a saved checkpoint of a run on any split of its dataset; the stored run's config.
 
-    fedstream eval digits_fedavg --workdir checkpoints/digits --split train --step 50
+    fedstream eval --workdir checkpoints/digits --split train --step 50
+    fedstream eval digits_fedavg --workdir checkpoints/digits --config.data.path=data/digits
 
-The pipeline and `--config` overrides are those of the run (as for resuming:
-only num_rounds, data_threads, eval.* and checkpoint.* may differ; a key that
-changes the model is refused, naming it). The checkpoint is opened read-only,
-so evaluating a run that is still training is safe: nothing in the workdir is
-written or cleaned up.
+Without a pipeline, the config is the one stored in the checkpoint, with any
+`--config` overrides on top. With a pipeline, the pipeline and overrides must be
+those of the run. Either way only keys that do not change the trained model may
+differ from the run's (num_rounds, data_threads, eval.*, checkpoint.*, and for
+eval data.path: a moved dataset); any other is refused, naming it. The
+checkpoint is opened read-only, so evaluating a run that is still training is
+safe: nothing in the workdir is written or cleaned up.
+
+`read_run_config` and `resume_config` give `fedstream train` (and `fedstream
+config`) the config of a run already in a workdir.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import ml_collections
 import orbax.checkpoint as ocp
 
-from fedstream.config import ConfigError, validate_train_config
-from fedstream.training.checkpoint import RunCheckpointer, check_config_unchanged
+from fedstream.config import ConfigError, apply_overrides, flatten, set_value, validate_train_config
+from fedstream.training.checkpoint import RESUMABLE_KEYS, RESUME_HINT, RunCheckpointer, check_config_unchanged
+
+EVAL_HINT = "eval compares the given pipeline and overrides with the run's (without a pipeline it uses the run's config)"
+
+
+def read_run_config(workdir: str | os.PathLike) -> tuple[int, dict[str, Any]] | None:
+    """(step, config) of the newest committed checkpoint in `workdir` whose metadata reads back, or None.
+
+    Reads the JSON metadata item of Orbax's step directory directly, without
+    JAX, so that a command can decide on its config before joining a
+    multi-process run.
+    """
+    directory = pathlib.Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        return None
+    steps = sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir()), reverse=True)
+    for step in steps:  # a committed step is a directory named by its number (Orbax renames it atomically)
+        try:
+            meta = json.loads((directory / str(step) / "meta" / "metadata").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and isinstance(meta.get("config"), dict):
+            return step, meta["config"]
+    return None
+
+
+def _overridden(key: str, overrides: Iterable[str]) -> bool:
+    names = [item.split("=", 1)[0].removeprefix("--").removeprefix("config.") for item in overrides]
+    return any(key == n or key.startswith(n + ".") for n in names)
+
+
+def resume_config(saved: Mapping[str, Any], config: ml_collections.ConfigDict | None, overrides: Iterable[str],
+                  workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """The config that continues the run whose stored config is `saved`.
+
+    Without `config` (no pipeline): `saved` with `overrides` applied. With
+    `config` (the pipeline's, overrides applied): it must agree with `saved` on
+    every key that changes results (ConfigError naming the first that does not),
+    and keys that may change on resume (num_rounds, data_threads, eval.*,
+    checkpoint.*) keep the run's values unless `overrides` name them. So a
+    resume never silently extends a run to the pipeline's num_rounds.
+    """
+    overrides = list(overrides)
+    if config is None:
+        resumed = apply_overrides(ml_collections.ConfigDict(dict(saved)), overrides)
+    else:
+        check_config_unchanged(saved, config.to_dict(), workdir,
+                               hint=f"{RESUME_HINT}; without a pipeline, 'fedstream train --workdir {workdir}' "
+                                    "resumes with the run's own config")
+        resumed = apply_overrides(config, [])
+        present = flatten(resumed.to_dict())
+        for key, value in flatten(dict(saved)).items():
+            resumable = any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESUMABLE_KEYS)
+            if resumable and key in present and not _overridden(key, overrides):
+                set_value(resumed, key, value)
+    check_config_unchanged(saved, resumed.to_dict(), workdir)
+    return resumed
 
 
 class ReadOnlyCheckpointer(RunCheckpointer):
@@ -48,21 +111,26 @@ class ReadOnlyCheckpointer(RunCheckpointer):
         self.manager.close()
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, split: str | None = None,
-                        step: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+def evaluate_checkpoint(config: ml_collections.ConfigDict | None, workdir: str | os.PathLike, *,
+                        split: str | None = None, step: int | None = None, log: Callable[[str], None] = print,
+                        overrides: Iterable[str] = ()) -> dict[str, Any]:
     """Evaluates checkpoint `step` (default: the latest) of the run in `workdir` on `split`
     (default: `config.data.test_split`).
 
+    `config` None means the run's own config, stored in the checkpoint
+    (`RunCheckpointer.read_meta(step)["config"]`), with `overrides` on top.
     Returns the summary of `train.evaluate_state` (loss, accuracy, client means,
     counts) plus `round` and `split`. Raises ConfigError for a missing
-    checkpoint, step or split and for a config that is not the run's.
+    checkpoint, step or split and for a config that is not the run's (only
+    `RESUMABLE_KEYS` and data.path may differ).
     """
     import jax
 
     from fedstream.training.rounds import make_mesh, replicate
     from fedstream.training.train import build_algorithm, evaluate_state, open_dataset
 
-    validate_train_config(config)
+    if config is not None:
+        validate_train_config(config)
     checkpointer = ReadOnlyCheckpointer(workdir)
     try:
         steps = checkpointer.steps()
@@ -72,8 +140,13 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | os.Pat
             step = steps[-1]
         elif step not in steps:
             raise ConfigError(f"{workdir}: no checkpoint of step {step}; kept steps: {', '.join(map(str, steps))}")
-        check_config_unchanged(checkpointer.read_meta(step)["config"], config.to_dict(), workdir,
-                               hint="eval needs the run's pipeline and overrides")
+        saved = checkpointer.read_meta(step)["config"]
+        if config is None:
+            config = apply_overrides(ml_collections.ConfigDict(saved), overrides)
+            validate_train_config(config)
+        # A moved dataset is the same data: data.path may differ.
+        same_data = {**saved, "data": {**saved.get("data", {}), "path": config.data.path}}
+        check_config_unchanged(same_data, config.to_dict(), workdir, hint=EVAL_HINT)
 
         dataset = open_dataset(config, log)
         split = split or str(config.data.test_split)

@@ -39,7 +39,12 @@ FAULT_KINDS = ("kill_in_data", "kill_in_round", "kill_during_save", "kill_after_
 
 
 def open_dataset(config: ml_collections.ConfigDict, log: Callable[[str], None] = print_line) -> Any:
-    """Opens `config.data.path`, preprocessing it first with `config.data.recipe` if missing."""
+    """Opens `config.data.path`, preprocessing it first with `config.data.recipe` if missing.
+
+    Then checks `clients_per_round` against the train split's population
+    (`check_clients_per_round`, naming the dataset's path).
+    """
+    from fedstream.config import check_clients_per_round
     from fedstream.data.reader import FederatedDataset
 
     path = pathlib.Path(config.data.path)
@@ -48,22 +53,49 @@ def open_dataset(config: ml_collections.ConfigDict, log: Callable[[str], None] =
 
         log(f"dataset {path} not found: preprocessing recipe {config.data.recipe!r} into it")
         run_preprocess(config.data.recipe, path, progress=log)
-    return FederatedDataset(path)
+    dataset = FederatedDataset(path)
+    if str(config.data.train_split) in dataset.splits:
+        check_clients_per_round(config, num_train_clients=dataset.num_clients(str(config.data.train_split)))
+    return dataset
 
 
 def build_algorithm(config: ml_collections.ConfigDict, dataset: Any) -> FedAvg:
-    """The model and FedAvg/FedOpt algorithm the config describes."""
+    """The model and algorithm the config describes.
+
+    `model.name` and `algorithm.name` may be registered names or
+    `module:attribute` / `path/to/file.py:attribute` (relative files are looked
+    up next to the config's pipeline file first, then in the cwd). The model
+    factory gets `hidden` and `conv_impl` only if its signature declares them,
+    plus `model.options`; its input and label are the dataset features
+    `model.input_key` and `model.label_key`.
+    """
+    import inspect
+
+    from fedstream.algorithms import resolve_algorithm
+    from fedstream.config import search_dirs
+    from fedstream.models import resolve_model
+    from fedstream.models.core import factory_accepts
+
     schema = dataset.schema
-    input_key, label_key = "x", "y"
-    for key in (input_key, label_key):
+    search = search_dirs(config)
+    input_key, label_key = str(config.model.get("input_key", "x")), str(config.model.get("label_key", "y"))
+    for what, key in (("input_key", input_key), ("label_key", label_key)):
         if key not in schema:
-            raise ConfigError(f"dataset {config.data.path} has no feature {key!r} (features: {', '.join(schema)})")
+            raise ConfigError(f"config key 'model.{what}': dataset {config.data.path} has no feature {key!r} "
+                              f"(features: {', '.join(schema)})")
+    factory = resolve_model(str(config.model.name), search)
     options = config.model.options.to_dict() if "options" in config.model else {}
-    model = get_model(config.model.name, schema[input_key].shape, config.model.num_classes,
+    for key in options:
+        if not factory_accepts(factory, key):
+            known = ", ".join(list(inspect.signature(factory).parameters)[1:]) or "none"
+            raise ConfigError(f"config key 'model.options.{key}': model {config.model.name!r} takes no option "
+                              f"{key!r} (its parameters after num_classes: {known})")
+    common = {"hidden": tuple(config.model.hidden), "conv_impl": config.model.conv_impl}
+    options = {**{k: v for k, v in common.items() if factory_accepts(factory, k)}, **options}
+    model = get_model(factory, schema[input_key].shape, config.model.num_classes, input_key, label_key,
                       input_dtype=schema[input_key].dtype,
                       loss_mask_ids=tuple(config.model.get("loss_mask_ids", ())),
-                      accuracy_mask_ids=tuple(config.model.get("accuracy_mask_ids", ())),
-                      hidden=tuple(config.model.hidden), conv_impl=config.model.conv_impl, **options)
+                      accuracy_mask_ids=tuple(config.model.get("accuracy_mask_ids", ())), **options)
     client_tx = make_optimizer(config.client.optimizer, config.client.learning_rate, momentum=config.client.momentum)
     server_tx = make_optimizer(config.server.optimizer, config.server.learning_rate, momentum=config.server.momentum,
                                b1=config.server.b1, b2=config.server.b2, eps=config.server.eps)
@@ -77,7 +109,7 @@ def build_algorithm(config: ml_collections.ConfigDict, dataset: Any) -> FedAvg:
                "sampling_rate": float(config.get("sampling_rate", 0.0)),
                "clients_per_round": int(config.clients_per_round),
                "num_rounds": int(config.num_rounds)}
-    built = make_algorithm(name, model, client_tx, server_tx, context=context, **options)
+    built = make_algorithm(resolve_algorithm(name, search), model, client_tx, server_tx, context=context, **options)
     for key in built.extra_features:
         if key not in schema:
             raise ConfigError(f"algorithm {name!r} needs the dataset feature {key!r}; {config.data.path} has "
