@@ -1,14 +1,16 @@
-"""The `fedstream` command: preprocess, inspect, train, eval, plot, list.
+"""The `fedstream` command: preprocess, inspect, train, eval, config, plot, list.
 
     fedstream preprocess RECIPE --output DIR [--force] [--config.key=value ...]
     fedstream inspect DIR [--verify]
-    fedstream train PIPELINE --workdir DIR [--config.key=value ...]
-    fedstream eval PIPELINE --workdir DIR [--split SPLIT] [--step N] [--config.key=value ...]
+    fedstream train [PIPELINE] --workdir DIR [--config.key=value ...]
+    fedstream eval [PIPELINE] --workdir DIR [--split SPLIT] [--step N] [--config.key=value ...]
+    fedstream config [PIPELINE] [--workdir DIR] [--json] [--config.key=value ...]
     fedstream plot WORKDIR [WORKDIR ...] --output PNG [--metric NAME ...] [--x round|time]
-    fedstream list [recipes|pipelines|models|algorithms|optimizers ...]
+    fedstream list [recipes|pipelines|models|algorithms|optimizers ...] [--algorithm NAME]
 
 RECIPE and PIPELINE are names (resolved in `preprocess/` and `pipelines/`)
-or paths to `.py` files with a `get_config()`.
+or paths to `.py` files with a `get_config()`. A workdir that holds a run
+supplies its stored config, so PIPELINE may be left out to resume or evaluate it.
 """
 
 from __future__ import annotations
@@ -94,13 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compression", default="uncompressed",
                    help="shard compression: uncompressed (fastest to read, default), snappy, zstd:1, zstd:3, ...")
     t = _sub(sub, "train", "run or resume an experiment",
-             "Train the experiment PIPELINE in WORKDIR, or resume it from its last checkpoint. Only one run may use "
-             "a workdir at a time. A config that is invalid, or that differs from the run's in a key that changes "
-             "results, is refused before any work starts. " + _OVERRIDES_HELP,
+             "Train the experiment PIPELINE in WORKDIR, or resume it from its last checkpoint. A resume starts "
+             "from the run's stored config plus this command's overrides (PIPELINE may be left out; if given, it "
+             "must agree with the run on every key that changes results); a run that has done its num_rounds "
+             "says so and exits (extend it with --config.num_rounds=N). Only one run may use a workdir at a time. "
+             "A config that is invalid, or that differs from the run's in a key that changes results, is refused "
+             "before any work starts. " + _OVERRIDES_HELP,
              "  fedstream train digits_fedavg --workdir checkpoints/digits\n"
              "  fedstream train digits_fedavg --workdir checkpoints/adam --config.server.optimizer=adam "
-             "--config.server.learning_rate=0.01")
-    t.add_argument("pipeline", help="pipeline name (e.g. digits_fedavg) or path to a config .py")
+             "--config.server.learning_rate=0.01\n"
+             "  fedstream train --workdir checkpoints/adam --config.num_rounds=400   # resume and extend the run")
+    t.add_argument("pipeline", nargs="?",
+                   help="pipeline name (e.g. digits_fedavg) or path to a config .py (optional when resuming)")
     t.add_argument("--workdir", required=True, help="run directory (checkpoints, metrics); resumed if it exists")
     t.add_argument("--resume-last-good", action="store_true",
                    help="if the latest checkpoint is corrupted, move it to WORKDIR/corrupted_checkpoints/ and "
@@ -117,12 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="this process's id, 0..num_processes-1 (env FEDSTREAM_PROCESS_ID)")
     e = _sub(sub, "eval", "evaluate a saved checkpoint on any split",
              "Evaluate checkpoint STEP (default: the latest) of the run in WORKDIR on a split of its dataset and "
-             "print loss and accuracy (example-weighted and client mean). Give the run's pipeline and overrides; "
-             "num_rounds, data_threads, eval.* and checkpoint.* may differ. The workdir is only read, so a running "
-             "training is not disturbed.",
-             "  fedstream eval digits_fedavg --workdir checkpoints/digits\n"
-             "  fedstream eval digits_fedavg --workdir checkpoints/digits --split train --step 100 --json")
-    e.add_argument("pipeline", help="the run's pipeline name or config .py")
+             "print loss and accuracy (example-weighted and client mean). The config is the run's own, stored in "
+             "the checkpoint, with any --config overrides on top; or give the run's pipeline and overrides. Only "
+             "num_rounds, data_threads, eval.*, checkpoint.* and data.path (a moved dataset) may differ from the "
+             "run's. The workdir is only read, so a running training is not disturbed.",
+             "  fedstream eval --workdir checkpoints/digits\n"
+             "  fedstream eval --workdir checkpoints/digits --split train --step 100 --json\n"
+             "  fedstream eval digits_fedavg --workdir checkpoints/digits --config.data.path=data/digits")
+    e.add_argument("pipeline", nargs="?", help="the run's pipeline name or config .py (default: the stored config)")
     e.add_argument("--workdir", required=True, help="the run's directory")
     e.add_argument("--split", help="split to evaluate (default: config.data.test_split)")
     e.add_argument("--step", type=int, help="checkpoint step = rounds completed (default: the latest kept)")
@@ -145,27 +154,106 @@ def build_parser() -> argparse.ArgumentParser:
              "  fedstream inspect data/digits\n  fedstream inspect data/digits --verify")
     i.add_argument("path", help="dataset directory")
     i.add_argument("--verify", action="store_true", help="also check every shard's sha256")
+    c = _sub(sub, "config", "print the resolved config of a pipeline or a run",
+             "Print the full config that 'fedstream train' would run: the pipeline's get_config() with the "
+             "--config overrides applied (or, with --workdir of an existing run, the run's stored config plus the "
+             "overrides, as a resume would use it), validated. Printed in ml_collections' text form, or as JSON.",
+             "  fedstream config digits_fedavg --config.algorithm.name=fedprox "
+             "--config.algorithm.options.proximal_weight=0.1\n"
+             "  fedstream config --workdir checkpoints/digits --json")
+    c.add_argument("pipeline", nargs="?", help="pipeline name or path to a config .py (optional with --workdir)")
+    c.add_argument("--workdir", help="a run directory: start from the run's stored config")
+    c.add_argument("--json", action="store_true", help="print JSON instead of the ml_collections text form")
     ls = _sub(sub, "list", "list recipes, pipelines, models, algorithms and optimizers",
               "List what can be named: recipes (preprocess), pipelines (train, eval), models (model.name), "
               "algorithms (algorithm.name) and optimizers (client.optimizer, server.optimizer), each with a "
-              "one-line description.",
-              "  fedstream list\n  fedstream list models algorithms")
+              "one-line description. --algorithm NAME prints one algorithm's options (algorithm.options.KEY) "
+              "with their type, default and doc.",
+              "  fedstream list\n  fedstream list models algorithms\n  fedstream list --algorithm dp_fedavg")
     ls.add_argument("sections", nargs="*", metavar="SECTION",
                     help="any of recipes, pipelines, models, algorithms, optimizers (default: all)")
+    ls.add_argument("--algorithm", metavar="NAME",
+                    help="print the options of this algorithm (a registered name, module:attribute or "
+                         "path/to/file.py:attribute)")
     return parser
 # --- end of the parser ---------------------------------------------------------------------------------------------
 
 
+def _is_tensorstore_error(e: BaseException | None) -> bool:
+    """A TensorStore I/O error: a ValueError whose text starts with a status code ("OUT_OF_RANGE: ...")."""
+    import re
+
+    return isinstance(e, ValueError) and re.match(r"[A-Z][A-Z_]+: ", str(e)) is not None
+
+
+def _is_closed_loop_callback(unraisable: Any) -> bool:
+    """TensorStore, in its own thread, handing a result to an asyncio loop that Orbax already closed."""
+    import threading
+    import traceback
+
+    e = unraisable.exc_value
+    return (isinstance(e, RuntimeError) and str(e) == "Event loop is closed" and unraisable.object is None
+            and threading.current_thread() is not threading.main_thread()
+            and any(f.name == "call_soon_threadsafe" for f in traceback.extract_tb(unraisable.exc_traceback)))
+
+
 def _quiet_checkpoint_thread_errors() -> None:
-    """Orbax logs the traceback of a failed asynchronous save from its writer thread; the main thread
-    re-raises the same error (as one `CheckpointWriteError` line), so those log records are dropped."""
+    """Drops the other reports of a failed asynchronous checkpoint save; the main thread re-raises the
+    error as one `CheckpointWriteError` line ("fedstream: error: could not write a checkpoint ...").
+
+    They are: Orbax's log of the traceback from its writer thread; asyncio's "Future/Task exception was
+    never retrieved" for the save's other TensorStore writes that failed too; and "Event loop is closed"
+    tracebacks that TensorStore reports (through `sys.unraisablehook`, from its own threads) when those
+    writes finish after Orbax closed the save's event loop.
+    """
     import logging
 
     def keep(record: logging.LogRecord) -> bool:
         return not (record.exc_info and "/orbax/" in record.pathname.replace(os.sep, "/"))
 
-    for name in ("absl", ""):
-        logging.getLogger(name).addFilter(keep)
+    def keep_asyncio(record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        never_retrieved = message.startswith(("Future exception was never retrieved",
+                                              "Task exception was never retrieved"))
+        return not (never_retrieved and record.exc_info and _is_tensorstore_error(record.exc_info[1]))
+
+    if not any(getattr(f, "fedstream_quiet", False) for f in logging.getLogger("asyncio").filters):
+        keep.fedstream_quiet = keep_asyncio.fedstream_quiet = True  # type: ignore[attr-defined]
+        for name in ("absl", ""):
+            logging.getLogger(name).addFilter(keep)
+        logging.getLogger("asyncio").addFilter(keep_asyncio)
+    if getattr(sys.unraisablehook, "fedstream_quiet", False):  # an earlier main() in this process
+        return
+    previous = sys.unraisablehook
+
+    def unraisablehook(unraisable: Any) -> None:
+        if not _is_closed_loop_callback(unraisable):
+            previous(unraisable)
+
+    unraisablehook.fedstream_quiet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = unraisablehook
+
+
+def run_config(pipeline: str | None, workdir: str | None, overrides: Sequence[str]) -> tuple[Any, int | None]:
+    """The validated config a train (or config) command runs, and the rounds its workdir has done (None: new run).
+
+    A workdir that holds a run gives its stored config plus `overrides`
+    (`evaluate_cmd.resume_config`; the pipeline, if given, must agree with it);
+    otherwise the pipeline's config plus `overrides`. Reads no data and starts
+    no JAX backend, so it runs before a multi-process run is joined.
+    """
+    from fedstream.config import ConfigError, load_config, validate_train_config
+    from fedstream.training.evaluate_cmd import read_run_config, resume_config
+
+    stored = read_run_config(workdir) if workdir else None
+    if pipeline is None and stored is None:
+        raise ConfigError(f"{workdir} holds no run to resume (no readable checkpoint); give a PIPELINE to start one"
+                          if workdir else "give a PIPELINE, or --workdir of an existing run")
+    config = load_config(pipeline, "fedstream.pipelines", overrides) if pipeline else None
+    if stored is not None:
+        config = resume_config(stored[1], config, overrides, workdir)
+    validate_train_config(config)
+    return config, (stored[0] if stored else None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -192,11 +280,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 overrides.append(f"source={args.source}")
             run_preprocess(args.recipe, args.output, overrides, force=args.force, compression=args.compression)
         elif args.command == "train":
-            from fedstream.config import load_config, validate_train_config
+            config, done = run_config(args.pipeline, args.workdir, overrides)
+            if done is not None and done >= int(config.num_rounds):
+                print(f"fedstream: the run in {args.workdir} is finished: {done} rounds done (num_rounds "
+                      f"{config.num_rounds}); to train further, add --config.num_rounds=N with N > {done}")
+                return 0
             from fedstream.training.train import train
 
-            config = load_config(args.pipeline, "fedstream.pipelines", overrides)
-            validate_train_config(config)
             init_distributed(args)
             train(config, args.workdir, resume_last_good=args.resume_last_good, validated=True)
         elif args.command == "eval":
@@ -205,21 +295,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fedstream.config import load_config
             from fedstream.training.evaluate_cmd import evaluate_checkpoint, format_result
 
-            config = load_config(args.pipeline, "fedstream.pipelines", overrides)
+            config = load_config(args.pipeline, "fedstream.pipelines", overrides) if args.pipeline else None
             quiet = (lambda _: None) if args.json else print
-            result = evaluate_checkpoint(config, args.workdir, split=args.split, step=args.step, log=quiet)
+            result = evaluate_checkpoint(config, args.workdir, split=args.split, step=args.step, log=quiet,
+                                         overrides=overrides if config is None else ())
             print(json.dumps(result, sort_keys=True) if args.json else format_result(result, args.workdir))
+        elif args.command == "config":
+            import json
+
+            config, _ = run_config(args.pipeline, args.workdir, overrides)
+            print(json.dumps(config.to_dict(), indent=2, default=list) if args.json else str(config).rstrip())
         elif args.command == "plot":
             from fedstream.training.plot import plot_runs
 
             print(f"wrote {plot_runs(args.workdirs, args.output, metrics=args.metric, x=args.x)}")
         elif args.command == "list":
-            from fedstream.catalog import SECTIONS, catalog
+            from fedstream.catalog import SECTIONS, algorithm_options_text, catalog
 
             unknown = [s for s in args.sections if s not in SECTIONS]
             if unknown:
                 raise ConfigError(f"unknown section {unknown[0]!r}; choose from {', '.join(SECTIONS)}")
-            print(catalog(tuple(args.sections) or SECTIONS))
+            if args.algorithm:
+                if args.sections:
+                    print(catalog(tuple(args.sections)) + "\n")
+                print(algorithm_options_text(args.algorithm))
+            else:
+                print(catalog(tuple(args.sections) or SECTIONS))
         else:
             from fedstream.data.inspect import describe_dataset
             from fedstream.data.reader import FederatedDataset
