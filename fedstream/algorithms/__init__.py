@@ -1,7 +1,8 @@
 """Federated algorithms, selectable by name from a pipeline config (`config.algorithm`).
 
-Every algorithm follows `FedAvg`'s hooks (see its docstring); the round
-runner executes them sharded over devices, streamed and checkpointed.
+Every algorithm implements the interface `fedstream.algorithms.base.Algorithm`
+(its docstring is the contract: hooks, `Contribution`, capabilities); the
+round runner executes them sharded over devices, streamed and checkpointed.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ from typing import Any, Callable
 
 import optax
 
+from fedstream.algorithms.base import Algorithm, Contribution, RoundTotal
 from fedstream.algorithms.fedavg import OPTIMIZER_NAMES, FedAvg, ServerState, make_optimizer
 from fedstream.algorithms.scaffold import Scaffold
 from fedstream.models import Model
 
-AlgorithmFactory = Callable[..., FedAvg]
+AlgorithmFactory = Callable[..., Algorithm]
 _ALGORITHMS: dict[str, tuple[AlgorithmFactory, str]] = {
     "fedavg": (FedAvg, "FedAvg / FedOpt (McMahan et al. 2017; Reddi et al. 2021): server optimizer on the mean delta"),
     "scaffold": (Scaffold, "SCAFFOLD (Karimireddy et al. 2020), option II control variates in the client-state store"),
@@ -34,7 +36,7 @@ def algorithm_names() -> dict[str, str]:
 
 def build_algorithm(name: str, model: Model, client_optimizer: optax.GradientTransformation,
                     server_optimizer: optax.GradientTransformation, *, context: dict[str, Any] | None = None,
-                    **options: Any) -> FedAvg:
+                    **options: Any) -> Algorithm:
     """Builds the algorithm `name` with its options (config key `algorithm.options`).
 
     `context` holds facts of the run (`population`, `client_learning_rate`,
@@ -56,5 +58,5 @@ from fedstream.algorithms import agnostic_fedavg, fednova, fedprox, hyp_cluster,
 from fedstream.algorithms import dp_fedavg  # noqa: E402,F401  (dp_fedavg, compressed_fedavg)
 from fedstream.algorithms import ditto  # noqa: E402,F401
 
-__all__ = ["FedAvg", "ServerState", "make_optimizer", "OPTIMIZER_NAMES", "register_algorithm", "algorithm_names",
-           "build_algorithm"]
+__all__ = ["Algorithm", "Contribution", "RoundTotal", "FedAvg", "ServerState", "make_optimizer", "OPTIMIZER_NAMES",
+           "register_algorithm", "algorithm_names", "build_algorithm"]
