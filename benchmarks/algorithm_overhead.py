@@ -72,7 +72,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from fedstream.algorithms.dp_fedavg import privacy_ledger, round_log
+from fedstream.algorithms.dp_fedavg import privacy_ledger
 from fedstream.data.cohort import ClientBatching, CohortPipeline, auto_data_threads, bucket_steps, pack_clients
 from fedstream.data.format import FeatureSpec
 from fedstream.data.reader import FederatedDataset
@@ -263,7 +263,7 @@ def run_paired(names: list[str], data_path: pathlib.Path, args: argparse.Namespa
         config = make_config(name, data_path, args)
         algorithm = train_module.build_algorithm(config, dataset)
         state = replicate(algorithm.init(jax.random.PRNGKey(int(config.seed))), mesh)
-        template = algorithm.client_state_template(state.params)
+        template = algorithm.client_state_template(state.params) if algorithm.has_client_state else None
         store = None
         if template is not None:
             store = ClientStateStore(work / name, jax.tree.map(np.asarray, jax.device_get(template)), population)
@@ -298,7 +298,8 @@ def run_paired(names: list[str], data_path: pathlib.Path, args: argparse.Namespa
                                                                shard_batch(store.read(clients), mesh))
                 store.write(r, clients, clients >= 0, jax.device_get(new_states))
             record = {k: float(v) for k, v in stats["metrics"].compute().items()}  # what the loop logs
-            record.update(round_log(jax.device_get(stats["logs"])), nonfinite=int(stats["nonfinite_clients"]))
+            record.update(run["algorithm"].log_values(jax.device_get(stats["logs"])),
+                          nonfinite=int(stats["nonfinite_clients"]))
             if run["ledger"] is not None:
                 run["ledger"].record_round()
                 record["dp_epsilon"] = run["ledger"].epsilon()

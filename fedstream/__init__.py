@@ -35,8 +35,11 @@ _EXPORTS = {
     "get_model": "fedstream.models.core",
     "register_model": "fedstream.models.core",
     # algorithms
+    "Algorithm": "fedstream.algorithms.base",
+    "Contribution": "fedstream.algorithms.base",
+    "RoundTotal": "fedstream.algorithms.base",
     "FedAvg": "fedstream.algorithms.fedavg",
-    "ServerState": "fedstream.algorithms.fedavg",
+    "ServerState": "fedstream.algorithms.base",
     "make_optimizer": "fedstream.algorithms.fedavg",
     "FedProx": "fedstream.algorithms.fedprox",
     "FedNova": "fedstream.algorithms.fednova",

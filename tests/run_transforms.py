@@ -2,8 +2,8 @@
 
 Used by test_dp.py, test_compression.py and test_adaptive_clipping.py on meshes of 1 and 4 of the
 session's devices. `run` returns the final params (`W`, `b`), the initial ones (`W0`, `b0`), the
-per-round sums of the `log_*` keys (`logs/KEY`) and, with adaptive clipping, the final clip norm
-(`clip_norm`).
+per-round sums of the contributions' metrics (metric NAME as `logs/log_NAME`) and, with adaptive clipping,
+the final clip norm (`clip_norm`).
 """
 
 import jax
@@ -88,8 +88,8 @@ def run(spec: dict, num_devices: int, store_dir: str, rounds: int = ROUNDS) -> d
             clients = np.where(batch["slot_steps"] > 0, batch["slot_client"], -1)
             state, stats, new = round_fn(state, shard_batch(batch, mesh), shard_batch(store.read(clients), mesh))
             store.write(r + 1, clients, clients >= 0, jax.device_get(new))
-        for key, value in jax.device_get(stats["logs"]).items():
-            logs.setdefault(key, []).append(float(value))
+        for name, value in jax.device_get(stats["logs"]).items():  # the summed Contribution.metrics
+            logs.setdefault(f"log_{name}", []).append(float(value))
     assert int(state.round) == rounds
     out["W"] = np.asarray(state.params["Dense_0"]["kernel"])
     out["b"] = np.asarray(state.params["Dense_0"]["bias"])

@@ -21,7 +21,8 @@ import pytest
 
 import run_transforms as rt
 from support import final_state, flatten_tree, train_records
-from fedstream.algorithms import build_algorithm, make_optimizer
+from fedstream.algorithms import RoundTotal, build_algorithm, make_optimizer
+from fedstream.algorithms.base import aggregate
 from fedstream.algorithms.dp_fedavg import COUNT_NOISE_SALT, NOISE_SALT, delta_noise_multiplier, round_log
 from fedstream.algorithms.fedavg import ClientState
 from fedstream.models import get_model
@@ -97,7 +98,7 @@ def check_against_reference(case: str, got: dict) -> None:
 def test_adaptive_clipping_matches_numpy_reference_on_one_device(case, tmp_path):
     got = rt.run(rt.CASES[case], 1, str(tmp_path / "store"))
     check_against_reference(case, got)
-    log = round_log({k.split("/", 1)[1]: v[1] for k, v in got.items() if k.startswith("logs/")})
+    log = round_log({k[len("logs/log_"):]: v[1] for k, v in got.items() if k.startswith("logs/log_")})
     assert log["dp_clip_norm"] == pytest.approx(got["logs/log_dp_clip_norm"][1] / got["logs/log_clients"][1])
 
 
@@ -134,11 +135,9 @@ def one_round(algorithm, delta_scale: float, clients: int):
     broadcast = algorithm.broadcast(state)
     params = jax.tree.map(lambda p: p + delta_scale, state.params)
     client = ClientState(params, algorithm.client_optimizer.init(params))
-    total = None
-    for i in range(clients):
-        contribution, _ = algorithm.client_contribution(client, broadcast, jnp.float32(1), None, None,
-                                                        jax.random.PRNGKey(i))
-        total = contribution if total is None else jax.tree.map(jnp.add, total, contribution)
+    contributions = [algorithm.client_contribution(client, broadcast, jnp.float32(1), None, None,
+                                                   jax.random.PRNGKey(i))[0] for i in range(clients)]
+    total = aggregate(contributions, [jnp.float32(1)] * clients)  # as the runner sums them
     return state, algorithm.server_update(state, total, jax.random.PRNGKey(7))
 
 
@@ -166,8 +165,8 @@ def test_clip_norm_moves_geometrically_towards_the_target_quantile(gamma):
                            clipped_count_stddev=0.0)
     state = half.init(jax.random.PRNGKey(0))
     zero = jax.tree.map(jnp.zeros_like, state.params)
-    new = half.server_update(state, {"delta": zero, "weight": jnp.float32(2), "unclipped_centred": jnp.float32(0)},
-                             jax.random.PRNGKey(1))
+    new = half.server_update(state, RoundTotal(weighted=zero, weight=jnp.float32(2),
+                                               summed={"unclipped_centred": jnp.float32(0)}), jax.random.PRNGKey(1))
     assert float(new.extra["clip_norm"]) == pytest.approx(C, rel=1e-7)
 
 
@@ -179,8 +178,10 @@ def test_non_adaptive_state_and_broadcast_are_unchanged():
     state = algorithm.init(jax.random.PRNGKey(0))
     assert state.extra is None and set(algorithm.broadcast(state)) == {"params"}
     client = ClientState(state.params, algorithm.client_optimizer.init(state.params))
-    contribution, _ = algorithm.client_contribution(client, algorithm.broadcast(state), jnp.float32(1), None, None,
-                                                    jax.random.PRNGKey(0))
+    sent, _ = algorithm.client_contribution(client, algorithm.broadcast(state), jnp.float32(1), None, None,
+                                            jax.random.PRNGKey(0))
+    # What the client sends besides its update: its summed parts, and its metrics by their former log_ names.
+    contribution = {**(sent.summed or {}), **{f"log_{name}": value for name, value in sent.metrics.items()}}
     assert "unclipped_centred" not in contribution and "log_dp_clip_norm" not in contribution
 
 
@@ -230,8 +231,8 @@ def test_delta_noise_std_is_z_delta_c_t_over_the_denominator():
     state = state.replace(extra={"clip_norm": jnp.float32(2 * C)})  # C_t = 2 C_0: the noise follows C_t
     zero = jax.tree.map(jnp.zeros_like, state.params)
     key = jax.random.PRNGKey(42)
-    new = algorithm.server_update(state, {"delta": zero, "weight": jnp.float32(3),
-                                          "unclipped_centred": jnp.float32(0)}, key)
+    new = algorithm.server_update(state, RoundTotal(weighted=zero, weight=jnp.float32(3),
+                                                    summed={"unclipped_centred": jnp.float32(0)}), key)
     moved = np.concatenate([np.asarray(a - b).ravel() for a, b in zip(jax.tree.leaves(new.params),
                                                                        jax.tree.leaves(state.params))])
     xi = np.asarray(jax.random.normal(jax.random.fold_in(key, NOISE_SALT), (moved.size,), jnp.float32))

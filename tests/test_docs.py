@@ -44,6 +44,27 @@ def test_user_algorithm_from_the_docs_clips_and_trains():
     assert deltas[1e3] > 10 * 1e-3  # without clipping the model moves much further
 
 
+def test_user_algorithm_runs_as_written_from_the_users_directory_and_logs_its_metric(tmp_path, monkeypatch, digits):
+    """docs/algorithms.md: the block saved as my_algorithms.py, the documented command run from that directory."""
+    import json
+    import shlex
+    import shutil
+
+    from support import run_cli
+
+    section = (DOCS / "algorithms.md").read_text().split("## Writing your own", 1)[1]
+    (block,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    (tmp_path / "my_algorithms.py").write_text(block)
+    shutil.copytree(digits, tmp_path / "data" / "digits")  # what the pipeline would preprocess on first use
+    monkeypatch.chdir(tmp_path)
+    (command,) = [c for c in shell_commands(DOCS / "algorithms.md") if "my_algorithms.py" in c]
+    result = run_cli(*shlex.split(command)[1:])
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "clipped" / "metrics.jsonl").read_text().splitlines()]
+    clipped = [r["clipped_clients"] for r in rows if r["kind"] == "train"]
+    assert len(clipped) == 5 and all(0 <= c <= 10 for c in clipped) and sum(clipped) > 0
+
+
 def test_readme_python_api_example_runs_as_written(tmp_path, monkeypatch, capsys):
     """The README's "Python API" block, from an empty directory: a user's Flax model on the digits held in
     memory, 20 rounds, test accuracy >= 0.8."""

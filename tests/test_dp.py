@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import run_transforms as rt
-from fedstream.algorithms import build_algorithm, make_optimizer
+from fedstream.algorithms import RoundTotal, build_algorithm, make_optimizer
 from fedstream.algorithms.dp_fedavg import NOISE_SALT, privacy_ledger, round_log
 from fedstream.algorithms.privacy import DPMechanism, PrivacyLedger, calibrate_noise_multiplier, epsilon_of
 from fedstream.data.cohort import ClientBatching, CohortPipeline, poisson_cap, sample_cohort
@@ -77,7 +77,7 @@ def check_against_reference(case: str, got: dict) -> None:
 def test_dp_fedavg_matches_numpy_reference_on_one_device(case, tmp_path):
     got = rt.run(rt.CASES[case], 1, str(tmp_path / "store"))
     check_against_reference(case, got)
-    log = round_log({k.split("/", 1)[1]: v[0] for k, v in got.items() if k.startswith("logs/")})
+    log = round_log({k[len("logs/log_"):]: v[0] for k, v in got.items() if k.startswith("logs/log_")})
     assert 0 <= log["dp_clipped_fraction"] <= 1 and log["bits_per_client"] == 32 * (SHAPE[0] + 1) * SHAPE[1]
 
 
@@ -112,7 +112,7 @@ def test_noise_std_is_z_c_over_the_denominator():
     state = algorithm.init(jax.random.PRNGKey(0))
     zero = jax.tree.map(jnp.zeros_like, state.params)
     key = jax.random.PRNGKey(42)
-    new = algorithm.server_update(state, {"delta": zero, "weight": jnp.float32(3)}, key)
+    new = algorithm.server_update(state, RoundTotal(weighted=zero, weight=jnp.float32(3)), key)
     moved = np.concatenate([np.asarray(a - b).ravel() for a, b in zip(jax.tree.leaves(new.params),
                                                                        jax.tree.leaves(state.params))])
     assert moved.size == 10250
@@ -124,7 +124,7 @@ def test_noise_std_is_z_c_over_the_denominator():
         jax.flatten_util.ravel_pytree(state.params)[1](jnp.asarray(xi)))])
     np.testing.assert_allclose(moved, z * C / D * flat_order, rtol=1e-4, atol=1e-6)
     # Another round's key gives other noise.
-    other = algorithm.server_update(state, {"delta": zero, "weight": jnp.float32(3)}, jax.random.PRNGKey(43))
+    other = algorithm.server_update(state, RoundTotal(weighted=zero, weight=jnp.float32(3)), jax.random.PRNGKey(43))
     assert not np.allclose(np.asarray(other.params["Dense_0"]["bias"]), np.asarray(new.params["Dense_0"]["bias"]))
 
 

@@ -54,7 +54,7 @@ class ScaledFedAvg(FedAvg):
     scale: float = 1.0
 
     def server_update(self, state, total, rng=None):
-        mean = jax.tree.map(lambda d: self.scale * d / total["weight"], total["delta"])
+        mean = jax.tree.map(lambda d: self.scale * d / total.weight, total.weighted)
         return self.apply_server_optimizer(state, mean)
 '''
 

@@ -1,7 +1,8 @@
 """Federated algorithms, selectable by name from a pipeline config (`config.algorithm`).
 
-Every algorithm follows `FedAvg`'s hooks (see its docstring); the round
-runner executes them sharded over devices, streamed and checkpointed.
+Every algorithm implements the interface `fedstream.algorithms.base.Algorithm`
+(its docstring is the contract: hooks, `Contribution`, capabilities); the
+round runner executes them sharded over devices, streamed and checkpointed.
 
 An algorithm is a class or factory `f(model, client_optimizer,
 server_optimizer, **options)`. Its options are declared by its signature:
@@ -27,12 +28,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 import optax
 
+from fedstream.algorithms.base import Algorithm, Contribution, RoundTotal
 from fedstream.algorithms.fedavg import OPTIMIZER_NAMES, FedAvg, ServerState, make_optimizer
 from fedstream.algorithms.scaffold import Scaffold
 from fedstream.config import ConfigError, is_attribute_name, load_attribute
 from fedstream.models import Model
 
-AlgorithmFactory = Callable[..., FedAvg]
+AlgorithmFactory = Callable[..., Algorithm]
 _ALGORITHMS: dict[str, tuple[AlgorithmFactory, str]] = {
     "fedavg": (FedAvg, "FedAvg / FedOpt (McMahan et al. 2017; Reddi et al. 2021): server optimizer on the mean delta"),
     "scaffold": (Scaffold, "SCAFFOLD (Karimireddy et al. 2020), option II control variates in the client-state store"),
@@ -303,7 +305,7 @@ def check_options(name: str | AlgorithmFactory, options: Mapping[str, Any], *, t
 
 def build_algorithm(name: str | AlgorithmFactory, model: Model, client_optimizer: optax.GradientTransformation,
                     server_optimizer: optax.GradientTransformation, *, context: dict[str, Any] | None = None,
-                    **options: Any) -> FedAvg:
+                    **options: Any) -> Algorithm:
     """Builds the algorithm `name` (registered, `module:attribute`, `file.py:attribute`, or the class or factory
     itself) with its options (config key `algorithm.options`).
 
@@ -325,6 +327,7 @@ from fedstream.algorithms import agnostic_fedavg, fednova, fedprox, hyp_cluster,
 from fedstream.algorithms import dp_fedavg  # noqa: E402,F401  (dp_fedavg, compressed_fedavg)
 from fedstream.algorithms import ditto  # noqa: E402,F401
 
-__all__ = ["FedAvg", "ServerState", "make_optimizer", "OPTIMIZER_NAMES", "register_algorithm", "algorithm_names",
-           "build_algorithm", "resolve_algorithm", "algorithm_options", "check_options", "OptionSpec",
-           "CONTEXT_KEYS", "REQUIRED", "docstring_options", "accepts_any_option"]
+__all__ = ["Algorithm", "Contribution", "RoundTotal", "FedAvg", "ServerState", "make_optimizer",
+           "OPTIMIZER_NAMES", "register_algorithm", "algorithm_names", "build_algorithm", "resolve_algorithm",
+           "algorithm_options", "check_options", "OptionSpec", "CONTEXT_KEYS", "REQUIRED", "docstring_options",
+           "accepts_any_option"]

@@ -39,7 +39,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedstream.algorithms.fedavg import FedAvg, Params, ServerState
+from fedstream.algorithms.base import Contribution, Params, RoundTotal, ServerState
+from fedstream.algorithms.fedavg import FedAvg
 from fedstream.models import TrainMetrics
 
 DOMAIN_ALGORITHMS = ("eg", "none")
@@ -164,18 +165,17 @@ class AgnosticFedAvg(FedAvg):
         return state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state), metrics
 
     def client_contribution(self, client: AgnosticClient, broadcast: Any, weight: jax.Array, stored: Any = None,
-                            prepass: Any = None, rng: jax.Array | None = None) -> tuple[dict[str, Any], Any]:
-        """beta_i Delta_i, beta_i (the weight; the pipeline's weight is unused), L_i,k and N_i,k."""
+                            prepass: Any = None, rng: jax.Array | None = None) -> tuple[Contribution, Any]:
+        """Delta_i with the weight beta_i (the pipeline's weight is unused), and L_i,k and N_i,k summed."""
         delta = self.client_delta(client, broadcast["params"])
-        beta = client.beta
-        return {"delta": jax.tree.map(lambda d: beta * d, delta), "weight": beta,
-                "domain_loss": prepass["domain_loss"], "domain_num": prepass["domain_num"]}, stored
+        return Contribution(weighted=delta, weight=client.beta,
+                            summed={"domain_loss": prepass["domain_loss"], "domain_num": prepass["domain_num"]}), stored
 
-    def server_update(self, state: ServerState, total: Mapping[str, Any], rng: jax.Array | None = None) -> ServerState:
+    def server_update(self, state: ServerState, total: RoundTotal, rng: jax.Array | None = None) -> ServerState:
         """ServerOpt on the beta-weighted mean delta; lambda by exponentiated gradient; window shifted."""
         new_state = super().server_update(state, total, rng)
-        num = total["domain_num"]
-        mean_loss = jnp.where(num > 0, total["domain_loss"] / jnp.maximum(num, 1e-30), 0.0)
+        num = total.summed["domain_num"]
+        mean_loss = jnp.where(num > 0, total.summed["domain_loss"] / jnp.maximum(num, 1e-30), 0.0)
         weights = update_domain_weights(state.extra["domain_weights"], mean_loss, self.domain_learning_rate,
                                         self.domain_algorithm)
         window = jnp.concatenate([state.extra["domain_window"][1:], num[None]], axis=0)

@@ -45,7 +45,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedstream.algorithms.fedavg import FedAvg, Params, squared_distance
+from fedstream.algorithms.base import Contribution, Params
+from fedstream.algorithms.fedavg import FedAvg, squared_distance
 from fedstream.models import TrainMetrics
 
 
@@ -71,6 +72,9 @@ class Ditto(FedAvg):
     ditto_lambda: float = 0.1
     personal_learning_rate: float = 0.0  # 0 = the client optimizer for v_i too
     client_learning_rate: float = 0.0  # set by the train loop; only used to warn about eta_p * lambda >= 2
+
+    has_client_state = True
+    has_personal_models = True
 
     def __post_init__(self) -> None:
         if not self.ditto_lambda >= 0:
@@ -119,12 +123,12 @@ class Ditto(FedAvg):
         return DittoClient(params, opt_state, personal, personal_opt_state), metrics
 
     def client_contribution(self, client: DittoClient, broadcast: Any, weight: jax.Array, stored: Any = None,
-                            prepass: Any = None, rng: jax.Array | None = None) -> tuple[dict[str, Any], Any]:
-        """FedAvg's weighted Delta_i (made non-finite if v_i is), and the new stored {v_i, initialized=1}."""
+                            prepass: Any = None, rng: jax.Array | None = None) -> tuple[Contribution, Any]:
+        """FedAvg's Delta_i (made non-finite if v_i is), and the new stored {v_i, initialized=1}."""
         contribution, _ = super().client_contribution(client, broadcast, weight, stored, prepass, rng)
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(client.personal)]))
-        contribution["delta"] = jax.tree.map(lambda d: jnp.where(finite, d, jnp.nan), contribution["delta"])
-        return contribution, {"v": client.personal, "initialized": jnp.ones((), jnp.int32)}
+        delta = jax.tree.map(lambda d: jnp.where(finite, d, jnp.nan), contribution.weighted)
+        return contribution.replace(weighted=delta), {"v": client.personal, "initialized": jnp.ones((), jnp.int32)}
 
     def personal_model(self, stored: Any) -> tuple[Params, Any]:
         """(v_i, whether client i has one) from stored states (leaves with any leading shape; NumPy or JAX)."""

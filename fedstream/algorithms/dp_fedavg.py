@@ -7,12 +7,12 @@ wrapper rather than a `DPFedAvg(FedAvg)` subclass, so the same code gives
 DP-FedProx, DP-FedAdam (server optimizer adam), compressed SCAFFOLD, ...;
 a subclass would have to be written once per algorithm.
 
-Per client i, with Delta_i = contribution["delta"] / contribution["weight"]
-(the base algorithm's update, e.g. w_i - w for FedAvg) as one flat vector:
+Per client i, with Delta_i = the base's `Contribution.weighted` (its update,
+e.g. w_i - w for FedAvg, not multiplied by the weight) as one flat vector:
 
     decoded_i, e_i, bits_i = Codec.encode(Delta_i)        # see fedstream.algorithms.compression
     DP:      sends  clip_C(decoded_i) = decoded_i * min(1, C / ||decoded_i||_2),  weight 1
-    no DP:   sends  p_i * decoded_i,  weight p_i  (the base algorithm's weight)
+    no DP:   sends  decoded_i,  weight p_i  (the base algorithm's; the runner forms p_i * decoded_i)
 
 Server, with the sums S = sum_i sent_i and W = sum_i weight_i:
 
@@ -21,16 +21,17 @@ Server, with the sums S = sum_i sent_i and W = sum_i weight_i:
                                                            #   D = q N (Poisson sampling, McMahan et al. 2018's
                                                            #   fixed-denominator estimator) or m (m-client cohorts)
     rotating codecs:  S <- R^{-1} S                        # once, to the sum, so to the mean
-    base.server_update(state, {"delta": S, "weight": W, ...})   # FedAvg: w <- ServerOpt(w, -S / W)
+    base.server_update(state, RoundTotal(weighted=S, weight=W, ...))   # FedAvg: w <- ServerOpt(w, -S / W)
 
 so DP-FedAvg's update is  w <- ServerOpt(w, -(sum_i clip_C(Delta_i) + N(0, z^2 C^2 I)) / D),  whose
 noise has standard deviation z C / D per coordinate. Clipping comes after
 the codec, so the L2 bound holds for what the server actually sums.
-DP needs a base whose clients send nothing but "delta" and "weight" (fedavg,
-fedprox; any server optimizer, e.g. DP-FedAdam) and no prepass: anything else
-(SCAFFOLD's Delta c_i, Mime's gradient sums, ...) would leave the mechanism,
-so it is refused. Compression composes with any base whose contribution has a
-"delta" (other keys are sent as they are and not counted in the bits);
+DP needs a base whose clients send nothing but `weighted` (fedavg, fedprox;
+any server optimizer, e.g. DP-FedAdam) and no prepass: anything else
+(SCAFFOLD's Delta c_i in `summed`, Mime's gradient sums, the base's own
+`metrics`, ...) would leave the mechanism, so it is refused. Compression
+composes with any base (its `weighted` is compressed; `summed` and `metrics`
+are sent as they are and not counted in the bits);
 rotating codecs and error feedback need the update shaped like the model
 (not HypCluster's stacked one). Empty rounds: see `updates_on_empty_rounds`.
 
@@ -60,11 +61,12 @@ the configured (or calibrated) noise_multiplier, and the update gets the
 slightly larger z_Delta; that needs 2 sigma_b > z (refused otherwise). C_t
 lives in ServerState.extra (checkpointed, so a resumed run continues exactly).
 
-Per-client `log_*` contribution keys (summed over the cohort) feed the
-round's log (`round_log`): clients, bits sent, pre-clip update norms, the
-number of clipped clients and, with adaptive clipping, C_t (each client
-adds the C_t it received; `round_log` divides by the clients). They are
-diagnostics and are not privatized.
+Each client's `Contribution.metrics` (summed over the cohort; names in
+`TRANSFORM_METRICS`) feed the round's log (`round_log`, through
+`log_values`): clients, bits sent, pre-clip update norms, the number of
+clipped clients and, with adaptive clipping, C_t (each client adds the C_t
+it received; `round_log` divides by the clients). They are diagnostics and
+are not privatized.
 """
 
 from __future__ import annotations
@@ -81,11 +83,10 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from fedstream.algorithms.compression import Codec, make_codec, padded_size
-from fedstream.algorithms.fedavg import FedAvg, Params, ServerState
+from fedstream.algorithms.base import Algorithm, Contribution, Params, RoundTotal, ServerState
 from fedstream.algorithms.privacy import (DPMechanism, PrivacyLedger, calibrate_noise_multiplier, default_delta)
 from fedstream.models import Model, TrainMetrics
 
-LOG_PREFIX = "log_"
 # fold_in constants that keep the transforms' random streams apart from everything else (public: the
 # tests reproduce the noise and the quantization from them).
 CODEC_SALT = 0x636F6465  # client: quantization / rotation-free randomness
@@ -95,7 +96,7 @@ COUNT_NOISE_SALT = 0x636F756E  # server: noise on the count of unclipped clients
 
 
 @dataclasses.dataclass(frozen=True)
-class TransformedFedAvg(FedAvg):
+class TransformedFedAvg(Algorithm):
     """`inner` with compressed and/or clipped-and-noised client updates (see the module docstring).
 
     clip_norm C > 0 turns DP on (the initial C_0 with adaptive_clipping); noise_multiplier z, the
@@ -105,7 +106,7 @@ class TransformedFedAvg(FedAvg):
     for its `PrivacyLedger`.
     """
 
-    inner: FedAvg | None = None
+    inner: Algorithm | None = None
     codec: Codec = Codec()
     clip_norm: float = 0.0
     noise_multiplier: float = 0.0
@@ -163,6 +164,19 @@ class TransformedFedAvg(FedAvg):
     def extra_features(self) -> tuple[str, ...]:  # type: ignore[override]
         return self.inner.extra_features
 
+    @property
+    def has_client_state(self) -> bool:  # type: ignore[override]
+        """The base's client state, and / or the residual of error feedback."""
+        return self.inner.has_client_state or self.codec.stateful
+
+    @property
+    def has_personal_models(self) -> bool:  # type: ignore[override]
+        return self.inner.has_personal_models
+
+    @property
+    def is_clustered(self) -> bool:  # type: ignore[override]
+        return self.inner.is_clustered
+
     def __getattr__(self, name: str) -> Any:
         """Other attributes (e.g. HypCluster's num_clusters, read by the train loop) are the base's."""
         if name == "inner" or name.startswith("__"):
@@ -170,7 +184,7 @@ class TransformedFedAvg(FedAvg):
         return getattr(self.inner, name)
 
     @property
-    def updates_on_empty_rounds(self) -> bool:
+    def updates_on_empty_rounds(self) -> bool:  # type: ignore[override]
         """True with DP: the server update (noise / D) must run even in a round where no client trained.
 
         The round runner skips the server update when the weights sum to 0;
@@ -237,13 +251,23 @@ class TransformedFedAvg(FedAvg):
 
     def client_state_template(self, params: Params) -> Any:
         """{"inner": the base's client state, "residual": zeros(n) for error feedback}, present parts only."""
+        if not self.has_client_state:
+            return None
         template = {}
-        inner = self.inner.client_state_template(params)
-        if inner is not None:
-            template["inner"] = inner
+        if self.inner.has_client_state:
+            template["inner"] = self.inner.client_state_template(params)
         if self.codec.stateful:
             template["residual"] = jnp.zeros((ravel_pytree(params)[0].shape[0],), jnp.float32)
-        return template or None
+        return template
+
+    def personal_model(self, stored: Any) -> tuple[Params, Any]:
+        """The base's personal models, from its part of the stored states."""
+        return self.inner.personal_model(stored["inner"])
+
+    def log_values(self, metrics: Mapping[str, Any]) -> dict[str, float]:
+        """The base's log values of its own metrics, and the transform's (`round_log`)."""
+        inner = self.inner.log_values({k: v for k, v in metrics.items() if k not in TRANSFORM_METRICS})
+        return {**inner, **round_log(metrics)}
 
     def broadcast(self, state: ServerState) -> Any:
         own = {}
@@ -275,47 +299,51 @@ class TransformedFedAvg(FedAvg):
         return self._join(self.inner.after_prepass(inner, total), own)
 
     def client_contribution(self, client: Any, broadcast: Any, weight: jax.Array, stored: Any = None,
-                            prepass: Any = None, rng: jax.Array | None = None) -> tuple[dict[str, Any], Any]:
-        """Encodes (and, with DP, clips) the base's update; adds the `log_*` counters.
+                            prepass: Any = None, rng: jax.Array | None = None) -> tuple[Contribution, Any]:
+        """Encodes (and, with DP, clips) the base's update; adds the transform's metrics (`TRANSFORM_METRICS`).
 
-        With adaptive clipping the clip norm is the broadcast C_t, and the client also sends
-        "unclipped_centred": b_i - 1/2 with b_i = 1[||Delta_i|| <= C_t] (noised on the server, not a log).
+        With adaptive clipping the clip norm is the broadcast C_t, and the client also sends, in `summed`,
+        "unclipped_centred": b_i - 1/2 with b_i = 1[||Delta_i|| <= C_t] (noised on the server, not a metric).
         """
         inner_broadcast, own = self._split(broadcast)
         round_key = own.get("round_key")
         contribution, inner_stored = self.inner.client_contribution(
             client, inner_broadcast, weight, self._inner_stored(stored), prepass, rng)
-        if self.dp and set(contribution) - {"delta", "weight"}:
-            raise ValueError(f"DP over {type(self.inner).__name__}: its clients also send "
-                             f"{sorted(set(contribution) - {'delta', 'weight'})}, which the Gaussian mechanism does "
-                             "not cover; DP composes with fedavg-like algorithms (fedavg, fedprox)")
-        w = jnp.asarray(contribution["weight"], jnp.float32)
-        flat, unravel = ravel_pytree(contribution["delta"])
-        flat = flat.astype(jnp.float32)
+        if self.dp:
+            outside = _named_parts(contribution)
+            if outside:
+                raise ValueError(f"DP over {type(self.inner).__name__}: its clients also send {outside}, which the "
+                                 "Gaussian mechanism does not cover; DP composes with fedavg-like algorithms "
+                                 "(fedavg, fedprox)")
+        clash = sorted(set(contribution.metrics) & set(TRANSFORM_METRICS))
+        if clash:
+            raise ValueError(f"{type(self.inner).__name__}'s metrics {clash} clash with the names of the DP / "
+                             f"compression metrics {TRANSFORM_METRICS}; rename them")
+        flat, unravel = ravel_pytree(contribution.weighted)
+        update = flat.astype(jnp.float32)  # Delta_i
         if self.codec.rotates or self.codec.stateful:
-            _check_model_shaped(flat.shape[0], inner_broadcast)
-        update = jnp.where(w > 0, flat / jnp.where(w > 0, w, 1.0), 0.0)  # Delta_i
+            _check_model_shaped(update.shape[0], inner_broadcast)
         residual = stored["residual"] if self.codec.stateful else None
         key = jax.random.fold_in(rng, CODEC_SALT) if rng is not None else jax.random.PRNGKey(0)
         decoded, new_residual, bits = self.codec.encode(update, key, round_key, residual)
         norm = jnp.linalg.norm(decoded)
-        logs = {"log_clients": jnp.float32(1), "log_bits": bits, "log_update_norm": norm}
-        released = {}
+        metrics = {"clients": jnp.float32(1), "bits": bits, "update_norm": norm}
+        summed, weight_out = contribution.summed, contribution.weight
         if self.adaptive:
             clip = own["clip_norm"]
             sent = decoded * jnp.minimum(1.0, clip / jnp.maximum(norm, 1e-30))
-            new_weight = jnp.ones_like(w)
-            logs["log_clipped"] = (norm > clip).astype(jnp.float32)
-            logs["log_dp_clip_norm"] = clip
-            released["unclipped_centred"] = (norm <= clip).astype(jnp.float32) - 0.5
+            weight_out = jnp.ones((), jnp.float32)
+            metrics["clipped"] = (norm > clip).astype(jnp.float32)
+            metrics["dp_clip_norm"] = clip
+            summed = {"unclipped_centred": (norm <= clip).astype(jnp.float32) - 0.5}
         elif self.dp:
             sent = decoded * jnp.minimum(1.0, self.clip_norm / jnp.maximum(norm, 1e-30))
-            new_weight = jnp.ones_like(w)
-            logs["log_clipped"] = (norm > self.clip_norm).astype(jnp.float32)
+            weight_out = jnp.ones((), jnp.float32)
+            metrics["clipped"] = (norm > self.clip_norm).astype(jnp.float32)
         else:
-            sent, new_weight = w * decoded, w
-        delta = sent if self.codec.rotates else unravel(sent)
-        out = {**contribution, "delta": delta, "weight": new_weight, **released, **logs}
+            sent = decoded
+        out = Contribution(weighted=sent if self.codec.rotates else unravel(sent), summed=summed,
+                           metrics={**contribution.metrics, **metrics}, weight=weight_out)
         new_stored = {}
         if inner_stored is not None:
             new_stored["inner"] = inner_stored
@@ -323,24 +351,27 @@ class TransformedFedAvg(FedAvg):
             new_stored["residual"] = new_residual
         return out, (new_stored or stored)
 
-    def server_update(self, state: ServerState, total: Mapping[str, Any], rng: jax.Array | None = None) -> ServerState:
+    def server_update(self, state: ServerState, total: RoundTotal, rng: jax.Array | None = None) -> ServerState:
         """S <- S + N(0, (zC)^2 I) and W <- D with DP; S <- R^{-1} S when rotating; then the base's update.
 
         With adaptive clipping the noise is z_Delta C_t and C_{t+1} is computed from the noised count.
         """
         inner_state = self._inner_state(state)
         own = self._own(state)
-        total = {k: v for k, v in total.items() if not k.startswith(LOG_PREFIX)}
-        unclipped_centred = total.pop("unclipped_centred", None)
+        summed, unclipped_centred = total.summed, None
+        if self.adaptive and isinstance(summed, Mapping):
+            unclipped_centred = summed.get("unclipped_centred")
+            summed = {k: v for k, v in summed.items() if k != "unclipped_centred"} or None
+        weighted, weight = total.weighted, total.weight
         if self.dp or self.codec.rotates:
             if self.codec.rotates:
-                flat = total["delta"]
+                flat = weighted
                 _, unravel = ravel_pytree(inner_state.params)
                 n = ravel_pytree(inner_state.params)[0].shape[0]
                 if flat.shape[0] != padded_size(n):
                     raise ValueError("rotating codecs need an update shaped like the model")
             else:
-                flat, unravel = ravel_pytree(total["delta"])
+                flat, unravel = ravel_pytree(weighted)
             if self.dp:
                 if rng is None:
                     raise ValueError("DP-FedAvg's server update needs the round's server key")
@@ -356,11 +387,13 @@ class TransformedFedAvg(FedAvg):
                         self.clip_learning_rate, self.target_unclipped_quantile)
                 else:
                     flat = flat + (self.noise_multiplier * self.clip_norm) * noise
-                total["weight"] = jnp.asarray(self.denominator, jnp.float32)
+                weight = jnp.asarray(self.denominator, jnp.float32)
             if self.codec.rotates:
                 flat = self.codec.decode_sum(flat, self._round_key(state), n)
-            total["delta"] = unravel(flat)
-        return self._outer_state(self.inner.server_update(inner_state, total, rng), own)
+            weighted = unravel(flat)
+        inner_total = RoundTotal(weighted=weighted, weight=weight, summed=summed,
+                                 metrics={k: v for k, v in total.metrics.items() if k not in TRANSFORM_METRICS})
+        return self._outer_state(self.inner.server_update(inner_state, inner_total, rng), own)
 
     def new_privacy_ledger(self) -> PrivacyLedger | None:
         """A fresh ledger for this run's mechanism (None without DP or without sampling facts)."""
@@ -417,40 +450,47 @@ def _check_model_shaped(size: int, broadcast: Any) -> None:
                          f"entries); this algorithm's update has {size}")
 
 
-# The `log_*` keys of DP and compression, formatted by `round_log` (per-client means, fractions).
-TRANSFORM_LOG_KEYS = ("log_clients", "log_bits", "log_update_norm", "log_clipped", "log_dp_clip_norm")
+# The names of the metrics DP and compression add to each client's `Contribution.metrics` (summed over the
+# round's clients; `round_log` turns them into per-client means and fractions).
+TRANSFORM_METRICS = ("clients", "bits", "update_norm", "clipped", "dp_clip_norm")
 
 
-def round_log(logs: Mapping[str, Any]) -> dict[str, float]:
-    """Log values of a round from the summed `log_*` keys (`stats["logs"]` of the round runner).
+def round_log(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Log values of a round from the summed `TRANSFORM_METRICS` (the round's summed `Contribution.metrics`).
 
     Returns `transform_clients`, `bits_sent` (all clients), `bits_per_client`,
     `update_norm_mean` (pre-clip) and, with DP, `dp_clipped_fraction`; with
     adaptive clipping `dp_clip_norm`, the C_t the round's clients were clipped
     to (each client adds the C_t it received, so the sum over the clients is
     divided by their number; NaN, like the other per-client means, in a round
-    without clients).
-
-    Any other `log_NAME` key an algorithm's contributions carry is logged as
-    `NAME`, its sum over the round's clients: that is how an algorithm of
-    one's own reports a metric (e.g. `log_clipped_clients`).
+    without clients). Empty without the transform's metrics; other metrics
+    are ignored (`TransformedFedAvg.log_values` logs the base's).
     """
-    values = {k: float(v) for k, v in logs.items() if k.startswith(LOG_PREFIX)}
-    own = {k[len(LOG_PREFIX):]: v for k, v in values.items() if k not in TRANSFORM_LOG_KEYS}
-    if "log_clients" not in values:
-        return own
-    clients = values["log_clients"]
+    values = {k: float(v) for k, v in metrics.items() if k in TRANSFORM_METRICS}
+    if "clients" not in values:
+        return {}
+    clients = values["clients"]
     per = 1.0 / clients if clients > 0 else float("nan")
-    out = {"transform_clients": clients, "bits_sent": values["log_bits"], "bits_per_client": values["log_bits"] * per,
-           "update_norm_mean": values["log_update_norm"] * per}
-    if "log_clipped" in values:
-        out["dp_clipped_fraction"] = values["log_clipped"] * per
-    if "log_dp_clip_norm" in values:
-        out["dp_clip_norm"] = values["log_dp_clip_norm"] * per
-    return {**own, **out}
+    out = {"transform_clients": clients, "bits_sent": values["bits"], "bits_per_client": values["bits"] * per,
+           "update_norm_mean": values["update_norm"] * per}
+    if "clipped" in values:
+        out["dp_clipped_fraction"] = values["clipped"] * per
+    if "dp_clip_norm" in values:
+        out["dp_clip_norm"] = values["dp_clip_norm"] * per
+    return out
 
 
-def privacy_ledger(algorithm: FedAvg, saved: Mapping[str, Any] | None = None,
+def _named_parts(contribution: Contribution) -> list[str]:
+    """What a contribution sends besides `weighted` (keys of `summed` and `metrics`), by name."""
+    parts = []
+    if jax.tree.leaves(contribution.summed):
+        summed = contribution.summed
+        parts += sorted(summed) if isinstance(summed, Mapping) else ["summed"]
+    parts += [f"metric {k}" for k in sorted(contribution.metrics)]
+    return parts
+
+
+def privacy_ledger(algorithm: Algorithm, saved: Mapping[str, Any] | None = None,
                    rounds_done: int = 0) -> PrivacyLedger | None:
     """The run's ledger: None unless `algorithm` is DP; `saved` is checkpoint meta["privacy"] on resume.
 

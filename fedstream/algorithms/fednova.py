@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedstream.algorithms.fedavg import ClientState, FedAvg, Params, ServerState
+from fedstream.algorithms.base import Algorithm, ClientState, Contribution, Params, RoundTotal, ServerState
 from fedstream.models import TrainMetrics
 
 
@@ -59,7 +59,7 @@ class NovaClient:
 
 
 @dataclasses.dataclass(frozen=True)
-class FedNova(FedAvg):
+class FedNova(Algorithm):
     """FedNova: each client's delta is divided by ||a_i||_1 and the mean rescaled by tau_eff."""
 
     def client_init(self, broadcast: Any, stored: Any = None, prepass: Any = None) -> NovaClient:
@@ -84,17 +84,16 @@ class FedNova(FedAvg):
         return client.shadow / unit
 
     def client_contribution(self, client: NovaClient, broadcast: Any, weight: jax.Array, stored: Any = None,
-                            prepass: Any = None, rng: jax.Array | None = None) -> tuple[dict[str, Any], Any]:
-        """p_i d_i = p_i Delta_i / ||a_i||_1 and p_i ||a_i||_1 (unnormalised p_i = weight)."""
+                            prepass: Any = None, rng: jax.Array | None = None) -> tuple[Contribution, Any]:
+        """d_i = Delta_i / ||a_i||_1 and ||a_i||_1, both weighted by p_i (unnormalised: the runner's weight)."""
         a = self.a_norm(client)
         delta = self.client_delta(client, broadcast["params"])
-        return {"delta": jax.tree.map(lambda d: d * (weight / a), delta), "a_norm": weight * a,
-                "weight": weight}, stored
+        return Contribution(weighted={"delta": jax.tree.map(lambda d: d / a, delta), "a_norm": a}), stored
 
-    def server_update(self, state: ServerState, total: Mapping[str, Any], rng: jax.Array | None = None) -> ServerState:
+    def server_update(self, state: ServerState, total: RoundTotal, rng: jax.Array | None = None) -> ServerState:
         """w <- ServerOpt(w, -tau_eff * sum_i p_i d_i)."""
-        tau_eff = total["a_norm"] / total["weight"]
-        update = jax.tree.map(lambda d: tau_eff * d / total["weight"], total["delta"])
+        tau_eff = total.weighted["a_norm"] / total.weight
+        update = jax.tree.map(lambda d: tau_eff * d / total.weight, total.weighted["delta"])
         return self.apply_server_optimizer(state, update)
 
 

@@ -38,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedstream.algorithms.fedavg import ClientState, FedAvg, Params, ServerState
+from fedstream.algorithms.base import Algorithm, ClientState, Contribution, Params, RoundTotal, ServerState
+from fedstream.algorithms.fedavg import FedAvg
 from fedstream.models import Model, TrainMetrics
 
 
@@ -67,7 +68,7 @@ def _per_cluster(mask: jax.Array, leaf: jax.Array) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class HypCluster(FedAvg):
+class HypCluster(Algorithm):
     """HypCluster with `num_clusters` models; clients train the one with the lowest loss on their data.
 
     Options:
@@ -77,6 +78,7 @@ class HypCluster(FedAvg):
     num_clusters: int = 2
 
     uses_prepass = True
+    is_clustered = True
 
     def __post_init__(self) -> None:
         if self.num_clusters < 1:
@@ -117,20 +119,20 @@ class HypCluster(FedAvg):
         return state.replace(params=base.params, opt_state=base.opt_state), metrics
 
     def client_contribution(self, client: ClusterClient, broadcast: Any, weight: jax.Array, stored: Any = None,
-                            prepass: Any = None, rng: jax.Array | None = None) -> tuple[dict[str, Any], Any]:
-        """p_i Delta_i in row c_i of a [k, ...] sum, p_i in row c_i of the cluster weights, and p_i."""
-        onehot = (jnp.arange(self.num_clusters) == client.cluster).astype(jnp.float32) * weight
+                            prepass: Any = None, rng: jax.Array | None = None) -> tuple[Contribution, Any]:
+        """Delta_i in row c_i of a [k, ...] stack and 1 in row c_i of the cluster weights, both weighted by p_i."""
+        onehot = (jnp.arange(self.num_clusters) == client.cluster).astype(jnp.float32)
         start = jax.tree.map(lambda p: p[client.cluster], broadcast["params"])
         delta = jax.tree.map(jnp.subtract, client.params, start)
         stacked = jax.tree.map(lambda d: _per_cluster(onehot, d[None]) * d[None], delta)
-        return {"delta": stacked, "cluster_weight": onehot, "weight": weight}, stored
+        return Contribution(weighted={"delta": stacked, "cluster_weight": onehot}), stored
 
-    def server_update(self, state: ServerState, total: Mapping[str, Any], rng: jax.Array | None = None) -> ServerState:
+    def server_update(self, state: ServerState, total: RoundTotal, rng: jax.Array | None = None) -> ServerState:
         """Per cluster: ServerOpt on minus its weighted mean delta; clusters nobody chose stay as they are."""
-        cluster_weight = total["cluster_weight"]
+        cluster_weight = total.weighted["cluster_weight"]
         chosen = cluster_weight > 0
         denominator = jnp.where(chosen, cluster_weight, 1.0)
-        mean_delta = jax.tree.map(lambda d: d / _per_cluster(denominator, d), total["delta"])
+        mean_delta = jax.tree.map(lambda d: d / _per_cluster(denominator, d), total.weighted["delta"])
 
         def step(params: Params, opt_state: optax.OptState, delta: Params) -> tuple[Params, optax.OptState]:
             updates, new_opt = self.server_optimizer.update(jax.tree.map(jnp.negative, delta), opt_state, params)

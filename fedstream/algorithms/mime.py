@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedstream.algorithms.fedavg import ClientState, FedAvg, Params, ServerState
+from fedstream.algorithms.base import Algorithm, ClientState, Contribution, Params, RoundTotal, ServerState
 from fedstream.models import TrainMetrics
 
 
@@ -48,8 +48,13 @@ def safe_mean(total: Params, count: jax.Array) -> Params:
     return jax.tree.map(lambda t: jnp.where(count > 0, t / jnp.maximum(count, 1e-12), 0.0).astype(t.dtype), total)
 
 
+def prepass_sums(prepass: Any) -> dict[str, Any]:
+    """A client's prepass gradient sum and example count, summed over the round for the server's c."""
+    return {"grad_sum": prepass["grad_sum"], "count": prepass["count"]}
+
+
 @dataclasses.dataclass(frozen=True)
-class Mime(FedAvg):
+class Mime(Algorithm):
     """Mime: frozen base-optimizer state on clients plus the SVRG-style control variate c.
 
     Options:
@@ -116,17 +121,17 @@ class Mime(FedAvg):
                                                                         batch["mask"])
 
     def client_contribution(self, client: ClientState, broadcast: Any, weight: jax.Array, stored: Any = None,
-                            prepass: Any = None, rng: jax.Array | None = None) -> tuple[dict[str, Any], Any]:
-        """n_i Delta_i and n_i, plus the client's prepass sums (their total gives c to the server)."""
+                            prepass: Any = None, rng: jax.Array | None = None) -> tuple[Contribution, Any]:
+        """Delta_i (weighted by the runner: n_i Delta_i), and the client's prepass sums (their total gives c to
+        the server)."""
         delta = self.client_delta(client, broadcast["params"])
-        return {"delta": jax.tree.map(lambda d: weight * d, delta), "weight": weight,
-                "grad_sum": prepass["grad_sum"], "count": prepass["count"]}, stored
+        return Contribution(weighted=delta, summed=prepass_sums(prepass)), stored
 
-    def server_update(self, state: ServerState, total: Mapping[str, Any], rng: jax.Array | None = None) -> ServerState:
+    def server_update(self, state: ServerState, total: RoundTotal, rng: jax.Array | None = None) -> ServerState:
         """x <- x + eta_s * mean Delta; s <- B's state after the gradient c."""
-        mean_delta = jax.tree.map(lambda d: d / total["weight"], total["delta"])
+        mean_delta = jax.tree.map(lambda d: d / total.weight, total.weighted)
         params = jax.tree.map(lambda p, d: p + self.server_learning_rate * d, state.params, mean_delta)
-        server_grad = safe_mean(total["grad_sum"], total["count"])
+        server_grad = safe_mean(total.summed["grad_sum"], total.summed["count"])
         _, opt_state = self.base_optimizer.update(server_grad, state.opt_state, state.params)
         return state.replace(params=params, opt_state=opt_state, round=state.round + 1)
 

@@ -30,8 +30,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fedstream.algorithms.fedavg import ClientState
-from fedstream.algorithms.mime import Mime
+from fedstream.algorithms.base import ClientState, Contribution
+from fedstream.algorithms.mime import Mime, prepass_sums
 
 
 def clip_by_global_norm(tree: Any, max_norm: float) -> Any:
@@ -55,13 +55,12 @@ class MimeLite(Mime):
     control_variate = False
 
     def client_contribution(self, client: ClientState, broadcast: Any, weight: jax.Array, stored: Any = None,
-                            prepass: Any = None, rng: jax.Array | None = None) -> tuple[dict[str, Any], Any]:
-        """n_i Delta_i (clipped to norm C when C > 0), n_i, and the client's prepass gradient sums."""
+                            prepass: Any = None, rng: jax.Array | None = None) -> tuple[Contribution, Any]:
+        """Delta_i (clipped to norm C when C > 0; weighted by the runner), and the client's prepass gradient sums."""
         delta = self.client_delta(client, broadcast["params"])
         if self.client_delta_clip_norm > 0:
             delta = clip_by_global_norm(delta, self.client_delta_clip_norm)
-        return {"delta": jax.tree.map(lambda d: weight * d, delta), "weight": weight,
-                "grad_sum": prepass["grad_sum"], "count": prepass["count"]}, stored
+        return Contribution(weighted=delta, summed=prepass_sums(prepass)), stored
 
 
 def _register() -> None:

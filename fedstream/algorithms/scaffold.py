@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedstream.algorithms.fedavg import FedAvg, Params, ServerState
+from fedstream.algorithms.base import Contribution, Params, RoundTotal, ServerState
+from fedstream.algorithms.fedavg import FedAvg
 from fedstream.models import TrainMetrics
 
 
@@ -48,6 +49,8 @@ class Scaffold(FedAvg):
 
     client_learning_rate: float = 0.0
     population: int = 0
+
+    has_client_state = True
 
     def __post_init__(self) -> None:
         if self.client_learning_rate <= 0 or self.population < 1:
@@ -83,17 +86,17 @@ class Scaffold(FedAvg):
                              steps=state.steps + 1), metrics
 
     def client_contribution(self, client: ScaffoldClient, broadcast: Any, weight: jax.Array, stored: Any = None,
-                            prepass: Any = None, rng: jax.Array | None = None) -> tuple[dict[str, Any], Any]:
-        """Weighted Delta y, Delta c_i and the new c_i (option II)."""
+                            prepass: Any = None, rng: jax.Array | None = None) -> tuple[Contribution, Any]:
+        """Delta y (weighted by the runner), Delta c_i (summed as is) and the new c_i (option II)."""
         x, c = broadcast["params"], broadcast["c"]
         scale = 1.0 / (jnp.maximum(client.steps, 1).astype(jnp.float32) * self.client_learning_rate)
         new_ci = jax.tree.map(lambda ci, c_, x_, y: ci - c_ + (x_ - y) * scale, stored, c, x, client.params)
         delta_y = jax.tree.map(jnp.subtract, client.params, x)
         delta_c = jax.tree.map(jnp.subtract, new_ci, stored)
-        return {"delta": jax.tree.map(lambda d: weight * d, delta_y), "weight": weight, "delta_c": delta_c}, new_ci
+        return Contribution(weighted=delta_y, summed={"delta_c": delta_c}), new_ci
 
-    def server_update(self, state: ServerState, total: Mapping[str, Any], rng: jax.Array | None = None) -> ServerState:
+    def server_update(self, state: ServerState, total: RoundTotal, rng: jax.Array | None = None) -> ServerState:
         """x <- ServerOpt(x, -mean Delta y); c <- c + sum Delta c_i / N."""
         new_state = super().server_update(state, total, rng)
-        c = jax.tree.map(lambda c_, dc: c_ + dc / self.population, state.extra["c"], total["delta_c"])
+        c = jax.tree.map(lambda c_, dc: c_ + dc / self.population, state.extra["c"], total.summed["delta_c"])
         return new_state.replace(extra={"c": c})

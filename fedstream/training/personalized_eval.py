@@ -37,7 +37,7 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from fedstream.algorithms.fedavg import FedAvg
+from fedstream.algorithms.base import Algorithm
 from fedstream.data.augment import get_augmentation
 from fedstream.data.cohort import PersonalizedEvalPipeline, auto_data_threads
 from fedstream.training.client_store import ClientStateStore
@@ -47,7 +47,7 @@ from fedstream.training.rounds import (AXIS, EVAL_SUMS, local_device_positions, 
 PersonalizedEvalFn = Callable[..., dict[str, jax.Array]]
 
 
-def build_personalized_eval(algorithm: FedAvg, mesh: jax.sharding.Mesh, num_slots: int,
+def build_personalized_eval(algorithm: Algorithm, mesh: jax.sharding.Mesh, num_slots: int,
                             seed: int) -> PersonalizedEvalFn:
     """Returns `evaluate(params, batch, round_index, personal=None) -> per-client sums`, jitted and sharded.
 
@@ -62,7 +62,7 @@ def build_personalized_eval(algorithm: FedAvg, mesh: jax.sharding.Mesh, num_slot
     optimizer = algorithm.client_optimizer
 
     def finetune_loss(params: Any, step: Mapping[str, jax.Array], key: jax.Array) -> jax.Array:
-        loss, _ = FedAvg.client_loss(algorithm, params, step, key, None)
+        loss, _ = Algorithm.client_loss(algorithm, params, step, key, None)
         return loss
 
     def device_eval(params, batch, round_index, personal):
@@ -120,10 +120,10 @@ def build_personalized_eval(algorithm: FedAvg, mesh: jax.sharding.Mesh, num_slot
 
 # Compiled evaluation functions by (algorithm, mesh, slots, seed), so that calling the evaluate_* functions
 # every few rounds compiles once per shape. Values hold the objects, so ids are never reused while cached.
-_CACHE: dict[tuple[int, int, int, int], tuple[FedAvg, jax.sharding.Mesh, PersonalizedEvalFn]] = {}
+_CACHE: dict[tuple[int, int, int, int], tuple[Algorithm, jax.sharding.Mesh, PersonalizedEvalFn]] = {}
 
 
-def cached_personalized_eval(algorithm: FedAvg, mesh: jax.sharding.Mesh, num_slots: int,
+def cached_personalized_eval(algorithm: Algorithm, mesh: jax.sharding.Mesh, num_slots: int,
                              seed: int) -> PersonalizedEvalFn:
     """`build_personalized_eval`, built once per (algorithm, mesh, num_slots, seed) object."""
     key = (id(algorithm), id(mesh), int(num_slots), int(seed))
@@ -136,7 +136,7 @@ def cached_personalized_eval(algorithm: FedAvg, mesh: jax.sharding.Mesh, num_slo
     return hit[2]
 
 
-def personalized_pipeline(algorithm: FedAvg, dataset: Any, config: ml_collections.ConfigDict,
+def personalized_pipeline(algorithm: Algorithm, dataset: Any, config: ml_collections.ConfigDict,
                           mesh: jax.sharding.Mesh, steps: int, round_index: int) -> PersonalizedEvalPipeline:
     """The test split in `eval.chunk_clients` chunks, each client with `steps` fine-tuning steps (client config)."""
     local = local_device_positions(mesh) if jax.process_count() > 1 else None
@@ -150,7 +150,7 @@ def personalized_pipeline(algorithm: FedAvg, dataset: Any, config: ml_collection
         augment=get_augmentation(str(config.data.get("augment", ""))))
 
 
-def _run(algorithm: FedAvg, params: Any, pipeline: PersonalizedEvalPipeline, mesh: jax.sharding.Mesh,
+def _run(algorithm: Algorithm, params: Any, pipeline: PersonalizedEvalPipeline, mesh: jax.sharding.Mesh,
          eval_fn: PersonalizedEvalFn, round_index: int,
          store: ClientStateStore | None) -> tuple[dict[str, np.ndarray], int]:
     """Per-client sums over the test split, and the number of scored clients left on the global model."""
@@ -172,7 +172,7 @@ def _run(algorithm: FedAvg, params: Any, pipeline: PersonalizedEvalPipeline, mes
     return {k: np.concatenate(v) if v else np.zeros(0) for k, v in sums.items()}, on_global
 
 
-def evaluate_finetuned(algorithm: FedAvg, params: Any, dataset: Any, config: ml_collections.ConfigDict,
+def evaluate_finetuned(algorithm: Algorithm, params: Any, dataset: Any, config: ml_collections.ConfigDict,
                        mesh: jax.sharding.Mesh, steps: int, *, round_index: int = 0,
                        eval_fn: PersonalizedEvalFn | None = None) -> dict[str, float]:
     """"FedAvg + fine-tune": each test client scored after `steps` fine-tuning steps from `params` on its train data.
@@ -192,7 +192,7 @@ def evaluate_finetuned(algorithm: FedAvg, params: Any, dataset: Any, config: ml_
     return result
 
 
-def evaluate_personal(algorithm: FedAvg, params: Any, store: ClientStateStore, dataset: Any,
+def evaluate_personal(algorithm: Algorithm, params: Any, store: ClientStateStore, dataset: Any,
                       config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
                       eval_fn: PersonalizedEvalFn | None = None) -> dict[str, float]:
     """Each test client scored with its personal model from `store` (Ditto's v_c), or `params` if it has none.
@@ -203,8 +203,8 @@ def evaluate_personal(algorithm: FedAvg, params: Any, store: ClientStateStore, d
     `personal_` prefix, plus `personal_clients_on_global_model` (scored
     test clients never trained, or absent from the train split).
     """
-    if not hasattr(algorithm, "personal_model"):
-        raise ValueError(f"{type(algorithm).__name__} keeps no personal models (no personal_model method)")
+    if not algorithm.has_personal_models:
+        raise ValueError(f"{type(algorithm).__name__} keeps no personal models (has_personal_models is False)")
     pipeline = personalized_pipeline(algorithm, dataset, config, mesh, 0, 0)
     eval_fn = eval_fn or cached_personalized_eval(algorithm, mesh, pipeline.chunk_clients, int(config.seed))
     sums, on_global = _run(algorithm, params, pipeline, mesh, eval_fn, 0, store)

@@ -4,7 +4,8 @@ The round is a `jax.shard_map` over a one-dimensional `('clients',)` mesh of
 all devices. Each device scans over its client slots (see
 `fedstream.data.cohort`): a client starts from the server model, runs a
 `fori_loop` over exactly its own steps, read from the device's packed step
-stream, and adds its weighted delta to the device's running sum. Padding
+stream, and adds its contribution (its `weighted` part times its weight;
+see `fedstream.algorithms.base`) to the device's running `RoundTotal`. Padding
 steps are never executed and no per-step branch touches the model. The sums
 are `psum`-ed over devices and the server update runs once, replicated.
 
@@ -23,7 +24,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fedstream.algorithms.fedavg import FedAvg, ServerState
+from fedstream.algorithms.base import Algorithm, ServerState, client_total
 from fedstream.models import TrainMetrics
 
 AXIS = "clients"
@@ -122,17 +123,18 @@ def stream_step(stream: Mapping[str, jax.Array], index: jax.Array) -> dict[str, 
 
 
 def build_train_round(
-    algorithm: FedAvg, mesh: jax.sharding.Mesh, seed: int
+    algorithm: Algorithm, mesh: jax.sharding.Mesh, seed: int
 ) -> Callable[..., tuple[ServerState, dict[str, jax.Array]] | tuple[ServerState, dict[str, jax.Array], Any]]:
     """Returns `round(state, batch[, client_states]) -> (new_state, stats[, new_client_states])`, jitted and sharded.
 
     `batch` comes from `CohortPipeline` (leaves `[devices, steps, ...]`);
     `client_states` (for algorithms with per-client state) has leaves
     `[devices, slots, ...]` in the batch's slot order. `stats` holds the
-    psum-ed clu train metrics (`metrics`) and the total client weight
-    (`weight`); clients whose update was not finite are left out and
-    counted in `nonfinite_clients` (`nonfinite_client`: one of them, by
-    index, or -1). One compilation per stream length.
+    psum-ed clu train metrics (`metrics`), the total client weight
+    (`weight`) and the round's summed `Contribution.metrics` (`logs`, for
+    `algorithm.log_values`); clients whose update was not finite are left
+    out and counted in `nonfinite_clients` (`nonfinite_client`: one of them,
+    by index, or -1). One compilation per stream length.
     """
 
     def device_round(state: ServerState, batch: Mapping[str, jax.Array], stored: Any):
@@ -186,6 +188,7 @@ def build_train_round(
                 contribution, new_stored = algorithm.client_contribution(
                     client, broadcast, slot["slot_weight"], stored_i, prepass_i,
                     client_key(seed, state.round, slot["slot_client"]))
+                contribution = client_total(contribution, slot["slot_weight"])  # weighted x p_i, p_i, summed, ...
                 # A client whose update is not finite (NaN/Inf) is left out of the round, its stored
                 # state unchanged, and counted; the train loop applies the run's policy.
                 finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(contribution)]))
@@ -199,11 +202,11 @@ def build_train_round(
             return jax.lax.cond(slot["slot_steps"] > 0, train, lambda c: varying((c, stored_i)), carry)
 
         sums_shape = jax.eval_shape(
-            lambda: algorithm.client_contribution(
+            lambda: client_total(algorithm.client_contribution(
                 algorithm.client_init(broadcast, jax.tree.map(lambda a: a[0], stored),
                                       jax.tree.map(lambda a: a[0], prepass)),
                 broadcast, jnp.float32(1), jax.tree.map(lambda a: a[0], stored), jax.tree.map(lambda a: a[0], prepass),
-                jax.random.PRNGKey(0))[0])
+                jax.random.PRNGKey(0))[0], jnp.float32(1)))
         no_bad = {"count": jnp.zeros((), jnp.int32), "client": jnp.full((), -1, jnp.int32)}
         init = varying((jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), sums_shape), TrainMetrics.empty(),
                          no_bad))
@@ -221,21 +224,20 @@ def build_train_round(
         # A round in which every sampled client was empty leaves the server as is.
         skipped = state.replace(round=state.round + 1)
         key = server_key(seed, state.round)
-        if getattr(algorithm, "updates_on_empty_rounds", False):  # DP: noise / D even when no client trained
+        if algorithm.updates_on_empty_rounds:  # DP: noise / D even when no client trained
             new_state = algorithm.server_update(state, sums, key)
         else:
-            new_state = jax.lax.cond(sums["weight"] > 0, lambda: algorithm.server_update(state, sums, key),
+            new_state = jax.lax.cond(sums.weight > 0, lambda: algorithm.server_update(state, sums, key),
                                      lambda: skipped)
-        stats = {"metrics": metrics, "weight": sums["weight"], "nonfinite_clients": bad["count"],
-                 "nonfinite_client": bad["client"],
-                 "logs": {k: v for k, v in sums.items() if k.startswith("log_")}}  # summed log_* contribution keys
+        stats = {"metrics": metrics, "weight": sums.weight, "nonfinite_clients": bad["count"],
+                 "nonfinite_client": bad["client"], "logs": sums.metrics}  # the summed Contribution.metrics
         return (new_state, stats) if client_states is None else (new_state, stats, new_states)
 
     return train_round
 
 
 def build_debug_round(
-    algorithm: FedAvg, seed: int
+    algorithm: Algorithm, seed: int
 ) -> Callable[..., tuple[ServerState, dict[str, Any]] | tuple[ServerState, dict[str, Any], Any]]:
     """The round of `build_train_round`, run eagerly: clients one at a time, steps in a Python loop.
 
@@ -289,9 +291,11 @@ def build_debug_round(
                     client, step_metrics = algorithm.client_step(
                         client, step_batch(d, int(host["slot_offset"][d, j]) + t), key, broadcast)
                     client_metrics = client_metrics.merge(step_metrics)
+                weight = jnp.float32(host["slot_weight"][d, j])
                 contribution, stored_out = algorithm.client_contribution(
-                    client, broadcast, jnp.float32(host["slot_weight"][d, j]), stored_i, prepass.get((d, j)),
+                    client, broadcast, weight, stored_i, prepass.get((d, j)),
                     client_key(seed, state.round, jnp.int32(client_id)))
+                contribution = client_total(contribution, weight)
                 if not all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(contribution)):
                     bad_count, bad_client = bad_count + 1, max(bad_client, client_id)
                     continue  # left out of the round, its stored state unchanged (as in the compiled round)
@@ -301,18 +305,17 @@ def build_debug_round(
                     new_stored = jax.tree.map(lambda all_, one: _set(all_, d, j, one), new_stored, stored_out)
             if sums is None:  # no client trained: zeros shaped like a contribution
                 d, j = clients[0] if clients else (0, 0)
-                shape = jax.eval_shape(lambda: algorithm.client_contribution(
+                shape = jax.eval_shape(lambda: client_total(algorithm.client_contribution(
                     algorithm.client_init(broadcast, stored_of(d, j), None), broadcast, jnp.float32(1),
-                    stored_of(d, j), None, jax.random.PRNGKey(0))[0])
+                    stored_of(d, j), None, jax.random.PRNGKey(0))[0], jnp.float32(1)))
                 sums = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shape)
             key = server_key(seed, state.round)
-            if getattr(algorithm, "updates_on_empty_rounds", False) or float(sums["weight"]) > 0:
+            if algorithm.updates_on_empty_rounds or float(sums.weight) > 0:
                 new_state = algorithm.server_update(state, sums, key)
             else:
                 new_state = state.replace(round=state.round + 1)
-            stats = {"metrics": metrics, "weight": sums["weight"], "nonfinite_clients": jnp.int32(bad_count),
-                     "nonfinite_client": jnp.int32(bad_client),
-                     "logs": {k: v for k, v in sums.items() if k.startswith("log_")}}
+            stats = {"metrics": metrics, "weight": sums.weight, "nonfinite_clients": jnp.int32(bad_count),
+                     "nonfinite_client": jnp.int32(bad_client), "logs": sums.metrics}
         if client_states is None:
             return new_state, stats
         return new_state, stats, new_stored
@@ -328,7 +331,7 @@ def _set(array: np.ndarray, d: int, j: int, value: Any) -> np.ndarray:
 
 
 def build_eval(
-    algorithm: FedAvg, mesh: jax.sharding.Mesh, num_slots: int
+    algorithm: Algorithm, mesh: jax.sharding.Mesh, num_slots: int
 ) -> Callable[[Any, Mapping[str, jax.Array]], dict[str, jax.Array]]:
     """Returns `evaluate(params, batch) -> per-client sums` for `EvalPipeline` chunks.
 

@@ -32,8 +32,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from fedstream.algorithms.dp_fedavg import privacy_ledger, round_log
-from fedstream.algorithms.fedavg import FedAvg, ServerState
+from fedstream.algorithms.base import Algorithm, ServerState
+from fedstream.algorithms.dp_fedavg import privacy_ledger
 from fedstream.config import ConfigError, check_clients_per_round, flatten, validate_train_config
 from fedstream.data.augment import get_augmentation
 from fedstream.data.cohort import ClientBatching, CohortPipeline, EvalPipeline, auto_data_threads
@@ -87,7 +87,7 @@ def _local_devices(mesh: jax.sharding.Mesh) -> tuple[int, ...] | None:
     return local_device_positions(mesh) if jax.process_count() > 1 else None
 
 
-def client_eval_sums(algorithm: FedAvg, params: Any, dataset: Any, config: ml_collections.ConfigDict,
+def client_eval_sums(algorithm: Algorithm, params: Any, dataset: Any, config: ml_collections.ConfigDict,
                      mesh: jax.sharding.Mesh, eval_fn: Callable | None = None,
                      split: str | None = None) -> dict[str, np.ndarray]:
     """Per-client evaluation sums (`EVAL_SUMS`) of `params` over every client of `split` (default: test)."""
@@ -105,17 +105,17 @@ def client_eval_sums(algorithm: FedAvg, params: Any, dataset: Any, config: ml_co
     return {k: np.concatenate(v) if v else np.zeros(0) for k, v in sums.items()}
 
 
-def evaluate(algorithm: FedAvg, params: Any, dataset: Any, config: ml_collections.ConfigDict,
+def evaluate(algorithm: Algorithm, params: Any, dataset: Any, config: ml_collections.ConfigDict,
              mesh: jax.sharding.Mesh, eval_fn: Callable | None = None) -> dict[str, float]:
     """Loss and accuracy of one model over all clients of the test split (pooled and client-averaged)."""
     return summarize_eval(client_eval_sums(algorithm, params, dataset, config, mesh, eval_fn))
 
 
-def evaluate_state(algorithm: FedAvg, state: ServerState, dataset: Any, config: ml_collections.ConfigDict,
+def evaluate_state(algorithm: Algorithm, state: ServerState, dataset: Any, config: ml_collections.ConfigDict,
                    mesh: jax.sharding.Mesh, eval_fn: Callable | None = None) -> dict[str, float]:
     """The test evaluation of a server state: its model, or for HypCluster each client's best cluster
     model (chosen by the lowest loss on the client's train data, as FedJAX's HypClusterEvaluator)."""
-    if not hasattr(algorithm, "num_clusters"):
+    if not algorithm.is_clustered:
         return evaluate(algorithm, state.params, dataset, config, mesh, eval_fn)
     from fedstream.algorithms.hyp_cluster import cluster_params, combine_cluster_evals
 
@@ -176,7 +176,7 @@ def _last_good(checkpointer: RunCheckpointer | None) -> str:
     return "no checkpoint was saved yet" if latest is None else f"the checkpoint of round {latest} is intact"
 
 
-def describe_algorithm(algorithm: FedAvg) -> dict[str, Any]:
+def describe_algorithm(algorithm: Algorithm) -> dict[str, Any]:
     """A JSON description of an algorithm object: its class and the options (dataclass fields) JSON can hold.
 
     Stored with a run built in Python, so that resuming it with different
@@ -231,7 +231,7 @@ class Simulation:
         hooks; results equal the compiled round's to float rounding; slow).
     """
 
-    def __init__(self, dataset: Any, algorithm: FedAvg, *, clients_per_round: int = 10, batch_size: int = 10,
+    def __init__(self, dataset: Any, algorithm: Algorithm, *, clients_per_round: int = 10, batch_size: int = 10,
                  epochs: int = 1, max_examples: int = 0, max_steps: int = 0, seed: int = 0,
                  sampling: str = "uniform", sampling_rate: float = 0.0, max_clients_per_round: int = 0,
                  aggregation: str = "example", train_split: str = "train", test_split: str = "test",
@@ -386,7 +386,7 @@ class Simulation:
         self._opened = True
         s, algorithm = self.settings, self.algorithm
         saved_privacy, meta, start = None, None, 0
-        template = algorithm.client_state_template(self.state.params)
+        template = algorithm.client_state_template(self.state.params) if algorithm.has_client_state else None
         try:
             if self.workdir is not None:
                 self.workdir.mkdir(parents=True, exist_ok=True)
@@ -484,7 +484,7 @@ class Simulation:
                                    f"({nonfinite} such clients); stopping as config nonfinite='stop' asks "
                                    f"({_last_good(self._checkpointer)}); nonfinite='skip' leaves such clients "
                                    "out instead")
-        transform_log = round_log(jax.device_get(stats["logs"]))  # bits sent, clipped fraction, ...
+        transform_log = self.algorithm.log_values(jax.device_get(stats["logs"]))  # its metrics: bits sent, clipped, ...
         if self._ledger is not None:
             self._ledger.record_round()
             transform_log.update(dp_epsilon=self._ledger.epsilon(), dp_delta=self._ledger.target_delta)
@@ -537,7 +537,7 @@ class Simulation:
         if int(s.eval.finetune_steps):  # "FedAvg + fine-tune" personalization
             result.update(evaluate_finetuned(algorithm, self.state.params, self.dataset, s, self.mesh,
                                              int(s.eval.finetune_steps), round_index=done))
-        if self._store is not None and hasattr(algorithm, "personal_model"):  # e.g. Ditto's v_i
+        if self._store is not None and algorithm.has_personal_models:  # e.g. Ditto's v_i
             result.update(evaluate_personal(algorithm, self.state.params, self._store, self.dataset, s, self.mesh))
         if self._metrics_log is not None:
             self._metrics_log.write(done, "eval", result)
@@ -548,7 +548,7 @@ class Simulation:
         return result
 
 
-def _label_range(algorithm: FedAvg) -> tuple[str, int] | None:
+def _label_range(algorithm: Algorithm) -> tuple[str, int] | None:
     """(label feature, classes) of a classifier whose labels must index its logits; None if unknown."""
     classes = getattr(algorithm.model, "num_classes", None)
     return (algorithm.model.label_key, int(classes)) if isinstance(classes, int) and classes > 0 else None

@@ -19,7 +19,8 @@ from typing import Any, Callable
 import ml_collections
 
 from fedstream.algorithms import build_algorithm as make_algorithm
-from fedstream.algorithms.fedavg import FedAvg, make_optimizer
+from fedstream.algorithms.base import Algorithm
+from fedstream.algorithms.fedavg import make_optimizer
 from fedstream.config import ConfigError, validate_train_config
 from fedstream.models import get_model
 from fedstream.training.checkpoint import CheckpointCorrupted, RunCheckpointer, check_config_unchanged
@@ -59,7 +60,7 @@ def open_dataset(config: ml_collections.ConfigDict, log: Callable[[str], None] =
     return dataset
 
 
-def build_algorithm(config: ml_collections.ConfigDict, dataset: Any) -> FedAvg:
+def build_algorithm(config: ml_collections.ConfigDict, dataset: Any) -> Algorithm:
     """The model and algorithm the config describes.
 
     `model.name` and `algorithm.name` may be registered names or
