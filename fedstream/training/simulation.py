@@ -33,6 +33,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from fedstream.algorithms.aggregators import Aggregator
 from fedstream.algorithms.base import Algorithm, ServerState
 from fedstream.algorithms.privacy import PrivacyLedger
 from fedstream.config import ConfigError, check_clients_per_round, flatten, validate_train_config
@@ -208,6 +209,18 @@ def _last_good(checkpointer: RunCheckpointer | None) -> str:
     return "no checkpoint was saved yet" if latest is None else f"the checkpoint of round {latest} is intact"
 
 
+def _describe_object(obj: Any) -> Any:
+    """A JSON description of an aggregator (or a dataclass inside one: a codec, a DP mechanism)."""
+    if isinstance(obj, (bool, int, float, str, type(None))):
+        return obj
+    if isinstance(obj, (tuple, list)):
+        return [_describe_object(v) for v in obj]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {"class": type(obj).__qualname__,
+                **{f.name: _describe_object(getattr(obj, f.name)) for f in dataclasses.fields(obj)}}
+    return repr(obj)
+
+
 def describe_algorithm(algorithm: Algorithm) -> dict[str, Any]:
     """A JSON description of an algorithm object: its class and the options (dataclass fields) JSON can hold.
 
@@ -222,6 +235,10 @@ def describe_algorithm(algorithm: Algorithm) -> dict[str, Any]:
             options[field.name] = value
         elif isinstance(value, (tuple, list)) and all(isinstance(v, (bool, int, float, str)) for v in value):
             options[field.name] = list(value)
+        elif isinstance(value, Algorithm) and field.name != "model":  # e.g. the base of an Aggregated chain
+            options[field.name] = {k: v for k, v in describe_algorithm(value).items() if k != "model"}
+        elif isinstance(value, (tuple, list)) and value and all(isinstance(v, Aggregator) for v in value):
+            options[field.name] = [_describe_object(v) for v in value]
     model = getattr(algorithm, "model", None)
     return {"class": f"{type(algorithm).__module__}.{type(algorithm).__qualname__}", "options": options,
             "model": repr(getattr(model, "module", model))}
