@@ -2,21 +2,22 @@
 options (bit-identical), composable around FedProx, refused in orders that would break the DP bound, and
 accounted by the Simulation's privacy ledger."""
 
+import dataclasses
+
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import run_transforms as rt
+from support import InMemorySource, train_records
 
 import fedstream as fs
-import run_transforms as rt
 from fedstream.algorithms import build_algorithm, make_optimizer
 from fedstream.algorithms.privacy import DPMechanism, default_delta
 from fedstream.config import ConfigError
 from fedstream.data.cohort import ClientBatching, CohortPipeline
 from fedstream.models import get_model
 from fedstream.training.rounds import build_train_round, make_mesh, replicate, shard_batch
-from support import InMemorySource, train_records
 
 ROUNDS = 2
 
@@ -42,6 +43,7 @@ def test_a_chain_built_by_hand_equals_the_registered_dp_fedavg(tmp_path):
     registered = rt.build(spec)
     assert isinstance(chain, fs.Algorithm) and chain.stages == registered.stages  # optimizers: closures
     assert chain.privacy_accounting() == registered.privacy_accounting()
+    assert dataclasses.replace(chain, stages=chain.stages[:1]).stages == (fs.Clip(0.35),)
     assert_runs_equal(rt.run(spec, 4, str(tmp_path / "a"), ROUNDS, algorithm=chain),
                       rt.run(spec, 4, str(tmp_path / "b"), ROUNDS))
 
@@ -75,7 +77,7 @@ def one_round(algorithm, source, cohort):
     state0 = algorithm.init(jax.random.PRNGKey(0))
     state, _ = build_train_round(algorithm, mesh, seed=0)(replicate(state0, mesh),
                                                           shard_batch(next(pipeline.iterator(1))["batch"], mesh))
-    flat = lambda tree: np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(tree)])  # noqa: E731
+    flat = lambda tree: np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(tree)])
     return flat(state.params) - flat(state0.params)
 
 

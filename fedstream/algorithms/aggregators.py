@@ -359,9 +359,15 @@ class Aggregated(Algorithm):
     base: Algorithm | None = None
     stages: tuple[Aggregator, ...] = ()
 
-    def __init__(self, base: Algorithm, stages: Sequence[Aggregator] = ()) -> None:
+    def __init__(self, base: Algorithm, stages: Sequence[Aggregator] = (), *, model: Any = None,
+                 client_optimizer: Any = None, server_optimizer: Any = None) -> None:
+        """`model` and the optimizers are the base's (accepted, if the same, so that dataclasses.replace works)."""
         if not isinstance(base, Algorithm):
             raise TypeError(f"Aggregated wraps an Algorithm, got {type(base).__name__}")
+        for name, given in (("model", model), ("client_optimizer", client_optimizer),
+                            ("server_optimizer", server_optimizer)):
+            if given is not None and given is not getattr(base, name):
+                raise ValueError(f"Aggregated takes its {name} from its base: set it there")
         if isinstance(base, Aggregated):
             raise ValueError("aggregators do not nest: put all the stages in one Aggregated")
         stages = tuple(stages)
@@ -430,6 +436,7 @@ class Aggregated(Algorithm):
 
     @property
     def target_delta(self) -> float:
+        """The delta the ledger reports epsilon at; 0 without DP."""
         return self.noise_stage.target_delta if self.dp else 0.0
 
     @property
