@@ -136,14 +136,18 @@ def test_the_simulation_owns_the_ledger_of_a_hand_built_chain(tmp_path):
     population = sum(1 for n in rt.SIZES if n)
     mechanism = DPMechanism(1.0, "uniform", population, cohort_size=4)
 
+    lines = []
+
     def simulation(noise_multiplier):
         noise = fs.GaussianNoise(noise_multiplier, denominator=4.0, mechanism=mechanism.with_noise(noise_multiplier),
                                  target_delta=1e-3)
         chain = fs.Aggregated(fs.FedAvg(model, optax.sgd(0.1), optax.sgd(1.0)), [fs.Clip(0.5), noise])
         return fs.Simulation(data, chain, clients_per_round=4, batch_size=5, workdir=tmp_path / "run",
-                             log=lambda _: None)
+                             log=lines.append)
 
     simulation(1.0).run(2)
+    assert any(line.startswith("DP-FedAvg: clip C=0.5, noise multiplier z=1, denominator D=4, uniform sampling")
+               for line in lines)
     rows = [r for r in train_records(tmp_path / "run") if r["kind"] == "train"]
     assert [r["dp_delta"] for r in rows] == [1e-3, 1e-3] and 0 < rows[0]["dp_epsilon"] < rows[1]["dp_epsilon"]
     assert all("dp_clipped_fraction" in r and "bits_sent" in r for r in rows)
