@@ -72,12 +72,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from fedstream.algorithms.dp_fedavg import privacy_ledger
 from fedstream.data.cohort import ClientBatching, CohortPipeline, auto_data_threads, bucket_steps, pack_clients
 from fedstream.data.format import FeatureSpec
 from fedstream.data.reader import FederatedDataset
 from fedstream.data.writer import DEFAULT_COMPRESSION, DatasetWriter
 from fedstream.pipelines import emnist_fedadam
+from fedstream.training.simulation import open_privacy_ledger
 from fedstream.training import simulation as simulation_module
 from fedstream.training import train as train_module
 from fedstream.training.client_store import ClientStateStore
@@ -269,7 +269,7 @@ def run_paired(names: list[str], data_path: pathlib.Path, args: argparse.Namespa
             store = ClientStateStore(work / name, jax.tree.map(np.asarray, jax.device_get(template)), population)
         runs[name] = {"algorithm": algorithm, "state": state, "store": store, "committed": [],
                       "round": build_train_round(algorithm, mesh, seed=int(config.seed)),
-                      "ledger": privacy_ledger(algorithm, None, 0), "times": [],
+                      "ledger": open_privacy_ledger(algorithm.privacy_accounting()), "times": [],
                       "domain": "domain_id" in algorithm.extra_features}
     config = make_config("fedavg", data_path, args)
     batching = ClientBatching(int(config.client.batch_size), int(config.client.epochs),

@@ -65,9 +65,10 @@ def build(spec: dict):
                            make_optimizer("sgd", spec["server_lr"]), context=context, **spec["options"])
 
 
-def run(spec: dict, num_devices: int, store_dir: str, rounds: int = ROUNDS) -> dict[str, np.ndarray]:
-    """`rounds` rounds of a case through the sharded runner (and the client-state store if stateful)."""
-    algorithm = build(spec)
+def run(spec: dict, num_devices: int, store_dir: str, rounds: int = ROUNDS, algorithm=None) -> dict[str, np.ndarray]:
+    """`rounds` rounds of a case through the sharded runner (and the client-state store if stateful); `algorithm`:
+    the case's algorithm built otherwise (default: `build(spec)`)."""
+    algorithm = build(spec) if algorithm is None else algorithm
     mesh = make_mesh(num_devices)
     pipeline = CohortPipeline(source(), "train", ("x", "y"), seed=SEED, cohort_size=spec["cohort"],
                               batching=ClientBatching(BATCH), num_devices=num_devices, data_threads=0,

@@ -19,11 +19,12 @@ import pytest
 
 import run_transforms as rt
 from fedstream.algorithms import RoundTotal, build_algorithm, make_optimizer
-from fedstream.algorithms.dp_fedavg import NOISE_SALT, privacy_ledger, round_log
+from fedstream.algorithms.dp_fedavg import NOISE_SALT, round_log
 from fedstream.algorithms.privacy import DPMechanism, PrivacyLedger, calibrate_noise_multiplier, epsilon_of
 from fedstream.data.cohort import ClientBatching, CohortPipeline, poisson_cap, sample_cohort
 from fedstream.models import get_model
 from fedstream.training.rounds import server_key
+from fedstream.training.simulation import open_privacy_ledger
 from support import InMemorySource
 
 TOL = dict(rtol=2e-4, atol=2e-5)
@@ -252,13 +253,13 @@ def test_train_loop_ledger_helper():
     algorithm = build_algorithm("dp_fedavg", model, make_optimizer("sgd", 0.1), make_optimizer("sgd", 1.0),
                                 context=context, clip_norm=1.0, noise_multiplier=1.1, target_delta=1e-5)
     assert algorithm.denominator == 10.0 and algorithm.mechanism == POISSON
-    ledger = privacy_ledger(algorithm)
+    ledger = open_privacy_ledger(algorithm.privacy_accounting())
     ledger.record_round(2)
-    assert privacy_ledger(algorithm, ledger.to_json(), 2).epsilon() == ledger.epsilon()
+    assert open_privacy_ledger(algorithm.privacy_accounting(), ledger.to_json(), 2).epsilon() == ledger.epsilon()
     with pytest.raises(ValueError, match="holds 2 rounds"):
-        privacy_ledger(algorithm, ledger.to_json(), 3)
+        open_privacy_ledger(algorithm.privacy_accounting(), ledger.to_json(), 3)
     fedavg = build_algorithm("fedavg", model, make_optimizer("sgd", 0.1), make_optimizer("sgd", 1.0))
-    assert privacy_ledger(fedavg) is None
+    assert open_privacy_ledger(fedavg.privacy_accounting()) is None
     uniform = build_algorithm("dp_fedavg", model, make_optimizer("sgd", 0.1), make_optimizer("sgd", 1.0),
                               context=dict(context, sampling="uniform"), clip_norm=1.0, noise_multiplier=1.1)
     assert uniform.mechanism == UNIFORM and uniform.denominator == 10.0
@@ -277,6 +278,6 @@ def test_calibration_meets_the_target_epsilon_closely():
     algorithm = build_algorithm("dp_fedavg", model, make_optimizer("sgd", 0.1), make_optimizer("sgd", 1.0),
                                 context=context, clip_norm=1.0, target_epsilon=target, target_delta=delta)
     assert algorithm.noise_multiplier == pytest.approx(z, rel=1e-3)
-    ledger = privacy_ledger(algorithm)
+    ledger = open_privacy_ledger(algorithm.privacy_accounting())
     ledger.record_round(rounds)
     assert ledger.epsilon() <= target

@@ -268,6 +268,15 @@ class Algorithm:
         """
         raise NotImplementedError(f"{type(self).__name__} keeps no personal models")
 
+    def privacy_accounting(self) -> Any:
+        """The DP mechanism of one round that the training loop's privacy ledger accounts, or None (not DP).
+
+        An `fedstream.algorithms.aggregators.Accounting` (declared by a
+        `GaussianNoise` aggregator); the Simulation creates, restores, records
+        and saves the ledger.
+        """
+        return None
+
     def log_values(self, metrics: Mapping[str, Any]) -> dict[str, float]:
         """A round's log values (metrics.jsonl, TensorBoard) from its summed `Contribution.metrics`.
 

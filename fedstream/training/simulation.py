@@ -26,14 +26,16 @@ import os
 import pathlib
 import tempfile
 import time
+import warnings
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 
+from fedstream.algorithms.aggregators import Aggregator
 from fedstream.algorithms.base import Algorithm, ServerState
-from fedstream.algorithms.dp_fedavg import privacy_ledger
+from fedstream.algorithms.privacy import PrivacyLedger
 from fedstream.config import ConfigError, check_clients_per_round, flatten, validate_train_config
 from fedstream.data.augment import get_augmentation
 from fedstream.data.cohort import ClientBatching, CohortPipeline, EvalPipeline, auto_data_threads
@@ -167,6 +169,37 @@ def restore_intact(checkpointer: RunCheckpointer, like_state: ServerState, *, cl
     return None
 
 
+def open_privacy_ledger(accounting: Any, saved: Mapping[str, Any] | None = None,
+                        rounds_done: int = 0) -> PrivacyLedger | None:
+    """The run's privacy ledger for an algorithm's declared `accounting` (`Algorithm.privacy_accounting()`).
+
+    None when `accounting` is None (not DP, or no sampling facts). `saved` is
+    the checkpoint's meta["privacy"] on resume: the resumed ledger must hold
+    exactly `rounds_done` rounds, with the same accountant and delta; later
+    rounds use the current mechanism (a new segment if it changed, with a
+    warning). The Simulation records a round after each and saves `to_json()`
+    in the checkpoint's meta.
+    """
+    if accounting is None:
+        return None
+    fresh = accounting.new_ledger()
+    if saved is None:
+        if rounds_done:
+            raise ValueError(f"resuming a DP run after {rounds_done} rounds, but its checkpoint has no privacy ledger")
+        return fresh
+    ledger = PrivacyLedger.from_json(saved, fresh.mechanism)
+    if ledger.rounds != rounds_done:
+        raise ValueError(f"privacy ledger holds {ledger.rounds} rounds, the checkpoint {rounds_done}")
+    if (ledger.accountant, ledger.target_delta) != (fresh.accountant, fresh.target_delta):
+        raise ValueError("the run's accountant or target_delta changed since its checkpoint")
+    if ledger.segments and ledger.segments[-1][0] != fresh.mechanism:
+        warnings.warn(f"DP mechanism changed on resume ({ledger.segments[-1][0]} -> {fresh.mechanism}), e.g. z "
+                      "recalibrated for a new num_rounds (pin it with algorithm.options.calibration_rounds); the "
+                      "ledger accounts the rounds of each exactly, but epsilon may end above target_epsilon",
+                      stacklevel=2)
+    return ledger
+
+
 def _last_good(checkpointer: RunCheckpointer | None) -> str:
     """Which checkpoint survives a stop, in words."""
     if checkpointer is None:
@@ -174,6 +207,18 @@ def _last_good(checkpointer: RunCheckpointer | None) -> str:
     checkpointer.wait()
     latest = checkpointer.latest_round()
     return "no checkpoint was saved yet" if latest is None else f"the checkpoint of round {latest} is intact"
+
+
+def _describe_object(obj: Any) -> Any:
+    """A JSON description of an aggregator (or a dataclass inside one: a codec, a DP mechanism)."""
+    if isinstance(obj, (bool, int, float, str, type(None))):
+        return obj
+    if isinstance(obj, (tuple, list)):
+        return [_describe_object(v) for v in obj]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {"class": type(obj).__qualname__,
+                **{f.name: _describe_object(getattr(obj, f.name)) for f in dataclasses.fields(obj)}}
+    return repr(obj)
 
 
 def describe_algorithm(algorithm: Algorithm) -> dict[str, Any]:
@@ -190,6 +235,10 @@ def describe_algorithm(algorithm: Algorithm) -> dict[str, Any]:
             options[field.name] = value
         elif isinstance(value, (tuple, list)) and all(isinstance(v, (bool, int, float, str)) for v in value):
             options[field.name] = list(value)
+        elif isinstance(value, Algorithm) and field.name != "model":  # e.g. the base of an Aggregated chain
+            options[field.name] = {k: v for k, v in describe_algorithm(value).items() if k != "model"}
+        elif isinstance(value, (tuple, list)) and value and all(isinstance(v, Aggregator) for v in value):
+            options[field.name] = [_describe_object(v) for v in value]
     model = getattr(algorithm, "model", None)
     return {"class": f"{type(algorithm).__module__}.{type(algorithm).__qualname__}", "options": options,
             "model": repr(getattr(model, "module", model))}
@@ -402,12 +451,10 @@ class Simulation:
                         start = int(self.state.round)
                         saved_privacy = meta.get("privacy")
                         self.log(f"resumed {self.workdir} from the checkpoint after round {start}")
-            self._ledger = privacy_ledger(algorithm, saved_privacy, start)  # None unless the algorithm is DP
-            if self._ledger is not None and start == 0:
-                self.log(f"DP-FedAvg: clip C={algorithm.clip_norm:g}, noise multiplier z="
-                         f"{algorithm.noise_multiplier:.4g}, denominator D={algorithm.denominator:g}, "
-                         f"{self._ledger.mechanism.sampling} sampling, {self._ledger.accountant} accountant, "
-                         f"delta={self._ledger.target_delta:.3g}")
+            accounting = algorithm.privacy_accounting()  # None unless the algorithm is DP
+            self._ledger = open_privacy_ledger(accounting, saved_privacy, start)
+            if self._ledger is not None and start == 0 and accounting.description:
+                self.log(accounting.description)
             if self.workdir is not None:
                 self._metrics_log = MetricsLog(self.workdir, resume_round=start, enabled=self.primary)
                 self._metrics_log.write_hparams(flatten(self.run_config))
