@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("pipeline", nargs="?",
                    help="pipeline name (e.g. digits_fedavg) or path to a config .py (optional when resuming)")
     t.add_argument("--workdir", required=True, help="run directory (checkpoints, metrics); resumed if it exists")
+    t.add_argument("--debug", action="store_true",
+                   help="run each round eagerly, client by client, so that print() and pdb work inside an "
+                        "algorithm's hooks (results equal the compiled round's to float rounding; slow)")
     t.add_argument("--resume-last-good", action="store_true",
                    help="if the latest checkpoint is corrupted, move it to WORKDIR/corrupted_checkpoints/ and "
                         "resume from the newest intact one (default: stop with an error naming it)")
@@ -288,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fedstream.training.train import train
 
             init_distributed(args)
-            train(config, args.workdir, resume_last_good=args.resume_last_good, validated=True)
+            train(config, args.workdir, resume_last_good=args.resume_last_good, validated=True, debug=args.debug)
         elif args.command == "eval":
             import json
 

@@ -256,3 +256,15 @@ def test_debug_mode_lets_a_client_step_use_python_on_values():
                         batch_size=8, debug=True, **QUIET)
     first = next(iter(sim.rounds(1)))
     assert len(seen) == first["train"]["steps"] and all(np.isfinite(seen))
+
+
+def test_cli_debug_flag_trains_eagerly_to_the_same_model(tmp_path, digits):
+    args = ["train", "digits_fedavg", f"--config.data.path={digits}", "--config.num_rounds=1",
+            "--config.clients_per_round=3", "--config.model.name=logistic"]
+    assert run_cli(*args, "--workdir", tmp_path / "compiled").returncode == 0
+    debug = run_cli(*args, "--workdir", tmp_path / "debug", "--debug")
+    assert debug.returncode == 0, debug.stderr
+    _, a = final_state(tmp_path / "compiled")
+    _, b = final_state(tmp_path / "debug")
+    for key, value in leaves(a["params"]).items():
+        np.testing.assert_allclose(leaves(b["params"])[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
