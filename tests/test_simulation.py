@@ -111,6 +111,8 @@ def test_rounds_iterator_yields_train_and_eval_metrics(digits):
     assert [m["round"] for m in more] == [4, 5]
     on_train = sim.evaluate(split="train")
     assert on_train["num_examples"] > sim.evaluate()["num_examples"]
+    assert sim.run(6).rounds_done == 6  # run() closes the simulation; a later call continues in memory
+    assert sim.run(7).rounds_done == 7 and int(sim.state.round) == 7
 
 
 class Sequential(nn.Module):  # no `train` argument: the wrapper must not pass one

@@ -334,6 +334,7 @@ class Simulation:
         self._ledger = None
         self._iterator: Any = None
         self._iterator_rounds = 0
+        self._data_position: dict[str, Any] | None = None  # where the cohort iterator resumes
         self._metrics_log: MetricsLog | None = None
 
     # --- public ------------------------------------------------------------------------------------------------
@@ -409,8 +410,10 @@ class Simulation:
                 self._store.close()
             if self._metrics_log is not None:
                 self._metrics_log.close()
-            if self._iterator is not None and hasattr(self._iterator, "close"):
-                self._iterator.close()
+            if self._iterator is not None:
+                self._data_position = self._iterator.get_state()  # a later run continues from here
+                if hasattr(self._iterator, "close"):
+                    self._iterator.close()
         finally:
             if self._store_tmp is not None:
                 self._store_tmp.cleanup()
@@ -462,7 +465,8 @@ class Simulation:
                     self.log("TensorBoard summaries off (install fedstream[tensorboard]); metrics go to metrics.jsonl")
             if template is not None:
                 self._store = self._open_client_store(template, start)
-            self._data_position = meta["data_iterator"] if meta is not None else None
+            if meta is not None:
+                self._data_position = meta["data_iterator"]
         except BaseException:
             self.close()
             raise
