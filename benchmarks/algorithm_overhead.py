@@ -72,7 +72,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from fedstream.data.cohort import ClientBatching, CohortPipeline, auto_data_threads, bucket_steps, pack_clients
+from fedstream.data.cohort import ClientBatching, CohortPipeline, auto_data_threads
 from fedstream.data.format import FeatureSpec
 from fedstream.data.reader import FederatedDataset
 from fedstream.data.writer import DEFAULT_COMPRESSION, DatasetWriter
@@ -183,11 +183,7 @@ def stream_lengths(config: ml_collections.ConfigDict) -> list[int]:
     pipeline = CohortPipeline(ds, config.data.train_split, ("x", "y"), seed=int(config.seed),
                               cohort_size=int(config.clients_per_round), batching=batching,
                               num_devices=devices, data_threads=0)
-    lengths = []
-    for r in range(int(config.num_rounds)):
-        steps = [batching.num_steps(int(pipeline.sizes[c])) for c in pipeline.cohort(r)]
-        lengths.append(bucket_steps(int(pack_clients(steps, devices)[2].max())))
-    return lengths
+    return [min(pipeline.chunk_shapes([r])) for r in range(int(config.num_rounds))]
 
 
 def timed_rounds(lengths: list[int], warmup: int) -> list[int]:
@@ -276,7 +272,7 @@ def run_paired(names: list[str], data_path: pathlib.Path, args: argparse.Namespa
                               int(config.client.max_examples), int(config.client.max_steps))
     pipeline = CohortPipeline(dataset, "train", ("x", "y", "domain_id"), seed=int(config.seed),
                               cohort_size=args.clients, batching=batching, num_devices=mesh.size,
-                              data_threads=auto_data_threads(args.data_threads))
+                              data_threads=auto_data_threads(args.data_threads), chunk_bytes=0)
     iterator = pipeline.iterator(int(config.num_rounds))
     rng = np.random.default_rng(args.seed)
     waits = []
@@ -421,7 +417,7 @@ def main() -> None:
     # Warm the page cache with the clients of these rounds (the first run would otherwise read cold files).
     warm = CohortPipeline(FederatedDataset(data_path), "train", ("x", "y", "domain_id"), seed=0,
                           cohort_size=args.clients, batching=ClientBatching(20, 1, args.max_examples),
-                          num_devices=jax.device_count(), data_threads=0).iterator(len(lengths))
+                          num_devices=jax.device_count(), data_threads=0, chunk_bytes=0).iterator(len(lengths))
     for _ in lengths:
         next(warm)
     warm.close()

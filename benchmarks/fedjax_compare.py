@@ -196,10 +196,10 @@ def fedstream_worker(dataset: str) -> None:
     sys.path.insert(0, str(HERE))
     import jax
 
-    from fedstream.data.cohort import ClientBatching, CohortPipeline, auto_data_threads, empty_round_batch
+    from fedstream.data.cohort import ClientBatching, CohortPipeline, auto_data_threads
     from fedstream.data.reader import FederatedDataset
     from fedstream.training.rounds import build_train_round, make_mesh, replicate, shard_batch
-    from round_efficiency import make_algorithm, real_steps, stream_lengths, wait_until_idle
+    from round_efficiency import make_algorithm, real_steps, round_shapes, wait_until_idle
 
     ds = FederatedDataset(dataset)
     mesh = make_mesh()
@@ -216,12 +216,11 @@ def fedstream_worker(dataset: str) -> None:
             algorithm = make_algorithm(cmd["model"])
             pipe = CohortPipeline(ds, "train", ("x", "y"), seed=0, cohort_size=cmd["cohort"],
                                   batching=ClientBatching(BATCH, 1), num_devices=mesh.size,
-                                  data_threads=auto_data_threads(0))
+                                  data_threads=auto_data_threads(0), chunk_bytes=0)
             round_fn = build_train_round(algorithm, mesh, seed=0)
             state = replicate(algorithm.init(jax.random.PRNGKey(0)), mesh)
-            for length in sorted(stream_lengths(pipe, range(cmd["total_rounds"]))):
-                dummy = empty_round_batch(ds.schema, ("x", "y"), BATCH, mesh.size, length, cmd["cohort"])
-                jax.block_until_ready(round_fn(state, shard_batch(dummy, mesh)))
+            for shape in sorted(round_shapes(pipe, range(cmd["total_rounds"]))):
+                jax.block_until_ready(round_fn(state, shard_batch(pipe.empty_chunk(shape), mesh)))
             ctx = {"pipe": pipe, "round_fn": round_fn, "state": state, "next": 0, "limit_fn": build_limit(algorithm),
                    "iterator": pipe.iterator(cmd["total_rounds"]), "compiles": round_fn._cache_size()}
             wait_until_idle()

@@ -256,7 +256,7 @@ def stage_train(path: pathlib.Path, rounds: int, cohort: int, spawn_time: float)
                        make_optimizer("adam", 10**-2.5, b1=0.9, b2=0.999, eps=1e-4))
     mesh = make_mesh()
     pipe = CohortPipeline(ds, "train", ("x", "y"), seed=0, cohort_size=cohort, batching=ClientBatching(20, 1),
-                          num_devices=mesh.size, data_threads=auto_data_threads(0))
+                          num_devices=mesh.size, data_threads=auto_data_threads(0), chunk_bytes=0)
     round_fn = build_train_round(algorithm, mesh, seed=0)
     state = replicate(algorithm.init(jax.random.PRNGKey(0)), mesh)
     io0 = proc_io()

@@ -71,8 +71,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedstream.algorithms.fedavg import FedAvg, make_optimizer
-from fedstream.data.cohort import (ClientBatching, CohortPipeline, auto_data_threads, bucket_steps,
-                                   empty_round_batch, pack_clients)
+from fedstream.data.cohort import ClientBatching, CohortPipeline, auto_data_threads
+from fedstream.data.packed import unpack_clients
 from fedstream.data.format import FeatureSpec
 from fedstream.data.reader import FederatedDataset
 from fedstream.data.writer import DEFAULT_COMPRESSION, DatasetWriter
@@ -164,18 +164,14 @@ def build_limit(algorithm: FedAvg) -> Callable[[Any, dict[str, jax.Array]], Any]
 
 
 def real_steps(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The steps of a packed round that hold examples, as one `[S, B, ...]` stream (devices flattened)."""
-    keep = batch["mask"].any(-1)
-    return {k: batch[k][keep] for k in ("x", "y", "mask")}
+    """The steps of a packed round that hold examples, gathered as one `[S, B, ...]` stream (bins flattened)."""
+    clients = unpack_clients(batch, ("x", "y")).values()
+    return {k: np.concatenate([c[k] for c in clients]) for k in ("x", "y", "mask")}
 
 
-def stream_lengths(pipeline: CohortPipeline, rounds: range) -> set[int]:
-    """Bucketed stream lengths the given rounds will use (to compile them before timing)."""
-    lengths = set()
-    for r in rounds:
-        steps = [pipeline.batching.num_steps(int(pipeline.sizes[c])) for c in pipeline.cohort(r)]
-        lengths.add(bucket_steps(int(pack_clients(steps, pipeline.num_devices)[2].max())))
-    return lengths
+def round_shapes(pipeline: CohortPipeline, rounds: range) -> set[tuple[int, int, int]]:
+    """Chunk shapes the given rounds will use (to compile them before timing)."""
+    return pipeline.chunk_shapes(rounds)
 
 
 def wait_until_idle(window_s: float = 0.1, busy_fraction: float = 0.1, max_wait_s: float = 30.0) -> float:
@@ -213,7 +209,7 @@ def run(ds: FederatedDataset, model_name: str, cohort: int, rounds: int, warmup:
     def pipeline(data_threads: int) -> CohortPipeline:
         return CohortPipeline(ds, "train", ("x", "y"), seed=0, cohort_size=cohort,
                               batching=ClientBatching(BATCH, 1), num_devices=mesh.size,
-                              data_threads=data_threads)
+                              data_threads=data_threads, chunk_bytes=0)
 
     pipe = pipeline(auto_data_threads(threads))
     round_fn = build_train_round(algorithm, mesh, seed=0)
@@ -234,9 +230,8 @@ def run(ds: FederatedDataset, model_name: str, cohort: int, rounds: int, warmup:
 
     # Compile every round shape we will run (an all-padding batch runs no step).
     t0 = time.perf_counter()
-    for length in sorted(stream_lengths(pipe, range(total))):
-        dummy = empty_round_batch(ds.schema, ("x", "y"), BATCH, mesh.size, length, cohort)
-        jax.block_until_ready(round_fn(state, shard_batch(dummy, mesh)))
+    for shape in sorted(round_shapes(pipe, range(total))):
+        jax.block_until_ready(round_fn(state, shard_batch(pipe.empty_chunk(shape), mesh)))
     compile_s = time.perf_counter() - t0
     compiles = round_fn._cache_size()
 

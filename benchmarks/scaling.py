@@ -269,7 +269,7 @@ def measure_rounds(spec: dict[str, Any]) -> dict[str, Any]:
     """
     import jax
 
-    from fedstream.data.cohort import CohortPipeline, auto_data_threads, empty_round_batch
+    from fedstream.data.cohort import CohortPipeline, auto_data_threads
     from fedstream.data.reader import FederatedDataset
     from fedstream.training.rounds import build_train_round, make_mesh, replicate, shard_batch
 
@@ -288,7 +288,8 @@ def measure_rounds(spec: dict[str, Any]) -> dict[str, Any]:
     total = warmup + rounds
     threads = int(spec.get("data_threads", 0))
     pipe = CohortPipeline(ds, "train", ("x", "y"), seed=0, cohort_size=cohort, batching=batching,
-                          num_devices=mesh.size, data_threads=0 if threads < 0 else auto_data_threads(threads))
+                          num_devices=mesh.size, data_threads=0 if threads < 0 else auto_data_threads(threads),
+                          chunk_bytes=0)
     round_fn = build_train_round(algorithm, mesh, seed=0)
     state = algorithm.init(jax.random.PRNGKey(0))
     if spec.get("perturb"):
@@ -299,11 +300,11 @@ def measure_rounds(spec: dict[str, Any]) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("clients"))
-    lengths = sorted(round_efficiency.stream_lengths(pipe, range(total)))
-    for length in lengths:
+    lengths = sorted(round_efficiency.round_shapes(pipe, range(total)))
+    for shape in lengths:
         # np.zeros is not touched, so this costs no memory; the compiled program lands in
         # jax's cache and the first real call of that shape reuses it.
-        dummy = empty_round_batch(ds.schema, ("x", "y"), batching.batch_size, mesh.size, length, cohort)
+        dummy = pipe.empty_chunk(shape)
         abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding) for k, v in dummy.items()}
         round_fn.lower(state, abstract).compile()
     compile_s = time.perf_counter() - t0

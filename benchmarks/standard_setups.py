@@ -79,8 +79,7 @@ import optax
 from fedstream.algorithms.fedavg import FedAvg, make_optimizer
 from fedstream.config import load_config
 from fedstream.data.augment import get_augmentation
-from fedstream.data.cohort import (ClientBatching, CohortPipeline, auto_data_threads, bucket_steps, empty_round_batch,
-                                   pack_clients)
+from fedstream.data.cohort import ClientBatching, CohortPipeline, auto_data_threads
 from fedstream.data.format import FeatureSpec
 from fedstream.data.reader import FederatedDataset
 from fedstream.data.writer import DatasetWriter
@@ -176,7 +175,7 @@ def time_setup(setup: Setup, root: pathlib.Path, cohort: int, rounds: int, threa
                               int(config.client.max_examples), int(config.client.max_steps))
     pipeline = CohortPipeline(ds, "train", ("x", "y"), seed=0, cohort_size=cohort, batching=batching,
                               num_devices=mesh.size, data_threads=auto_data_threads(threads),
-                              augment=get_augmentation(str(config.data.augment)))
+                              augment=get_augmentation(str(config.data.augment)), chunk_bytes=0)
     round_fn = build_train_round(algorithm, mesh, seed=0)
     t0 = time.perf_counter()
     state = replicate(jax.jit(algorithm.init)(jax.random.PRNGKey(0)), mesh)
@@ -184,13 +183,9 @@ def time_setup(setup: Setup, root: pathlib.Path, cohort: int, rounds: int, threa
     total = rounds + 1  # one untimed warm-up round
 
     t0 = time.perf_counter()
-    lengths = set()
-    for r in range(total):
-        steps = [batching.num_steps(int(pipeline.sizes[c])) for c in pipeline.cohort(r)]
-        lengths.add(bucket_steps(int(pack_clients(steps, mesh.size)[2].max())))
-    for length in sorted(lengths):
-        dummy = empty_round_batch(ds.schema, ("x", "y"), batching.batch_size, mesh.size, length, cohort)
-        jax.block_until_ready(round_fn(state, shard_batch(dummy, mesh)))
+    shapes = pipeline.chunk_shapes(range(total))
+    for shape in sorted(shapes):
+        jax.block_until_ready(round_fn(state, shard_batch(pipeline.empty_chunk(shape), mesh)))
     compile_s = time.perf_counter() - t0
 
     iterator = pipeline.iterator(total)
@@ -220,7 +215,7 @@ def time_setup(setup: Setup, root: pathlib.Path, cohort: int, rounds: int, threa
         "steps_median": statistics.median(steps), "step_s_median": step_s,
         "expected_steps_full_round": mean_client_steps * full_cohort,
         "round_s_full_cohort": step_s * mean_client_steps * full_cohort,
-        "extrapolated": cohort != full_cohort, "compile_s": compile_s, "compiles": len(lengths), "init_s": init_s,
+        "extrapolated": cohort != full_cohort, "compile_s": compile_s, "compiles": len(shapes), "init_s": init_s,
         "pipeline_rounds": int(config.num_rounds),
     }
 

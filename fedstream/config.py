@@ -285,6 +285,8 @@ def default_train_config() -> ml_collections.ConfigDict:
     c.aggregation = "example"  # 'example' (weight = examples) or 'uniform'
     c.nonfinite = "skip"  # a client update with NaN/Inf: 'skip' it (counted in the metrics) or 'stop' the run
     c.data_threads = 0  # reader threads; 0 = auto (a quarter of the CPU cores, at least 1)
+    c.lanes = 0  # clients each device trains in lockstep (vmap); 0 = auto (1 on CPU, by model size on GPU/TPU)
+    c.chunk_mb = 128  # packed client data per round call (MiB); a larger round runs as several calls; 0 = one call
 
     c.data = ml_collections.ConfigDict()
     c.data.path = ""  # preprocessed dataset directory (a pipeline must set it)
@@ -418,8 +420,8 @@ def validate_train_config(config: ml_collections.ConfigDict | Mapping[str, Any],
         v = number(key)
         need(key, v is not None and 0.0 <= v < 1.0, "in [0, 1)")
 
-    for key in ("seed", "num_rounds", "data_threads", "client.max_examples", "client.max_steps", "eval.every",
-                "eval.finetune_steps"):
+    for key in ("seed", "num_rounds", "data_threads", "lanes", "chunk_mb", "client.max_examples", "client.max_steps",
+                "eval.every", "eval.finetune_steps"):
         at_least(key, 0)
     for key in ("clients_per_round", "client.batch_size", "client.epochs", "eval.batch_size", "eval.chunk_clients",
                 "checkpoint.every", "checkpoint.keep", "model.num_classes"):

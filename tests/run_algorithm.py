@@ -58,7 +58,8 @@ class DomainSource(InMemorySource):
             client["domain_id"] = ((rng.random(len(client["y"])) < share) & (domains > 1)).astype(np.int32)
 
 
-def run(spec: dict, num_devices: int, rounds: int = ROUNDS, sizes=SIZES, init=None) -> dict[str, np.ndarray]:
+def run(spec: dict, num_devices: int, rounds: int = ROUNDS, sizes=SIZES, init=None,
+        lanes: int = 1) -> dict[str, np.ndarray]:
     """`rounds` rounds of `spec` through the sharded runner; final and initial params and `extra`.
 
     `init(algorithm)` gives the initial server state (default: `algorithm.init(PRNGKey(0))`).
@@ -70,11 +71,11 @@ def run(spec: dict, num_devices: int, rounds: int = ROUNDS, sizes=SIZES, init=No
     mesh = make_mesh(num_devices)
     source = DomainSource(sizes, domains=spec.get("domains", NUM_DOMAINS))
     pipeline = CohortPipeline(source, "train", FEATURES, seed=SEED, cohort_size=COHORT, batching=spec["batching"],
-                              num_devices=num_devices, data_threads=0)
+                              num_devices=num_devices, data_threads=0, lanes=lanes)
     state = init(algorithm) if init is not None else algorithm.init(jax.random.PRNGKey(0))
     out = {"W0": np.asarray(state.params["Dense_0"]["kernel"]), "b0": np.asarray(state.params["Dense_0"]["bias"])}
     state = replicate(state, mesh)
-    round_fn = build_train_round(algorithm, mesh, seed=SEED)
+    round_fn = build_train_round(algorithm, mesh, seed=SEED, lanes=lanes)
     iterator = pipeline.iterator(rounds)
     for _ in range(rounds):
         state, _ = round_fn(state, shard_batch(next(iterator)["batch"], mesh))

@@ -5,6 +5,7 @@ import pytest
 
 from fedstream.data.cohort import (ClientBatching, CohortPipeline, bucket_steps, client_example_order,
                                    pack_clients, padding_waste, sample_cohort)
+from fedstream.data.packed import unpack_clients
 from support import InMemorySource
 
 SIZES = [0, 1, 3, 12, 25, 7, 40, 2, 9, 16, 5, 30, 0, 11, 19, 4]
@@ -16,25 +17,21 @@ def make_pipeline(num_devices=1, threads=0, batching=ClientBatching(4, epochs=2)
 
 
 def unpack(element, source):
-    """Rebuilds {client: (x, y, mask, weight)} from a packed round, checking the stream structure."""
+    """{client: (x, y, mask, weight)} of a packed chunk, checking that no example lies outside a client's steps."""
     b = element["batch"]
-    out = {}
-    num_devices, length = b["mask"].shape[:2]
-    for d in range(num_devices):
-        covered = np.zeros(length, bool)
-        for k in range(b["slot_steps"].shape[1]):
-            steps, offset = int(b["slot_steps"][d, k]), int(b["slot_offset"][d, k])
-            if steps == 0:
-                assert b["slot_weight"][d, k] == 0
-                continue
-            assert offset + steps <= length and not covered[offset:offset + steps].any(), "overlapping clients"
-            covered[offset:offset + steps] = True
-            client = int(b["slot_client"][d, k])
-            assert client not in out, "client packed twice"
-            window = slice(offset, offset + steps)
-            out[client] = (b["x"][d, window], b["y"][d, window], b["mask"][d, window], float(b["slot_weight"][d, k]))
-        assert not b["mask"][d, ~covered].any(), "examples outside any client's steps"
-    return out
+    rows, lanes, slots = b["slot_steps"].shape
+    for r in range(rows):
+        for lane in range(lanes):
+            covered = np.zeros(b["index"].shape[2], bool)
+            for k in range(slots):
+                steps, offset = int(b["slot_steps"][r, lane, k]), int(b["slot_offset"][r, lane, k])
+                if steps == 0:
+                    assert b["slot_weight"][r, lane, k] == 0
+                    continue
+                assert not covered[offset:offset + steps].any(), "overlapping clients"
+                covered[offset:offset + steps] = True
+            assert (b["index"][r, lane, ~covered] < 0).all(), "examples outside any client's steps"
+    return {c: (v["x"], v["y"], v["mask"], v["weight"]) for c, v in unpack_clients(b, ("x", "y")).items()}
 
 
 def test_cohort_sampling_is_pure_and_uniform():
@@ -96,13 +93,11 @@ def test_rounds_do_not_depend_on_threads_or_device_count():
                     np.testing.assert_array_equal(u, v)
 
 
-def test_iterator_state_resumes_exactly():
+def test_an_iterator_started_at_a_round_continues_exactly():
+    """The iterator's position is the round alone: rounds 2.. from a fresh iterator equal those of a full one."""
     it = make_pipeline(threads=2).iterator(5)
-    next(it), next(it)
-    state = it.get_state()
-    rest = [next(it) for _ in range(3)]
-    fresh = make_pipeline(threads=2).iterator(5)
-    fresh.set_state(state)
+    rest = [next(it) for _ in range(5)][2:]
+    fresh = make_pipeline(threads=2).iterator(5, start_round=2)
     for a in rest:
         b = next(fresh)
         assert a["round"] == b["round"]
@@ -153,7 +148,7 @@ def test_a_process_reads_and_builds_only_its_own_devices(local):
             np.testing.assert_array_equal(value[list(local)], b["batch"][key], err_msg=key)
         assert {k: v for k, v in a.items() if k != "batch" and k != "clients"} == \
                {k: v for k, v in b.items() if k != "batch" and k != "clients"}
-        device, _, _ = part.round_plan(r)
+        device = part.round_layout(r).bin // part.lanes
         expected_reads += [int(c) for c, d in zip(part.cohort(r), device) if d in local and SIZES[c] > 0]
     assert sorted(part_source.reads) == sorted(expected_reads)
     assert len(part_source.reads) < len(full_source.reads)

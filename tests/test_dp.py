@@ -179,7 +179,7 @@ def test_poisson_pipeline_pads_to_the_cap_and_refuses_an_overfull_round():
         batch = element["batch"]
         cohort = sample_cohort(7, r, 64, 0, "poisson", 8 / 64)
         assert element["cohort_size"] == len(cohort) and sorted(element["clients"].tolist()) == sorted(cohort.tolist())
-        assert batch["slot_steps"].shape == (3, pipeline.slots)  # static: one slot per possible client
+        assert batch["slot_steps"].shape[:2] == (3, 1)  # devices x lanes
         trained = {int(c) for c, s in zip(batch["slot_client"].ravel(), batch["slot_steps"].ravel()) if s > 0}
         assert trained == {int(c) for c in cohort if sizes[c] > 0}
         assert (batch["slot_weight"][batch["slot_steps"] == 0] == 0).all()

@@ -34,18 +34,19 @@ import dataclasses
 import functools
 import math
 import os
-from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import grain
 import numpy as np
 
 from fedstream.data.format import DatasetFormatError
+from fedstream.data.packed import (INDEX_BYTES, RoundLayout, chunk_clients_for_budget, chunk_dims, chunk_members,
+                                   empty_chunk_batch, example_bytes, idle_step_fraction, pack_chunk, plan_round)
+from fedstream.data.packing import bucket_steps, pack_clients, padding_waste  # noqa: F401
+from fedstream.data.sampling import (POISSON_CAP_TAIL, SAMPLINGS, ClientBatching, client_epoch_plan,  # noqa: F401
+                                     client_example_order, poisson_cap, poisson_rate, sample_cohort)
 
-# Sub-streams of numpy's seed sequence, so that sampling and shuffling never
-# share random numbers.
-_COHORT_STREAM = 0
-_SHUFFLE_STREAM = 1
-_AUGMENT_STREAM = 2
+_AUGMENT_STREAM = 2  # the seed-sequence sub-stream of augmentation (see fedstream.data.sampling)
 
 
 class ClientDataSource(Protocol):
@@ -58,40 +59,6 @@ class ClientDataSource(Protocol):
     def get_client(self, split: str, client: str | int) -> dict[str, Any]: ...
 
 
-@dataclasses.dataclass(frozen=True)
-class ClientBatching:
-    """How one client's local data becomes SGD steps.
-
-    Attributes:
-      batch_size: examples per step; the last batch of a client is masked.
-      epochs: local passes over the client's (capped) examples. Epochs are
-        concatenated before batching, like `shuffle().repeat(E).batch(B)`.
-      max_examples: use at most this many examples of a client (a random
-        subset per round); 0 means no cap.
-      max_steps: stop a client after this many steps; 0 means no cap.
-    """
-
-    batch_size: int
-    epochs: int = 1
-    max_examples: int = 0
-    max_steps: int = 0
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.epochs < 1:
-            raise ValueError(f"batch_size and epochs must be >= 1, got {self.batch_size}, {self.epochs}")
-        if self.max_examples < 0 or self.max_steps < 0:
-            raise ValueError("max_examples and max_steps must be >= 0 (0 = no cap)")
-
-    def examples_used(self, num_examples: int) -> int:
-        """Examples of a client that take part in training (the cap applied)."""
-        return min(num_examples, self.max_examples) if self.max_examples else num_examples
-
-    def num_steps(self, num_examples: int) -> int:
-        """SGD steps a client of `num_examples` examples takes."""
-        steps = math.ceil(self.examples_used(num_examples) * self.epochs / self.batch_size)
-        return min(steps, self.max_steps) if self.max_steps else steps
-
-
 def auto_data_threads(requested: int = 0) -> int:
     """Reader threads: `requested` if > 0, else a quarter of the CPU cores (at least 1).
 
@@ -100,99 +67,6 @@ def auto_data_threads(requested: int = 0) -> int:
     noise (benchmarks/README.md).
     """
     return requested if requested > 0 else max(1, (os.cpu_count() or 2) // 4)
-
-
-SAMPLINGS = ("uniform", "poisson")
-# Default cap of a Poisson cohort: P(cohort size > cap) <= this, per round.
-POISSON_CAP_TAIL = 1e-9
-
-
-def sample_cohort(seed: int, round_index: int, num_clients: int, cohort_size: int, sampling: str = "uniform",
-                  rate: float = 0.0) -> np.ndarray:
-    """Client indices of a round, a function of (seed, round).
-
-    ``uniform``: `cohort_size` clients without replacement. ``poisson``: each
-    client independently with probability `rate` (`cohort_size` unused),
-    in increasing order; the size is Binomial(num_clients, rate).
-    """
-    rng = np.random.default_rng([seed, round_index, _COHORT_STREAM])
-    if sampling == "poisson":
-        if not 0.0 < rate <= 1.0:
-            raise ValueError(f"Poisson sampling needs a rate in (0, 1], got {rate}")
-        return np.flatnonzero(rng.random(num_clients) < rate)
-    if sampling != "uniform":
-        raise ValueError(f"unknown sampling {sampling!r} (config key sampling); known: {', '.join(SAMPLINGS)}")
-    if cohort_size > num_clients:
-        raise ValueError(f"clients_per_round={cohort_size} exceeds the {num_clients} clients of the split")
-    return rng.choice(num_clients, size=cohort_size, replace=False)
-
-
-def poisson_rate(sampling_rate: float, cohort_size: int, num_clients: int) -> float:
-    """q of Poisson sampling: `sampling_rate` if > 0, else `cohort_size / num_clients` (expected size = cohort_size)."""
-    rate = float(sampling_rate) if sampling_rate > 0 else cohort_size / max(num_clients, 1)
-    if not 0.0 < rate <= 1.0:
-        raise ValueError(f"Poisson sampling rate q={rate} must be in (0, 1] (config keys sampling_rate, "
-                         "clients_per_round)")
-    return rate
-
-
-def poisson_cap(num_clients: int, rate: float, tail: float = POISSON_CAP_TAIL) -> int:
-    """The smallest k with P(Binomial(num_clients, rate) > k) <= tail (at most num_clients, at least 1)."""
-    from scipy.stats import binom
-
-    return max(1, min(int(num_clients), int(binom.isf(tail, int(num_clients), float(rate)))))
-
-
-def client_example_order(
-    seed: int, round_index: int, client_index: int, num_examples: int, batching: ClientBatching
-) -> np.ndarray:
-    """Example indices of a client's steps, `[steps * batch_size]`, -1 marking padding.
-
-    Each epoch is a fresh permutation drawn from (seed, round, client); with
-    `max_examples` the subset is the first epoch's first `max_examples`.
-    """
-    rng = np.random.default_rng([seed, round_index, client_index, _SHUFFLE_STREAM])
-    used = batching.examples_used(num_examples)
-    subset = rng.permutation(num_examples)[:used]
-    epochs = [subset] + [subset[rng.permutation(used)] for _ in range(batching.epochs - 1)]
-    order = np.concatenate(epochs) if used else np.zeros(0, np.int64)
-    steps = batching.num_steps(num_examples)
-    total = steps * batching.batch_size
-    order = order[:total]
-    return np.concatenate([order, np.full(total - order.size, -1, order.dtype)])
-
-
-def bucket_steps(steps: int) -> int:
-    """Rounds a stream length up to 2^k or 1.5 * 2^k (at most 50% padding).
-
-    Few distinct lengths means few compiled round shapes (a 500-round run
-    with 10 heavy-tailed clients per round compiles about 6). Padding steps
-    are never run in a training round: it runs a `fori_loop` over exactly
-    each client's own steps (`fedstream.training.rounds`). An evaluation
-    pass skips them with `lax.cond`.
-    """
-    if steps <= 2:
-        return max(steps, 1)
-    quantum = 1 << (steps.bit_length() - 2)
-    return -(-steps // quantum) * quantum
-
-
-def pack_clients(step_counts: Sequence[int], num_devices: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Longest-first assignment of clients to the least-loaded device.
-
-    Returns (device of each client, its first step in that device's stream,
-    total steps per device). Ties go to the earlier client and lower device,
-    so the plan is deterministic.
-    """
-    counts = np.asarray(step_counts, np.int64)
-    device = np.zeros(counts.size, np.int32)
-    offset = np.zeros(counts.size, np.int64)
-    load = np.zeros(num_devices, np.int64)
-    for i in np.argsort(-counts, kind="stable"):
-        d = int(np.argmin(load))
-        device[i], offset[i] = d, load[d]
-        load[d] += counts[i]
-    return device, offset, load
 
 
 def check_labels(data: Mapping[str, np.ndarray], key: str, num_classes: int, source: Any, split: str,
@@ -224,13 +98,22 @@ def _fixed_features(schema: Any, features: Sequence[str]) -> None:
                              "training batches need fixed shapes (pad it in the recipe)")
 
 
+# Packed bytes of one round call by default (a chunk's kept examples plus its step index); a round over it runs
+# as several calls. The process holds about three chunks at a time (one being read, one on the device, one queued).
+DEFAULT_CHUNK_BYTES = 128 << 20
+
+
 @dataclasses.dataclass(frozen=True)
 class CohortPipeline:
-    """Rounds of packed client batches for training, streamed through Grain.
+    """Rounds of packed client data for training, streamed through Grain in chunks.
 
-    Element `r` of the iterator is round `r`'s batch (see `pack_round`). The
-    iterator's state is one integer (the next client slot), checkpointed with
-    the server state so a restart continues from the same round.
+    The iterator yields chunks (see `fedstream.data.packed`): round r's
+    clients in execution order, `chunk_clients` per chunk, each element
+    marked with its `round`, `chunk` and `num_chunks`. A round whose clients
+    fit the byte budget `chunk_bytes` (0 = no budget) is one chunk. Which
+    clients train, on which examples, and where they run are functions of
+    (seed, round) and the client sizes alone, so the same round gives the
+    same chunks after a restart, and on every process.
     """
 
     source: ClientDataSource
@@ -249,6 +132,8 @@ class CohortPipeline:
     max_cohort_size: int = 0  # Poisson slots per round (the cap); 0 = poisson_cap(N, q)
     # (label feature, number of classes): every client's labels are checked to lie in [0, classes) as read.
     label_range: tuple[str, int] | None = None
+    lanes: int = 1  # clients each device runs in lockstep
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES  # packed bytes per round call; 0 = the whole round in one call
 
     def __post_init__(self) -> None:
         _fixed_features(self.source.schema, self.features)
@@ -260,6 +145,10 @@ class CohortPipeline:
         else:
             sample_cohort(self.seed, 0, len(self.sizes), self.cohort_size, self.sampling)  # validates the size
         _check_local_devices(self.local_devices, self.num_devices)
+        if self.lanes < 1:
+            raise ValueError(f"lanes must be >= 1, got {self.lanes}")
+        if self.chunk_bytes < 0:
+            raise ValueError(f"chunk_bytes must be >= 0 (0 = no budget), got {self.chunk_bytes}")
 
     @functools.cached_property
     def rate(self) -> float:
@@ -280,24 +169,33 @@ class CohortPipeline:
         """E[clients sampled per round]: `cohort_size`, or qN under Poisson sampling."""
         return self.rate * len(self.sizes) if self.sampling == "poisson" else float(self.cohort_size)
 
+    @functools.cached_property
+    def sizes(self) -> np.ndarray:
+        return np.asarray(self.source.client_sizes(self.split), np.int64)
+
+    @functools.cached_property
+    def client_bytes(self) -> np.ndarray:
+        """Packed bytes of each client of the split in a round: kept examples once, plus one index per step example."""
+        b = self.batching.batch_size
+        steps = np.array([self.batching.num_steps(int(n)) for n in self.sizes], np.int64)
+        kept = np.minimum(np.array([self.batching.examples_used(int(n)) for n in self.sizes], np.int64), steps * b)
+        return kept * example_bytes(self.source.schema, self.features) + steps * b * INDEX_BYTES
+
+    @functools.cached_property
+    def chunk_clients(self) -> int:
+        """Clients per round call: all of a round's, or fewer when the largest clients would exceed `chunk_bytes`."""
+        return chunk_clients_for_budget(self.client_bytes, self.chunk_bytes, self.slots)
+
+    @functools.cached_property
+    def chunks_per_round(self) -> int:
+        return -(-self.slots // self.chunk_clients)
+
     def check_cohort_sizes(self, num_rounds: int) -> int:
         """The largest Poisson cohort of rounds 0..num_rounds-1; raises if one exceeds the cap."""
         largest = 0
         for r in range(num_rounds):
             largest = max(largest, len(self.cohort(r)))
         return largest
-
-    def round_plan(self, round_index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """`pack_clients` of a round's cohort: (device, offset, load), from client sizes alone.
-
-        Every process computes the same plan without reading any data, and
-        then reads only the clients of its own devices.
-        """
-        return _cached_plan(self, round_index)
-
-    @functools.cached_property
-    def sizes(self) -> np.ndarray:
-        return np.asarray(self.source.client_sizes(self.split), np.int64)
 
     def cohort(self, round_index: int) -> np.ndarray:
         """Client indices of round `round_index` (under Poisson sampling, at most `slots` of them, else an error)."""
@@ -309,62 +207,121 @@ class CohortPipeline:
                 "(dropping clients would change the sampling the privacy accounting assumes)")
         return cohort
 
-    def load_slot(self, slot: int) -> dict[str, Any]:
-        """One client of one round: its decoded examples and their step order (Grain map, in threads).
+    def round_layout(self, round_index: int) -> RoundLayout:
+        """Where round `round_index`'s clients run (`plan_round`), from sizes alone (the same on every process)."""
+        return _cached_layout(self, round_index)
 
-        A slot past a Poisson cohort's size is padding: an empty client with weight 0 (`padding` True).
+    def describe_position(self, flat: int) -> dict[str, Any]:
+        """Where one client of one chunk runs and what it trains, from sizes alone (no data read).
+
+        Positions past a round's clients (the last chunk's tail, or a Poisson
+        cohort smaller than the cap) are padding: no steps, weight 0.
         """
-        round_index, position = divmod(slot, self.slots)
+        per_round = self.chunks_per_round * self.chunk_clients
+        round_index, rest = divmod(flat, per_round)
+        chunk = rest // self.chunk_clients
         cohort = self.cohort(round_index)
+        layout = self.round_layout(round_index)
+        element: dict[str, Any] = {"round": round_index, "chunk": chunk, "num_chunks": self.chunks_per_round,
+                                   "client": -1, "num_examples": 0, "steps": 0, "weight": 0.0, "examples_used": 0,
+                                   "kept": 0, "bin": -1, "data": None, "order": None, "padding": True}
+        position = int(layout.order[rest]) if rest < layout.order.size else len(cohort)
         if position >= len(cohort):
-            return {"round": round_index, "client": -1, "num_examples": 0, "steps": 0, "weight": 0.0,
-                    "examples_used": 0, "data": None, "order": None, "padding": True}
+            return element
         client = int(cohort[position])
         num_examples = int(self.sizes[client])
-        element: dict[str, Any] = {"round": round_index, "client": client, "num_examples": num_examples}
-        if num_examples == 0:
-            element.update(steps=0, weight=0.0, examples_used=0, data=None, order=None)
-            return element
+        steps = self.batching.num_steps(num_examples)
         used = self.batching.examples_used(num_examples)
-        element.update(steps=self.batching.num_steps(num_examples), examples_used=used,
-                       weight=1.0 if self.uniform_weights else float(used), data=None, order=None)
-        if self.local_devices is None or int(self.round_plan(round_index)[0][position]) in self.local_devices:
-            order = client_example_order(self.seed, round_index, client, num_examples, self.batching)
+        element.update(client=client, num_examples=num_examples, padding=False, steps=steps, examples_used=used,
+                       kept=min(used, steps * self.batching.batch_size), bin=int(layout.bin[position]),
+                       weight=(1.0 if self.uniform_weights else float(used)) if num_examples else 0.0)
+        return element
+
+    def chunk_shapes(self, rounds: Iterable[int]) -> set[tuple[int, int, int]]:
+        """The compiled shapes (steps, examples, slots per bin) the chunks of `rounds` will have, from sizes alone."""
+        per_round = self.chunks_per_round * self.chunk_clients
+        shapes = set()
+        for r in rounds:
+            for chunk in range(self.chunks_per_round):
+                start = r * per_round + chunk * self.chunk_clients
+                elements = [self.describe_position(i) for i in range(start, start + self.chunk_clients)]
+                shapes.add(chunk_dims(chunk_members(elements, self.num_devices * self.lanes)))
+        return shapes
+
+    def empty_chunk(self, shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
+        """An all-padding chunk of `shape` (from `chunk_shapes`) for this process's devices: to compile ahead."""
+        return empty_chunk_batch(self.source.schema, self.features, self.batching.batch_size,
+                                 len(local_rows(self.local_devices, self.num_devices)), self.lanes, *shape)
+
+    def load_position(self, flat: int) -> dict[str, Any]:
+        """One client of one chunk (`describe_position`) with its kept examples and step positions (Grain map)."""
+        element = self.describe_position(flat)
+        round_index, client, num_examples, steps = element["round"], element["client"], element["num_examples"], \
+            element["steps"]
+        device = element["bin"] // self.lanes
+        if steps and (self.local_devices is None or device in self.local_devices):
+            kept, order = client_epoch_plan(self.seed, round_index, client, num_examples, self.batching)
             data = self.source.get_client(self.split, client)
             data = {name: np.asarray(data[name]) for name in self.features}
             if self.label_range is not None:
                 check_labels(data, *self.label_range, self.source, self.split, client)
             if self.augment is not None:
                 data = self.augment(data, np.random.default_rng([self.seed, round_index, client, _AUGMENT_STREAM]))
-            element.update(data=data, order=order)
+            element.update(data={name: np.take(v, kept, axis=0) for name, v in data.items()}, order=order)
         return element
 
     def pack(self, elements: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        """Packs one round's client elements into per-device step streams (Grain batch_fn)."""
-        return pack_round(elements, self.source.schema, self.features, self.batching.batch_size, self.num_devices,
-                          self.local_devices)
+        """Packs one chunk's client elements into the arrays of one round call, with its host-side statistics."""
+        rows = local_rows(self.local_devices, self.num_devices)
+        packed = pack_chunk(elements, self.source.schema, self.features, self.batching.batch_size, self.num_devices,
+                            self.lanes, rows)
+        keys = {(int(e["round"]), int(e["chunk"])) for e in elements}
+        if len(keys) != 1:
+            raise RuntimeError(f"a packed chunk mixes (round, chunk) {sorted(keys)}; the cohort pipeline is misaligned")
+        (round_index, chunk), = keys
+        real = [e for e in elements if not e["padding"]]
+        return {
+            **packed,
+            "round": round_index,
+            "chunk": chunk,
+            "num_chunks": self.chunks_per_round,
+            "clients": np.array([e["client"] for e in real], np.int64),
+            "cohort_size": len(real),
+            "num_clients_trained": sum(1 for e in real if e["steps"] > 0),
+            "num_clients_empty": sum(1 for e in real if e["num_examples"] == 0),
+            "num_examples": int(sum(int(e["examples_used"]) for e in real)),
+            "num_steps": int(sum(int(e["steps"]) for e in real)),
+            "stream_length": int(packed["batch"]["index"].shape[2]),
+            "padding_waste": idle_step_fraction(packed["executed_step_slots"], sum(int(e["steps"]) for e in real)),
+        }
 
-    def iterator(self, num_rounds: int) -> grain.DatasetIterator:
-        """Iterator over rounds 0..num_rounds-1.
+    def iterator(self, num_rounds: int, start_round: int = 0) -> Iterator[dict[str, Any]]:
+        """Chunks of rounds start_round..num_rounds-1, in order.
 
-        Clients are read and decoded in `data_threads` threads, and whole
-        packed rounds are prepared one round ahead in a background thread, so
-        round r+1's data is ready while round r computes.
+        Clients are read and decoded in `data_threads` threads, and packed
+        chunks are prepared one ahead in a background thread, so the next
+        chunk's data is ready while the current one computes.
         """
         threads = max(int(self.data_threads), 0)
-        slots = self.slots
         if self.sampling == "poisson":  # refuse an over-full round now rather than mid-run
             self.check_cohort_sizes(num_rounds)
+        per_round = self.chunks_per_round * self.chunk_clients
         dataset = (
-            grain.MapDataset.range(num_rounds * slots)
-            .map(self.load_slot)
+            grain.MapDataset.range(start_round * per_round, max(num_rounds, start_round) * per_round)
+            .map(self.load_position)
             .to_iter_dataset(grain.ReadOptions(
-                num_threads=threads, prefetch_buffer_size=client_read_ahead(slots, threads)))
-            .batch(slots, drop_remainder=True, batch_fn=self.pack)
+                num_threads=threads, prefetch_buffer_size=client_read_ahead(self.chunk_clients, threads)))
+            .batch(self.chunk_clients, drop_remainder=True, batch_fn=self.pack)
         )
         if threads:
             dataset = grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=1)
         return iter(dataset)
+
+    def rounds(self, num_rounds: int, start_round: int = 0) -> Iterator[list[dict[str, Any]]]:
+        """Whole rounds as lists of their chunks (for tests and small runs: a round's chunks are all held at once)."""
+        iterator = self.iterator(num_rounds, start_round)
+        for _ in range(start_round, num_rounds):
+            yield [next(iterator) for _ in range(self.chunks_per_round)]
 
 
 # Clients read ahead by Grain's thread pool, at most. Grain's prefetch iterator
@@ -394,11 +351,11 @@ def local_rows(local_devices: tuple[int, ...] | None, num_devices: int) -> tuple
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_plan(pipeline: CohortPipeline, round_index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _cached_layout(pipeline: CohortPipeline, round_index: int) -> RoundLayout:
     cohort = pipeline.cohort(round_index)
     steps = [pipeline.batching.num_steps(int(pipeline.sizes[c])) for c in cohort]
-    steps += [0] * (pipeline.slots - len(steps))  # Poisson padding slots, as `pack_round` sees them
-    return pack_clients(steps, pipeline.num_devices)
+    steps += [0] * (pipeline.slots - len(steps))  # Poisson padding positions
+    return plan_round(steps, pipeline.num_devices, pipeline.lanes)
 
 
 @functools.lru_cache(maxsize=16)
@@ -407,92 +364,6 @@ def _cached_cohort(seed: int, round_index: int, num_clients: int, cohort_size: i
     cohort = sample_cohort(seed, round_index, num_clients, cohort_size, sampling, rate)
     cohort.setflags(write=False)
     return cohort
-
-
-def empty_round_batch(schema: Any, features: Sequence[str], batch_size: int, num_devices: int, length: int,
-                      slots: int) -> dict[str, np.ndarray]:
-    """An all-padding round batch: step streams `[devices, length, batch, ...]` and `slots` client slots per device.
-
-    `num_devices` is the number of rows built here: all devices, or this
-    process's devices in a multi-process run.
-
-    Client slot k of device d trains `slot_steps[d, k]` steps starting at step
-    `slot_offset[d, k]` of that device's stream; its update is weighted by
-    `slot_weight[d, k]` (0 for unused slots), its RNG keys derive from
-    `slot_client[d, k]`, and its first `slot_examples[d, k]` example
-    positions are its first epoch (each used example once).
-    """
-    lead = (num_devices, length)
-    batch = {name: np.zeros(lead + (batch_size, *schema[name].shape), np.dtype(schema[name].dtype))
-             for name in features}
-    batch["mask"] = np.zeros(lead + (batch_size,), bool)
-    batch["slot_offset"] = np.zeros((num_devices, slots), np.int32)
-    batch["slot_steps"] = np.zeros((num_devices, slots), np.int32)
-    batch["slot_weight"] = np.zeros((num_devices, slots), np.float32)
-    batch["slot_client"] = np.zeros((num_devices, slots), np.int32)
-    batch["slot_examples"] = np.zeros((num_devices, slots), np.int32)
-    return batch
-
-
-def pack_round(
-    elements: Sequence[dict[str, Any]],
-    schema: Any,
-    features: Sequence[str],
-    batch_size: int,
-    num_devices: int,
-    local_devices: tuple[int, ...] | None = None,
-) -> dict[str, Any]:
-    """Packs client elements (from `CohortPipeline.load_slot`) onto devices.
-
-    Returns a dict with `batch` (see `empty_round_batch`; one slot per
-    cohort position, Poisson padding included) and host-side round
-    statistics (`cohort_size`: clients sampled, padding excluded). With `local_devices`
-    (mesh positions), only those devices' rows are built, in that order; the
-    plan and the statistics are the same on every process.
-    """
-    steps = [int(e["steps"]) for e in elements]
-    device, offset, load = pack_clients(steps, num_devices)
-    length = bucket_steps(int(load.max()) if load.size else 1)
-    rows = local_rows(local_devices, num_devices)
-    row_of = {d: i for i, d in enumerate(rows)}
-    batch = empty_round_batch(schema, features, batch_size, len(rows), length, len(elements))
-    used = np.zeros(len(rows), np.int64)
-    for e, device_position, o, s in zip(elements, device, offset, steps):
-        if s == 0 or int(device_position) not in row_of:
-            continue
-        d = row_of[int(device_position)]
-        order = e["order"]
-        if order is None or order.size != s * batch_size:
-            raise RuntimeError(f"client {e['client']} of round {e['round']} was not loaded for device "
-                               f"{int(device_position)}; the cohort pipeline and the packing disagree")
-        valid = order >= 0
-        batch["mask"][d, o:o + s] = valid.reshape(s, batch_size)
-        take = np.where(valid, order, 0)
-        for name in features:  # gather straight into the packed batch (no intermediate copy)
-            out = batch[name][d, o:o + s].reshape(s * batch_size, *batch[name].shape[3:])
-            np.take(e["data"][name], take, axis=0, out=out)
-        k = used[d]
-        used[d] += 1
-        batch["slot_offset"][d, k] = o
-        batch["slot_steps"][d, k] = s
-        batch["slot_weight"][d, k] = e["weight"]
-        batch["slot_client"][d, k] = e["client"]
-        batch["slot_examples"][d, k] = e["examples_used"]
-    rounds = {int(e["round"]) for e in elements}
-    if len(rounds) != 1:
-        raise RuntimeError(f"a packed round mixes rounds {sorted(rounds)}; the cohort pipeline is misaligned")
-    return {
-        "batch": batch,
-        "round": rounds.pop(),
-        "clients": np.array([e["client"] for e in elements if not e.get("padding")], np.int64),
-        "cohort_size": sum(1 for e in elements if not e.get("padding")),
-        "num_clients_trained": sum(1 for s in steps if s > 0),
-        "num_clients_empty": sum(1 for e in elements if e["num_examples"] == 0 and not e.get("padding")),
-        "num_examples": int(sum(int(e["examples_used"]) for e in elements)),
-        "num_steps": int(sum(steps)),
-        "stream_length": length,
-        "padding_waste": padding_waste(load),
-    }
 
 
 def _padded_steps(data: Mapping[str, Any], features: Sequence[str], num_examples: int, steps: int,
@@ -507,19 +378,6 @@ def _padded_steps(data: Mapping[str, Any], features: Sequence[str], num_examples
             shape + values.shape[1:])
     out["mask"] = (np.arange(steps * batch_size) < num_examples).reshape(shape)
     return out
-
-
-def padding_waste(device_steps: np.ndarray) -> float:
-    """Idle device-steps / device-steps executed in a round.
-
-    Devices run their clients' steps in parallel and meet at the psum, so a
-    round costs `devices * max(device_steps)` step slots, of which the
-    `sum(device_steps)` real steps are useful. (Stream padding beyond the
-    busiest device is never executed and is not counted.)
-    """
-    load = np.asarray(device_steps, np.int64)
-    slots = load.size * int(load.max()) if load.size else 0
-    return float(slots - int(load.sum())) / slots if slots else 0.0
 
 
 @dataclasses.dataclass(frozen=True)

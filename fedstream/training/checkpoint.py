@@ -33,7 +33,7 @@ from fedstream.config import ConfigError, flatten
 
 # Config keys that may change when a run resumes: they do not change the
 # trained model (num_rounds extends or shortens a run).
-RESUMABLE_KEYS = ("num_rounds", "data_threads", "checkpoint.", "eval.")
+RESUMABLE_KEYS = ("num_rounds", "data_threads", "chunk_mb", "checkpoint.", "eval.")
 
 
 INTEGRITY_KEY = "integrity"

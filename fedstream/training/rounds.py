@@ -1,17 +1,22 @@
-"""One federated round (and one evaluation pass) as a single jitted program.
+"""One federated round (and one evaluation pass) as sharded XLA programs.
 
 The round is a `jax.shard_map` over a one-dimensional `('clients',)` mesh of
-all devices. Each device scans over its client slots (see
-`fedstream.data.cohort`): a client starts from the server model, runs a
-`fori_loop` over exactly its own steps, read from the device's packed step
-stream, and adds its contribution (its `weighted` part times its weight;
-see `fedstream.algorithms.base`) to the device's running `RoundTotal`. Padding
-steps are never executed and no per-step branch touches the model. The sums
-are `psum`-ed over devices and the server update runs once, replicated.
+all devices. Each device runs `lanes` clients at a time in lockstep (a `vmap`;
+one lane runs plainly) and scans over its clients by rank (see
+`fedstream.data.packed`): a client starts from the server model, runs a
+`fori_loop` over exactly its own steps, each step's batch gathered on the
+device from the client's stored examples by the step's index row, and adds its
+contribution (its `weighted` part times its weight; see
+`fedstream.algorithms.base`) to its lane's running `RoundTotal`. Padding
+steps are never executed and no per-step branch touches the model.
+
+A round is one or more chunk calls that carry the lanes' running sums; after
+the last, the sums are added over lanes, `psum`-ed over devices, and the
+server update runs once, replicated. A round of one chunk is one program.
 
 Per-step dropout keys are `fold_in(fold_in(fold_in(key(seed), round),
 client), step)`: a function of the client and its step only, never of the
-device it happens to run on.
+device or lane it happens to run on.
 """
 
 from __future__ import annotations
@@ -39,6 +44,36 @@ def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
     """
     devices = jax.devices()[: num_devices or jax.device_count()]
     return jax.sharding.Mesh(np.array(devices), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+MAX_AUTO_LANES = 16
+
+
+def resolve_lanes(lanes: int | str, mesh: jax.sharding.Mesh, param_bytes: int = 0) -> int:
+    """Clients per device run in lockstep: an int >= 1, or 'auto'.
+
+    'auto' is 1 on CPU, where a `vmap` over lanes measured slower than running
+    the clients one after another (docs/performance.md). On a GPU or TPU it
+    is the most lanes (up to `MAX_AUTO_LANES`) whose model copies (parameters,
+    gradients, optimizer and server state: 8 x `param_bytes` each) take at
+    most a quarter of the device's memory; 8 when the memory is unknown.
+    """
+    if isinstance(lanes, str):
+        if lanes != "auto":
+            raise ValueError(f"lanes must be a positive integer or 'auto', got {lanes!r}")
+        device = mesh.devices.flat[0]
+        if device.platform == "cpu":
+            return 1
+        try:
+            memory = int((device.memory_stats() or {}).get("bytes_limit", 0))
+        except Exception:  # noqa: BLE001 - memory_stats is optional in PJRT plugins
+            memory = 0
+        if not memory or not param_bytes:
+            return 8
+        return int(np.clip(memory // 4 // (8 * param_bytes), 1, MAX_AUTO_LANES))
+    if isinstance(lanes, bool) or int(lanes) != lanes or lanes < 1:
+        raise ValueError(f"lanes must be a positive integer or 'auto', got {lanes!r}")
+    return int(lanes)
 
 
 def local_device_positions(mesh: jax.sharding.Mesh) -> tuple[int, ...]:
@@ -122,41 +157,100 @@ def stream_step(stream: Mapping[str, jax.Array], index: jax.Array) -> dict[str, 
     return {k: jax.lax.dynamic_index_in_dim(v, index, axis=1, keepdims=False)[0] for k, v in stream.items()}
 
 
-def build_train_round(
-    algorithm: Algorithm, mesh: jax.sharding.Mesh, seed: int
-) -> Callable[..., tuple[ServerState, dict[str, jax.Array]] | tuple[ServerState, dict[str, jax.Array], Any]]:
-    """Returns `round(state, batch[, client_states]) -> (new_state, stats[, new_client_states])`, jitted and sharded.
+def gather_step(examples: Mapping[str, jax.Array], index: jax.Array, lane: Any, step: jax.Array) -> dict[str, Any]:
+    """One step's batch of one lane: its `index` row gathered from the lane's stored examples, plus `mask`.
 
-    `batch` comes from `CohortPipeline` (leaves `[devices, steps, ...]`);
-    `client_states` (for algorithms with per-client state) has leaves
-    `[devices, slots, ...]` in the batch's slot order. `stats` holds the
-    psum-ed clu train metrics (`metrics`), the total client weight
-    (`weight`) and the round's summed `Contribution.metrics` (`logs`, for
-    `algorithm.log_values`); clients whose update was not finite are left
-    out and counted in `nonfinite_clients` (`nonfinite_client`: one of them,
-    by index, or -1). One compilation per stream length.
+    `examples` leaves are a device's `[1, lanes, E, ...]` block and `index` its
+    `[1, lanes, S, batch]` positions (-1: padding), read in place (slicing the
+    block first would copy it every call).
+    """
+    positions = index[0, lane, step]
+    safe = jnp.maximum(positions, 0)
+    return {**{name: v[0, lane, safe] for name, v in examples.items()}, "mask": positions >= 0}
+
+
+def _by_rank(fn: Callable[..., Any], lanes: int, carry: Any, xs: Any) -> tuple[Any, Any]:
+    """Scans client ranks k, running `fn(carry_lane, lane, xs_lane_k) -> (carry_lane, y)` on every lane at once.
+
+    `carry` leaves are `[lanes, ...]`, `xs` leaves `[lanes, slots, ...]`; the
+    lanes run in lockstep (`vmap`; one lane runs plainly). Returns the carry
+    and the ys as `[lanes, slots, ...]`.
+    """
+    by_rank = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), xs)
+    if lanes == 1:
+        def body(c, x):
+            c, y = fn(jax.tree.map(lambda a: a[0], c), 0, jax.tree.map(lambda a: a[0], x))
+            return jax.tree.map(lambda a: a[None], c), jax.tree.map(lambda a: a[None], y)
+    else:
+        def body(c, x):
+            return jax.vmap(fn)(c, jnp.arange(lanes), x)
+    carry, ys = jax.lax.scan(body, carry, by_rank)
+    return carry, jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), ys)
+
+
+class TrainRound:
+    """A federated round as calls over chunks of its clients (see `fedstream.data.packed`).
+
+    `init(state, batch, client_states)` -> a zero carry (each lane's running
+    sums); `chunk(state, carry, batch, client_states)` -> `(carry,
+    new_client_states)`; `finish(state, carry)` -> `(new_state, stats)`.
+    Calling the object runs a round of one chunk as one program:
+    `round(state, batch[, client_states]) -> (new_state, stats[, new_client_states])`.
+    A round cut into chunks gives exactly the result of the same round in one
+    call (each lane adds its clients in the same order).
     """
 
-    def device_round(state: ServerState, batch: Mapping[str, jax.Array], stored: Any):
-        # This device's part. The stream keeps its leading axis of 1: taking
-        # `a[0]` of it would copy the whole packed stream every round.
-        stream = {k: v for k, v in batch.items() if not k.startswith("slot_")}
-        slots = {k: v[0] for k, v in batch.items() if k.startswith("slot_")}
-        stored = jax.tree.map(lambda a: a[0], stored)
-        batch_size = stream["mask"].shape[2]
+    def __init__(self, init: Callable[..., Any], chunk: Callable[..., Any], finish: Callable[..., Any],
+                 whole: Callable[..., Any]) -> None:
+        self.init, self.chunk, self.finish, self._whole = init, chunk, finish, whole
+
+    def __call__(self, state: ServerState, batch: Mapping[str, jax.Array], client_states: Any = None) -> Any:
+        new_state, stats, new_states = self._whole(state, batch, client_states)
+        return (new_state, stats) if client_states is None else (new_state, stats, new_states)
+
+    def lower(self, state: ServerState, batch: Mapping[str, Any], client_states: Any = None) -> Any:
+        """The one-call round lowered for these (possibly abstract) arguments (to compile ahead of time)."""
+        return self._whole.lower(state, batch, client_states)
+
+    def _cache_size(self) -> int:
+        """Compiled programs of the one-call round (benchmarks count shapes with it)."""
+        return self._whole._cache_size()
+
+
+def build_train_round(algorithm: Algorithm, mesh: jax.sharding.Mesh, seed: int, lanes: int = 1) -> TrainRound:
+    """The compiled, sharded round of `algorithm` over `mesh` (see `TrainRound`), `lanes` clients per device at once.
+
+    A chunk's `batch` comes from `CohortPipeline` (`[devices, lanes, ...]`
+    leaves); `client_states` (for algorithms with per-client state) has leaves
+    `[devices, lanes, slots, ...]` in the batch's slot order. `stats` holds the
+    psum-ed clu train metrics (`metrics`), the total client weight (`weight`)
+    and the round's summed `Contribution.metrics` (`logs`, for
+    `algorithm.log_values`); clients whose update was not finite are left out
+    and counted in `nonfinite_clients` (`nonfinite_client`: one of them, by
+    index, or -1). One compilation per chunk shape.
+    """
+
+    def split(batch: Mapping[str, jax.Array]) -> tuple[dict[str, jax.Array], jax.Array, dict[str, jax.Array]]:
+        examples = {k: v for k, v in batch.items() if k != "index" and not k.startswith("slot_")}
+        slots = {k: v[0] for k, v in batch.items() if k.startswith("slot_")}  # [lanes, slots]
+        return examples, batch["index"], slots
+
+    def device_parts(state: ServerState, batch: Mapping[str, jax.Array], stored: Any):
+        """Shared by the carry's template and the chunk: the broadcast and the prepass (one-chunk rounds only)."""
+        examples, index, slots = split(batch)
+        batch_size = index.shape[3]
         # Without this pcast, gradients of the replicated params would be silently
         # psum-ed across devices (see docs/notes.md, 'shard_map and varying types').
         broadcast = varying(algorithm.broadcast(state))
-
         prepass = None
         if algorithm.uses_prepass:
-            template = jax.eval_shape(algorithm.prepass_step, broadcast, stream_step(stream, 0))
+            template = jax.eval_shape(algorithm.prepass_step, broadcast, gather_step(examples, index, 0, 0))
             zeros = varying(jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), template))
 
-            def prepass_client(total, slot):
+            def prepass_client(total, lane, slot):
                 def run(_):
                     def body(t, acc):
-                        step = stream_step(stream, slot["slot_offset"] + t)
+                        step = gather_step(examples, index, lane, slot["slot_offset"] + t)
                         first_epoch = t * batch_size + jnp.arange(batch_size) < slot["slot_examples"]
                         part = algorithm.prepass_step(broadcast, {**step, "mask": step["mask"] & first_epoch})
                         return varying(jax.tree.map(jnp.add, acc, part))
@@ -167,10 +261,35 @@ def build_train_round(
                 own = jax.lax.cond(slot["slot_steps"] > 0, run, lambda _: zeros, None)
                 return varying(jax.tree.map(jnp.add, total, own)), own
 
-            total, prepass = jax.lax.scan(prepass_client, zeros, slots)
+            lane_zeros = jax.tree.map(lambda a: jnp.broadcast_to(a, (lanes, *a.shape)), zeros)
+            total, prepass = _by_rank(prepass_client, lanes, lane_zeros, slots)
+            total = jax.tree.map(lambda a: a.sum(0), total)
             broadcast = varying(algorithm.after_prepass(broadcast, jax.lax.psum(total, AXIS)))
+        return examples, index, slots, broadcast, prepass
 
-        def run_client(carry, xs):
+    def carry_template(state: ServerState, batch: Mapping[str, jax.Array], stored: Any) -> Any:
+        _, _, _, broadcast, prepass = device_parts(state, batch, stored)
+        one = lambda tree: jax.tree.map(lambda a: a[0, 0], tree)  # noqa: E731 - lane 0, slot 0
+        sums = jax.eval_shape(lambda: client_total(algorithm.client_contribution(
+            algorithm.client_init(broadcast, one(jax.tree.map(lambda a: a[0], stored)), one(prepass)), broadcast,
+            jnp.float32(1), one(jax.tree.map(lambda a: a[0], stored)), one(prepass), jax.random.PRNGKey(0))[0],
+            jnp.float32(1)))
+        return sums
+
+    def device_init(state, batch, stored):
+        sums = carry_template(state, batch, stored)
+        bad = {"count": jnp.zeros((), jnp.int32), "client": jnp.full((), -1, jnp.int32)}
+        zero = (jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), sums), TrainMetrics.empty(), bad)
+        return varying(jax.tree.map(lambda a: jnp.broadcast_to(a, (1, lanes, *jnp.shape(a))), zero))
+
+    def device_chunk(state, carry, batch, stored):
+        examples, index, slots, broadcast, prepass = device_parts(state, batch, stored)
+        stored = jax.tree.map(lambda a: a[0], stored)  # [lanes, slots, ...]
+        carry = jax.tree.map(lambda a: a[0], carry)  # [lanes, ...]
+        # Varying like the client ids it is folded with (under the lanes' vmap, fold_in needs both alike).
+        round_index = varying(state.round)
+
+        def run_client(carry, lane, xs):
             slot, stored_i, prepass_i = xs
 
             def train(carry):
@@ -178,16 +297,16 @@ def build_train_round(
 
                 def local_step(t, inner):
                     client, metrics = inner
-                    key = step_key(seed, state.round, slot["slot_client"], t)
+                    key = step_key(seed, round_index, slot["slot_client"], t)
                     client, step_metrics = algorithm.client_step(
-                        client, stream_step(stream, slot["slot_offset"] + t), key, broadcast)
+                        client, gather_step(examples, index, lane, slot["slot_offset"] + t), key, broadcast)
                     return varying((client, metrics.merge(step_metrics)))
 
                 start = varying((algorithm.client_init(broadcast, stored_i, prepass_i), TrainMetrics.empty()))
                 client, client_metrics = jax.lax.fori_loop(0, slot["slot_steps"], local_step, start)
                 contribution, new_stored = algorithm.client_contribution(
                     client, broadcast, slot["slot_weight"], stored_i, prepass_i,
-                    client_key(seed, state.round, slot["slot_client"]))
+                    client_key(seed, round_index, slot["slot_client"]))
                 contribution = client_total(contribution, slot["slot_weight"])  # weighted x p_i, p_i, summed, ...
                 # A client whose update is not finite (NaN/Inf) is left out of the round, its stored
                 # state unchanged, and counted; the train loop applies the run's policy.
@@ -201,26 +320,23 @@ def build_train_round(
 
             return jax.lax.cond(slot["slot_steps"] > 0, train, lambda c: varying((c, stored_i)), carry)
 
-        sums_shape = jax.eval_shape(
-            lambda: client_total(algorithm.client_contribution(
-                algorithm.client_init(broadcast, jax.tree.map(lambda a: a[0], stored),
-                                      jax.tree.map(lambda a: a[0], prepass)),
-                broadcast, jnp.float32(1), jax.tree.map(lambda a: a[0], stored), jax.tree.map(lambda a: a[0], prepass),
-                jax.random.PRNGKey(0))[0], jnp.float32(1)))
-        no_bad = {"count": jnp.zeros((), jnp.int32), "client": jnp.full((), -1, jnp.int32)}
-        init = varying((jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), sums_shape), TrainMetrics.empty(),
-                         no_bad))
-        (sums, metrics, bad), new_stored = jax.lax.scan(run_client, init, (slots, stored, prepass))
+        carry, new_stored = _by_rank(run_client, lanes, carry, (slots, stored, prepass))
+        return jax.tree.map(lambda a: a[None], carry), jax.tree.map(lambda a: a[None], new_stored)
+
+    def device_finish(carry):
+        sums, metrics, bad = jax.tree.map(lambda a: a[0], carry)  # [lanes, ...]
+        sums, metrics = jax.tree.map(lambda a: a.sum(0), (sums, metrics))
         sums, metrics = jax.lax.psum((sums, metrics), AXIS)
-        bad = {"count": jax.lax.psum(bad["count"], AXIS), "client": jax.lax.pmax(bad["client"], AXIS)}
-        return sums, metrics, bad, jax.tree.map(lambda a: a[None], new_stored)
+        bad = {"count": jax.lax.psum(bad["count"].sum(), AXIS), "client": jax.lax.pmax(bad["client"].max(), AXIS)}
+        return sums, metrics, bad
 
-    sharded = jax.shard_map(device_round, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)),
-                            out_specs=(P(), P(), P(), P(AXIS)))
+    init = jax.shard_map(device_init, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=P(AXIS))
+    chunk = jax.shard_map(device_chunk, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P(AXIS)),
+                          out_specs=(P(AXIS), P(AXIS)))
+    reduce = jax.shard_map(device_finish, mesh=mesh, in_specs=(P(AXIS),), out_specs=(P(), P(), P()))
 
-    @jax.jit
-    def train_round(state: ServerState, batch: Mapping[str, jax.Array], client_states: Any = None):
-        sums, metrics, bad, new_states = sharded(state, batch, client_states)
+    def finish(state: ServerState, carry: Any) -> tuple[ServerState, dict[str, Any]]:
+        sums, metrics, bad = reduce(carry)
         # A round in which every sampled client was empty leaves the server as is.
         skipped = state.replace(round=state.round + 1)
         key = server_key(seed, state.round)
@@ -231,9 +347,20 @@ def build_train_round(
                                      lambda: skipped)
         stats = {"metrics": metrics, "weight": sums.weight, "nonfinite_clients": bad["count"],
                  "nonfinite_client": bad["client"], "logs": sums.metrics}  # the summed Contribution.metrics
-        return (new_state, stats) if client_states is None else (new_state, stats, new_states)
+        return new_state, stats
 
-    return train_round
+    def whole(state, batch, client_states):
+        carry, new_states = chunk(state, init(state, batch, client_states), batch, client_states)
+        return (*finish(state, carry), new_states)
+
+    if algorithm.uses_prepass:
+        def chunk_guard(*_: Any) -> Any:
+            raise ValueError(f"{type(algorithm).__name__} runs a prepass over the whole round before training; "
+                             "its rounds run as one call (CohortPipeline chunk_bytes=0)")
+        chunk_fn: Callable[..., Any] = chunk_guard
+    else:
+        chunk_fn = jax.jit(chunk)
+    return TrainRound(jax.jit(init), chunk_fn, jax.jit(finish), jax.jit(whole))
 
 
 def build_debug_round(
@@ -243,57 +370,63 @@ def build_debug_round(
 
     Nothing is compiled (`jax.disable_jit`), so `print`, `float(x)` and `pdb`
     work inside an algorithm's hooks (`client_step`, `client_contribution`,
-    `server_update`, ...). Same inputs and outputs as the compiled round, and
-    the same keys, steps and weights; results agree with it to float rounding
-    (clients are summed in another order). Slow: for finding bugs, not for runs.
+    `server_update`, ...). Same inputs (a round of one chunk) and outputs as
+    the compiled round, and the same keys, steps and weights; results agree
+    with it to float rounding (clients are summed in another order). Slow:
+    for finding bugs, not for runs.
     """
 
     def debug_round(state: ServerState, batch: Mapping[str, Any], client_states: Any = None):
         with jax.disable_jit():
             host = {k: np.asarray(v) for k, v in batch.items()}
-            stream = {k: v for k, v in host.items() if not k.startswith("slot_")}
+            examples = {k: v for k, v in host.items() if k != "index" and not k.startswith("slot_")}
+            index = host["index"]
             stored_all = jax.tree.map(np.asarray, client_states)
-            batch_size = stream["mask"].shape[2]
-            devices, slots = host["slot_steps"].shape
-            clients = [(d, j) for d in range(devices) for j in range(slots) if host["slot_steps"][d, j] > 0]
+            batch_size = index.shape[3]
+            rows, lanes, slots = host["slot_steps"].shape
+            clients = [(d, lane, j) for d in range(rows) for lane in range(lanes) for j in range(slots)
+                       if host["slot_steps"][d, lane, j] > 0]
 
-            def step_batch(d: int, index: int) -> dict[str, jax.Array]:
-                return {k: jnp.asarray(v[d, index]) for k, v in stream.items()}
+            def step_batch(d: int, lane: int, step: int) -> dict[str, jax.Array]:
+                positions = index[d, lane, step]
+                out = {k: jnp.asarray(v[d, lane][np.maximum(positions, 0)]) for k, v in examples.items()}
+                return {**out, "mask": jnp.asarray(positions >= 0)}
 
-            def stored_of(d: int, j: int) -> Any:
-                return jax.tree.map(lambda a: jnp.asarray(a[d, j]), stored_all)
+            def stored_of(d: int, lane: int, j: int) -> Any:
+                return jax.tree.map(lambda a: jnp.asarray(a[d, lane, j]), stored_all)
 
             broadcast = algorithm.broadcast(state)
-            prepass: dict[tuple[int, int], Any] = {}
+            prepass: dict[tuple[int, int, int], Any] = {}
             if algorithm.uses_prepass:
                 total = None
-                for d, j in clients:
+                for d, lane, j in clients:
                     own = None
-                    steps = min(int(host["slot_steps"][d, j]), -(-int(host["slot_examples"][d, j]) // batch_size))
+                    examples_used = int(host["slot_examples"][d, lane, j])
+                    steps = min(int(host["slot_steps"][d, lane, j]), -(-examples_used // batch_size))
                     for t in range(steps):
-                        step = step_batch(d, int(host["slot_offset"][d, j]) + t)
-                        first_epoch = t * batch_size + jnp.arange(batch_size) < int(host["slot_examples"][d, j])
+                        step = step_batch(d, lane, int(host["slot_offset"][d, lane, j]) + t)
+                        first_epoch = t * batch_size + jnp.arange(batch_size) < examples_used
                         part = algorithm.prepass_step(broadcast, {**step, "mask": step["mask"] & first_epoch})
                         own = part if own is None else jax.tree.map(jnp.add, own, part)
-                    prepass[d, j] = own
+                    prepass[d, lane, j] = own
                     total = own if total is None else jax.tree.map(jnp.add, total, own)
                 broadcast = algorithm.after_prepass(broadcast, total)
             sums, metrics = None, TrainMetrics.empty()
             bad_count, bad_client = 0, -1
             new_stored = stored_all
-            for d, j in clients:
-                client_id = int(host["slot_client"][d, j])
-                stored_i = stored_of(d, j)
-                client = algorithm.client_init(broadcast, stored_i, prepass.get((d, j)))
+            for d, lane, j in clients:
+                client_id = int(host["slot_client"][d, lane, j])
+                stored_i = stored_of(d, lane, j)
+                client = algorithm.client_init(broadcast, stored_i, prepass.get((d, lane, j)))
                 client_metrics = TrainMetrics.empty()
-                for t in range(int(host["slot_steps"][d, j])):
+                for t in range(int(host["slot_steps"][d, lane, j])):
                     key = step_key(seed, state.round, jnp.int32(client_id), jnp.int32(t))
                     client, step_metrics = algorithm.client_step(
-                        client, step_batch(d, int(host["slot_offset"][d, j]) + t), key, broadcast)
+                        client, step_batch(d, lane, int(host["slot_offset"][d, lane, j]) + t), key, broadcast)
                     client_metrics = client_metrics.merge(step_metrics)
-                weight = jnp.float32(host["slot_weight"][d, j])
+                weight = jnp.float32(host["slot_weight"][d, lane, j])
                 contribution, stored_out = algorithm.client_contribution(
-                    client, broadcast, weight, stored_i, prepass.get((d, j)),
+                    client, broadcast, weight, stored_i, prepass.get((d, lane, j)),
                     client_key(seed, state.round, jnp.int32(client_id)))
                 contribution = client_total(contribution, weight)
                 if not all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(contribution)):
@@ -302,12 +435,12 @@ def build_debug_round(
                 sums = contribution if sums is None else jax.tree.map(jnp.add, sums, contribution)
                 metrics = metrics.merge(client_metrics)
                 if new_stored is not None:
-                    new_stored = jax.tree.map(lambda all_, one: _set(all_, d, j, one), new_stored, stored_out)
+                    new_stored = jax.tree.map(lambda all_, one: _set(all_, (d, lane, j), one), new_stored, stored_out)
             if sums is None:  # no client trained: zeros shaped like a contribution
-                d, j = clients[0] if clients else (0, 0)
+                d, lane, j = clients[0] if clients else (0, 0, 0)
                 shape = jax.eval_shape(lambda: client_total(algorithm.client_contribution(
-                    algorithm.client_init(broadcast, stored_of(d, j), None), broadcast, jnp.float32(1),
-                    stored_of(d, j), None, jax.random.PRNGKey(0))[0], jnp.float32(1)))
+                    algorithm.client_init(broadcast, stored_of(d, lane, j), None), broadcast, jnp.float32(1),
+                    stored_of(d, lane, j), None, jax.random.PRNGKey(0))[0], jnp.float32(1)))
                 sums = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shape)
             key = server_key(seed, state.round)
             if algorithm.updates_on_empty_rounds or float(sums.weight) > 0:
@@ -323,10 +456,10 @@ def build_debug_round(
     return debug_round
 
 
-def _set(array: np.ndarray, d: int, j: int, value: Any) -> np.ndarray:
-    """A copy of `array` with row [d, j] replaced by `value`."""
+def _set(array: np.ndarray, where: tuple[int, ...], value: Any) -> np.ndarray:
+    """A copy of `array` with the entry at `where` replaced by `value`."""
     out = np.array(array, copy=True)
-    out[d, j] = np.asarray(value)
+    out[where] = np.asarray(value)
     return out
 
 

@@ -38,14 +38,17 @@ from fedstream.algorithms.base import Algorithm, ServerState
 from fedstream.algorithms.privacy import PrivacyLedger
 from fedstream.config import ConfigError, check_clients_per_round, flatten, validate_train_config
 from fedstream.data.augment import get_augmentation
-from fedstream.data.cohort import ClientBatching, CohortPipeline, EvalPipeline, auto_data_threads
+from fedstream.data.packed import idle_step_fraction
+from fedstream.data.cohort import (DEFAULT_CHUNK_BYTES, ClientBatching, CohortPipeline, EvalPipeline,
+                                   auto_data_threads)
 from fedstream.training.checkpoint import CheckpointCorrupted, RunCheckpointer, check_config_unchanged
 from fedstream.training.client_store import ClientStateStore
 from fedstream.training.lock import WorkdirLock
 from fedstream.training.metrics_log import MetricsLog, Progress, print_line
 from fedstream.training.personalized_eval import evaluate_finetuned, evaluate_personal
 from fedstream.training.rounds import (EVAL_SUMS, build_debug_round, build_eval, build_train_round,
-                                       local_device_positions, make_mesh, replicate, shard_batch, summarize_eval)
+                                       local_device_positions, make_mesh, replicate, resolve_lanes, shard_batch,
+                                       summarize_eval)
 
 
 class TrainingDiverged(RuntimeError):
@@ -289,7 +292,8 @@ class Simulation:
                  checkpoint_keep: int = 3, resume_last_good: bool = False, nonfinite: str = "skip",
                  data_threads: int = 0, num_devices: int | None = None, callbacks: Sequence[Callback] = (),
                  log: Callable[[str], None] = print_line, run_config: Mapping[str, Any] | None = None,
-                 lock: bool = True, debug: bool = False) -> None:
+                 lock: bool = True, debug: bool = False, lanes: int | str = "auto",
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
         self.dataset, self.algorithm = dataset, algorithm
         self.settings = _settings(
             seed=seed, clients_per_round=clients_per_round, sampling=sampling, sampling_rate=sampling_rate,
@@ -297,7 +301,8 @@ class Simulation:
             data_threads=data_threads, train_split=train_split, test_split=test_split, augment=augment,
             batch_size=batch_size, epochs=epochs, max_examples=max_examples, max_steps=max_steps,
             eval_every=eval_every, eval_batch_size=eval_batch_size, eval_chunk_clients=eval_chunk_clients,
-            finetune_steps=finetune_steps, checkpoint_every=checkpoint_every, checkpoint_keep=checkpoint_keep)
+            finetune_steps=finetune_steps, checkpoint_every=checkpoint_every, checkpoint_keep=checkpoint_keep,
+            lanes=0 if lanes == "auto" else lanes, chunk_mb=-(-int(chunk_bytes) // (1 << 20)))
         for split in (train_split, test_split):
             if split not in dataset.splits:
                 raise ConfigError(f"the dataset has no split {split!r} (splits: {', '.join(dataset.splits)})")
@@ -316,15 +321,22 @@ class Simulation:
             **self.settings.to_dict(), "algorithm": describe_algorithm(algorithm)}
         self.mesh = make_mesh(num_devices)
         s = self.settings
+        param_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize
+                          for a in jax.tree.leaves(jax.eval_shape(algorithm.model.init, jax.random.PRNGKey(0))))
+        self.lanes = resolve_lanes(lanes, self.mesh, param_bytes)
+        if debug or algorithm.uses_prepass:  # a prepass needs the whole round; the debug round takes one call
+            chunk_bytes = 0
         self.pipeline = CohortPipeline(
             dataset, train_split, features, seed=seed, cohort_size=clients_per_round,
             batching=ClientBatching(batch_size, epochs, max_examples, max_steps), num_devices=self.mesh.size,
             uniform_weights=aggregation == "uniform", data_threads=auto_data_threads(data_threads),
             local_devices=_local_devices(self.mesh), augment=get_augmentation(augment), sampling=sampling,
-            sampling_rate=sampling_rate, max_cohort_size=max_clients_per_round, label_range=_label_range(algorithm))
+            sampling_rate=sampling_rate, max_cohort_size=max_clients_per_round, label_range=_label_range(algorithm),
+            lanes=self.lanes, chunk_bytes=_count("chunk_bytes", chunk_bytes, low=0))
         self.state: ServerState = replicate(algorithm.init(jax.random.PRNGKey(int(s.seed))), self.mesh)
+        self.debug = debug
         self._train_round = (build_debug_round(algorithm, seed=int(s.seed)) if debug
-                             else build_train_round(algorithm, self.mesh, seed=int(s.seed)))
+                             else build_train_round(algorithm, self.mesh, seed=int(s.seed), lanes=self.lanes))
         self._eval_fn = build_eval(algorithm, self.mesh, int(s.eval.chunk_clients))
         self._opened = False
         self._lock: WorkdirLock | None = None
@@ -333,8 +345,7 @@ class Simulation:
         self._store_tmp: tempfile.TemporaryDirectory | None = None
         self._ledger = None
         self._iterator: Any = None
-        self._iterator_rounds = 0
-        self._data_position: dict[str, Any] | None = None  # where the cohort iterator resumes
+        self._iterator_rounds = (0, 0)  # (first, end) rounds of the open iterator
         self._metrics_log: MetricsLog | None = None
 
     # --- public ------------------------------------------------------------------------------------------------
@@ -410,10 +421,8 @@ class Simulation:
                 self._store.close()
             if self._metrics_log is not None:
                 self._metrics_log.close()
-            if self._iterator is not None:
-                self._data_position = self._iterator.get_state()  # a later run continues from here
-                if hasattr(self._iterator, "close"):
-                    self._iterator.close()
+            if self._iterator is not None and hasattr(self._iterator, "close"):
+                self._iterator.close()
         finally:
             if self._store_tmp is not None:
                 self._store_tmp.cleanup()
@@ -465,8 +474,6 @@ class Simulation:
                     self.log("TensorBoard summaries off (install fedstream[tensorboard]); metrics go to metrics.jsonl")
             if template is not None:
                 self._store = self._open_client_store(template, start)
-            if meta is not None:
-                self._data_position = meta["data_iterator"]
         except BaseException:
             self.close()
             raise
@@ -496,35 +503,81 @@ class Simulation:
         return store
 
     def _ensure_iterator(self, num_rounds: int) -> None:
-        """The cohort iterator, positioned at the next round (rebuilt when asked for more rounds)."""
-        if self._iterator is not None and num_rounds <= self._iterator_rounds:
+        """The cohort iterator, positioned at the next round (rebuilt when asked for other rounds).
+
+        Its position is the round alone: chunks are a function of (seed, round).
+        """
+        start = int(self.state.round)
+        if self._iterator is not None and self._iterator_rounds == (start, max(num_rounds, start)):
             return
-        position = self._iterator.get_state() if self._iterator is not None else self._data_position
         if self._iterator is not None and hasattr(self._iterator, "close"):
             self._iterator.close()
-        self._iterator = self.pipeline.iterator(max(num_rounds, 1))
-        self._iterator_rounds = max(num_rounds, 1)
-        if position is not None:
-            self._iterator.set_state(position)
+        self._iterator = self.pipeline.iterator(max(num_rounds, start), start_round=start)
+        self._iterator_rounds = (start, max(num_rounds, start))
+
+    def _dispatch(self, r: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Round r + 1's chunks through the compiled round; returns (device stats, host statistics of its data).
+
+        A round of one chunk is one program. A longer round runs chunk after
+        chunk, each call carrying the lanes' running sums, with at most two
+        chunks in flight so the process holds a bounded amount of data; the
+        server update follows the last chunk. Per-client states are read for
+        each chunk and written once the round is done.
+        """
+        mesh, store = self.mesh, self._store
+        host = {"cohort_size": 0, "num_clients_trained": 0, "num_clients_empty": 0, "num_examples": 0,
+                "num_steps": 0, "executed_step_slots": 0, "chunks": 0, "data_wait_seconds": 0.0}
+        carry = previous = None
+        written: list[tuple[np.ndarray, Any]] = []
+        stats: dict[str, Any] = {}
+        while True:
+            t0 = time.perf_counter()
+            element = next(self._iterator)
+            host["data_wait_seconds"] += time.perf_counter() - t0
+            if element["round"] != r or element["chunk"] != host["chunks"]:
+                raise RuntimeError(f"data iterator yielded round {element['round']} chunk {element['chunk']} for "
+                                   f"round {r} chunk {host['chunks']}")
+            for key in ("cohort_size", "num_clients_trained", "num_clients_empty", "num_examples", "num_steps",
+                        "executed_step_slots"):
+                host[key] += element[key]
+            host["chunks"] += 1
+            batch = element["batch"]
+            clients = np.where(batch["slot_steps"] > 0, batch["slot_client"], -1)
+            stored = None if store is None else shard_batch(store.read(clients), mesh)
+            last = element["chunk"] == element["num_chunks"] - 1
+            if last and carry is None:  # the whole round in one program
+                out = self._train_round(self.state, shard_batch(batch, mesh), *(() if store is None else (stored,)))
+                self.state, stats = out[0], out[1]
+                if store is not None:
+                    written.append((clients, out[2]))
+                break
+            on_device = shard_batch(batch, mesh)
+            if carry is None:
+                carry = self._train_round.init(self.state, on_device, stored)
+            carry, new_states = self._train_round.chunk(self.state, carry, on_device, stored)
+            if store is not None:
+                written.append((clients, new_states))
+            if previous is not None:
+                jax.block_until_ready(previous)  # keep at most two chunks in flight
+            previous = carry
+            if last:
+                self.state, stats = self._train_round.finish(self.state, carry)
+                break
+        if store is not None:
+            flat = np.concatenate([c.reshape(-1) for c, _ in written])
+            states = jax.tree.map(lambda *leaves: np.concatenate(
+                [np.asarray(leaf).reshape(-1, *leaf.shape[3:]) for leaf in leaves]),
+                *[jax.device_get(s) for _, s in written])
+            store.write(r + 1, flat, flat >= 0, states)
+        return stats, host
 
     def _one_round(self, r: int, num_rounds: int) -> dict[str, Any]:
         """Round r + 1: data, the compiled round, metrics, evaluation, checkpoint."""
-        s, mesh = self.settings, self.mesh
+        s = self.settings
         for callback in self.callbacks:
             callback.on_round_start(r + 1)
         t0 = time.perf_counter()
-        element = next(self._iterator)
-        if element["round"] != r:
-            raise RuntimeError(f"data iterator yielded round {element['round']} for round {r}")
-        t_data = time.perf_counter()
-        batch = element["batch"]
-        if self._store is None:
-            self.state, stats = self._train_round(self.state, shard_batch(batch, mesh))
-        else:  # per-client state: read for the cohort, written back after the round
-            clients = np.where(batch["slot_steps"] > 0, batch["slot_client"], -1)
-            self.state, stats, new_states = self._train_round(self.state, shard_batch(batch, mesh),
-                                                              shard_batch(self._store.read(clients), mesh))
-            self._store.write(r + 1, clients, clients >= 0, jax.device_get(new_states))
+        stats, element = self._dispatch(r)
         for callback in self.callbacks:
             callback.on_round_dispatched(r + 1)
         train_metrics = {k: float(v) for k, v in stats["metrics"].compute().items()}
@@ -548,10 +601,11 @@ class Simulation:
             "empty_clients_skipped": element["num_clients_empty"],
             "examples": element["num_examples"],
             "steps": element["num_steps"],
-            "padding_waste": element["padding_waste"],
+            "padding_waste": idle_step_fraction(element["executed_step_slots"], element["num_steps"]),
+            "round_chunks": element["chunks"],
             "nonfinite_clients_skipped": nonfinite,
             "round_seconds": seconds,
-            "data_wait_seconds": t_data - t0,
+            "data_wait_seconds": element["data_wait_seconds"],
             "examples_per_second": element["num_examples"] / max(seconds, 1e-9),
         }
         if self._metrics_log is not None:
@@ -564,7 +618,7 @@ class Simulation:
         saved = False
         if self._checkpointer is not None:
             meta = {"config": self.run_config, "round": done, "seed": int(s.seed),
-                    "data_iterator": self._iterator.get_state()}
+                    "data_iterator": {"next_round": done}}
             if self._ledger is not None:
                 meta["privacy"] = self._ledger.to_json()
             client_index = self._store.index() if self._store is not None else None
@@ -616,7 +670,7 @@ def _settings(**kw: Any) -> ml_collections.ConfigDict:
     """The simulation's settings in the layout of a training config (checked by the same validation)."""
     c = ml_collections.ConfigDict()
     for key in ("seed", "clients_per_round", "sampling", "sampling_rate", "max_clients_per_round", "aggregation",
-                "nonfinite", "data_threads"):
+                "nonfinite", "data_threads", "lanes", "chunk_mb"):
         c[key] = kw[key]
     c.data = ml_collections.ConfigDict({"train_split": kw["train_split"], "test_split": kw["test_split"],
                                         "augment": kw["augment"]})

@@ -171,7 +171,8 @@ def simulation_from_config(config: ml_collections.ConfigDict, workdir: str | os.
         finetune_steps=int(config.eval.finetune_steps), workdir=workdir,
         checkpoint_every=int(config.checkpoint.every), checkpoint_keep=int(config.checkpoint.keep),
         resume_last_good=resume_last_good, nonfinite=str(config.nonfinite), data_threads=int(config.data_threads),
-        callbacks=callbacks, log=log, run_config=config.to_dict(), lock=lock, debug=debug)
+        callbacks=callbacks, log=log, run_config=config.to_dict(), lock=lock, debug=debug,
+        lanes=int(config.lanes) or "auto", chunk_bytes=int(config.chunk_mb) << 20)
 
 
 @locked_workdir
