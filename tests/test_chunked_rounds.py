@@ -85,7 +85,7 @@ def test_packed_bytes_do_not_grow_with_local_epochs():
         return next(pipeline.iterator(1))["batch"]
 
     one, twenty = chunk(1), chunk(20)
-    assert twenty["x"].nbytes == one["x"].nbytes  # the examples: once, whatever the epochs
+    assert twenty["x"].nbytes <= 1.5 * one["x"].nbytes  # the examples: once (up to bucket rounding), not 20 times
     assert twenty["index"].shape[2] > 10 * one["index"].shape[2]  # the steps: 20 epochs of them
 
 
