@@ -31,7 +31,9 @@ rebalanced):
 * shapes: distinct bucketed stream lengths (`bucket_steps` of the busiest
   device), i.e. compiled round shapes.
 * fill: 1 - steps / (devices x bucketed length), the share of the packed
-  stream that holds no step (allocated and transferred, never executed).
+  stream that holds no step (allocated and transferred, never executed);
+  also, for the rebalanced plan, with 4, 8 and 16 bucket sizes per octave
+  instead of 2: stream lengths and the largest fill of unforced rounds.
 
 Target (the issue): waste <= 10% in every round that whole clients allow, and
 <= 8 shapes.
@@ -90,6 +92,26 @@ def stackoverflow_steps() -> np.ndarray:
     return np.array([batching.num_steps(int(n)) for n in values], np.int64)[inverse]
 
 
+def finer_bucket(steps: int, per_octave: int) -> int:
+    """`steps` rounded up to a multiple of 2^k / per_octave, 2^k <= steps (per_octave = 2 is `bucket_steps`)."""
+    if steps <= per_octave:
+        return max(steps, 1)
+    quantum = 1 << (steps.bit_length() - 1 - (per_octave.bit_length() - 1))
+    return -(-steps // quantum) * quantum
+
+
+def bucket_alternatives(cohorts: Sequence[np.ndarray], num_devices: int) -> dict[int, dict[str, Any]]:
+    """Per buckets-per-octave (2, 4, 8, 16), for the rebalanced plan: stream lengths and the max fill of unforced rounds."""
+    loads = [rebalanced_after(c, num_devices) for c in cohorts]
+    unforced = [whole_client_waste_floor(c, num_devices) <= WASTE_TARGET for c in cohorts]
+    out = {}
+    for per_octave in (2, 4, 8, 16):
+        lengths = [finer_bucket(int(load.max()), per_octave) for load in loads]
+        fill = [1 - int(load.sum()) / (num_devices * n) for load, n, u in zip(loads, lengths, unforced) if u]
+        out[per_octave] = {"shapes": len(set(lengths)), "fill_max_unforced": max(fill, default=0.0)}
+    return out
+
+
 def summarize(cohorts: Sequence[np.ndarray], num_devices: int,
               plan: Callable[[Sequence[int], int], np.ndarray]) -> dict[str, Any]:
     """Waste, floor, shapes and fill of one packing over the rounds' cohorts."""
@@ -142,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           "forced | waste max unforced | excess max | shapes | fill median / max | target |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     json_file = open(args.json, "a") if args.json else None
+    finer: list[str] = []
     for name, steps, cohort in setups:
         cohorts = [steps[sample_cohort(SEED, r, steps.size, cohort)] for r in range(args.rounds)]
         for d in devices:
@@ -149,16 +172,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             after = summarize(cohorts, d, rebalanced_after)
             print(row(name, d, "before", before))
             print(row(name, d, "after", after), flush=True)
+            alternatives = bucket_alternatives(cohorts, d)
+            finer.append(f"{name}, {d} devices: " + "; ".join(
+                f"{k}/octave: {v['shapes']} lengths, fill <= {v['fill_max_unforced']:.1%}"
+                for k, v in alternatives.items()))
             if json_file:
                 from run_info import stamp  # benchmarks/ is on sys.path when run as a script
 
                 record = {"benchmark": "bucket_cliff", "setup": name, "clients": int(steps.size),
                           "clients_per_round": cohort, "devices": d, "rounds": args.rounds,
-                          "before": before, "after": after}
+                          "before": before, "after": after, "after_by_buckets_per_octave": alternatives}
                 json_file.write(json.dumps(stamp(record)) + "\n")
                 json_file.flush()
     if json_file:
         json_file.close()
+    print("stream fill of unforced rounds with finer buckets (rebalanced plan; 2/octave = bucket_steps):")
+    for line in finer:
+        print("  " + line)
     issue = setups[0][1][sample_cohort(SEED, ISSUE_ROUND, setups[0][1].size, setups[0][2])]
     print(f"issue's round (synthetic, 4 devices, round index {ISSUE_ROUND}): waste before "
           f"{padding_waste(longest_first_before(issue, 4)):.3f}, after {padding_waste(rebalanced_after(issue, 4)):.3f}, "
