@@ -40,7 +40,7 @@ import grain
 import numpy as np
 
 from fedstream.data.format import DatasetFormatError
-from fedstream.data.packing import bucket_steps, pack_clients, padding_waste  # noqa: F401 (re-exported)
+from fedstream.data.packing import bucket_steps, pack_clients, padding_waste
 
 # Sub-streams of numpy's seed sequence, so that sampling and shuffling never
 # share random numbers.
