@@ -187,6 +187,15 @@ class CohortPipeline:
         return chunk_clients_for_budget(self.client_bytes, self.chunk_bytes, self.slots)
 
     @functools.cached_property
+    def examples_per_step(self) -> float:
+        """A bound on a client's kept examples per step (batch / epochs), or 0 when `max_steps` caps steps.
+
+        Without a step cap a client keeps `used <= steps * batch / epochs`
+        examples, so a chunk's example count follows from its step count.
+        """
+        return 0.0 if self.batching.max_steps else self.batching.batch_size / self.batching.epochs
+
+    @functools.cached_property
     def chunks_per_round(self) -> int:
         return -(-self.slots // self.chunk_clients)
 
@@ -245,7 +254,7 @@ class CohortPipeline:
             for chunk in range(self.chunks_per_round):
                 start = r * per_round + chunk * self.chunk_clients
                 elements = [self.describe_position(i) for i in range(start, start + self.chunk_clients)]
-                shapes.add(chunk_dims(chunk_members(elements, self.num_devices * self.lanes)))
+                shapes.add(chunk_dims(chunk_members(elements, self.num_devices * self.lanes), self.examples_per_step))
         return shapes
 
     def empty_chunk(self, shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
@@ -274,7 +283,7 @@ class CohortPipeline:
         """Packs one chunk's client elements into the arrays of one round call, with its host-side statistics."""
         rows = local_rows(self.local_devices, self.num_devices)
         packed = pack_chunk(elements, self.source.schema, self.features, self.batching.batch_size, self.num_devices,
-                            self.lanes, rows)
+                            self.lanes, rows, self.examples_per_step)
         keys = {(int(e["round"]), int(e["chunk"])) for e in elements}
         if len(keys) != 1:
             raise RuntimeError(f"a packed chunk mixes (round, chunk) {sorted(keys)}; the cohort pipeline is misaligned")

@@ -28,6 +28,7 @@ so few program shapes are compiled.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -115,15 +116,23 @@ def chunk_members(elements: Sequence[Mapping[str, Any]], bins: int) -> list[list
     return members
 
 
-def chunk_dims(members: Sequence[Sequence[Mapping[str, Any]]]) -> tuple[int, int, int]:
-    """A chunk's bucketed (steps, kept examples, client slots) per bin: its compiled shape, from sizes alone."""
-    steps = max((sum(int(e["steps"]) for e in m) for m in members), default=1)
-    kept = max((sum(int(e["kept"]) for e in m) for m in members), default=1)
-    return bucket_steps(steps), bucket_steps(kept), bucket_steps(max(map(len, members), default=1))
+def chunk_dims(members: Sequence[Sequence[Mapping[str, Any]]], examples_per_step: float = 0.0) -> tuple[int, int, int]:
+    """A chunk's bucketed (steps, kept examples, client slots) per bin: its compiled shape, from sizes alone.
+
+    With `examples_per_step` > 0 (a bound on kept examples per step that
+    holds for every client: batch / epochs when steps are not capped), the
+    example count follows from the step count, so it adds no shapes to compile.
+    """
+    steps = bucket_steps(max((sum(int(e["steps"]) for e in m) for m in members), default=1))
+    if examples_per_step > 0:
+        kept = max(1, math.ceil(steps * examples_per_step))
+    else:
+        kept = bucket_steps(max((sum(int(e["kept"]) for e in m) for m in members), default=1))
+    return steps, kept, bucket_steps(max(map(len, members), default=1))
 
 
 def pack_chunk(elements: Sequence[Mapping[str, Any]], schema: Any, features: Sequence[str], batch_size: int,
-               num_devices: int, lanes: int, rows: Sequence[int]) -> dict[str, Any]:
+               num_devices: int, lanes: int, rows: Sequence[int], examples_per_step: float = 0.0) -> dict[str, Any]:
     """Packs one chunk's client elements (in execution order) into the arrays of one round call.
 
     Each element has `bin`, `steps`, `weight`, `client`, `examples_used`,
@@ -134,7 +143,7 @@ def pack_chunk(elements: Sequence[Mapping[str, Any]], schema: Any, features: Seq
     """
     row_of = {d: i for i, d in enumerate(rows)}
     members = chunk_members(elements, num_devices * lanes)
-    batch = empty_chunk_batch(schema, features, batch_size, len(rows), lanes, *chunk_dims(members))
+    batch = empty_chunk_batch(schema, features, batch_size, len(rows), lanes, *chunk_dims(members, examples_per_step))
     for b, m in enumerate(members):
         device, lane = divmod(b, lanes)
         if device not in row_of:
@@ -171,7 +180,7 @@ def idle_step_fraction(executed_step_slots: int, steps: int) -> float:
 
 
 def unpack_clients(batch: Mapping[str, np.ndarray], features: Sequence[str]) -> dict[int, dict[str, Any]]:
-    """{client: its `[steps, batch, ...]` feature batches, `mask` and `weight`} from a packed chunk (for checks)."""
+    """{client: its `[steps, batch, ...]` feature batches (zeros where masked), `mask` and `weight`} (for checks)."""
     out: dict[int, dict[str, Any]] = {}
     rows, lanes, slots = batch["slot_steps"].shape
     for r in range(rows):
@@ -185,6 +194,8 @@ def unpack_clients(batch: Mapping[str, np.ndarray], features: Sequence[str]) -> 
                 mask = index >= 0
                 safe = np.where(mask, index, 0)
                 client = {name: batch[name][r, lane][safe] for name in features}
+                for values in client.values():
+                    values[~mask] = 0  # padding reads position 0; show it as zeros, as the mask says
                 client.update(mask=mask, weight=float(batch["slot_weight"][r, lane, k]),
                               examples_used=int(batch["slot_examples"][r, lane, k]))
                 out[int(batch["slot_client"][r, lane, k])] = client
