@@ -211,11 +211,10 @@ def test_lanes_equal_one_lane(devices, lanes):
     assert_close(one, many, f"{lanes} lanes on {devices} devices")
 
 
-@pytest.mark.parametrize("name", ["fedprox", "mime", "hyp_cluster"])
-def test_lanes_equal_one_lane_for_prepass_and_proximal_algorithms(name):
-    spec = run_algorithm.CASES[name]
+def test_lanes_equal_one_lane_for_an_algorithm_with_a_prepass():
+    spec = run_algorithm.CASES["mime"]  # the rest of the catalogue: the slow test below
     one = run_algorithm.run(spec, 4, lanes=1)
-    assert_close(one, run_algorithm.run(spec, 4, lanes=4), f"{name}, 4 lanes")
+    assert_close(one, run_algorithm.run(spec, 4, lanes=4), "mime, 4 lanes")
 
 
 def test_lanes_equal_one_lane_for_stateful_algorithms():

@@ -311,20 +311,12 @@ class CohortPipeline:
         chunks are prepared one ahead in a background thread, so the next
         chunk's data is ready while the current one computes.
         """
-        threads = max(int(self.data_threads), 0)
         if self.sampling == "poisson":  # refuse an over-full round now rather than mid-run
             self.check_cohort_sizes(num_rounds)
         per_round = self.chunks_per_round * self.chunk_clients
-        dataset = (
-            grain.MapDataset.range(start_round * per_round, max(num_rounds, start_round) * per_round)
-            .map(self.load_position)
-            .to_iter_dataset(grain.ReadOptions(
-                num_threads=threads, prefetch_buffer_size=client_read_ahead(self.chunk_clients, threads)))
-            .batch(self.chunk_clients, drop_remainder=True, batch_fn=self.pack)
-        )
-        if threads:
-            dataset = grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=1)
-        return iter(dataset)
+        return client_chunks(range(start_round * per_round, max(num_rounds, start_round) * per_round),
+                             self.load_position, self.pack, self.chunk_clients, self.data_threads,
+                             prefetch_chunk=True)
 
     def rounds(self, num_rounds: int, start_round: int = 0) -> Iterator[list[dict[str, Any]]]:
         """Whole rounds as lists of their chunks (for tests and small runs: a round's chunks are all held at once)."""
@@ -346,6 +338,30 @@ def client_read_ahead(clients: int, threads: int) -> int:
     if threads <= 0:
         return 0
     return int(min(max(int(clients), 2 * threads), max(MAX_CLIENT_READ_AHEAD, 2 * threads)))
+
+
+def client_chunks(positions: range, load: Callable[[int], dict[str, Any]],
+                  pack: Callable[[Sequence[dict[str, Any]]], dict[str, Any]], chunk: int, data_threads: int,
+                  prefetch_chunk: bool = False) -> Iterator[dict[str, Any]]:
+    """The one Grain chain of every pipeline: `load` each position (a client) in threads, `pack` groups of `chunk`.
+
+    Positions are read `data_threads` at a time with a bounded read-ahead
+    (`client_read_ahead`); a last group smaller than `chunk` is packed too
+    (training positions come in whole chunks). With `prefetch_chunk`, the
+    next packed group is prepared in a background thread while the caller
+    works on the current one.
+    """
+    threads = max(int(data_threads), 0)
+    dataset = (
+        grain.MapDataset.range(positions.start, positions.stop)
+        .map(load)
+        .to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                           prefetch_buffer_size=client_read_ahead(chunk, threads)))
+        .batch(chunk, batch_fn=pack)
+    )
+    if prefetch_chunk and threads:
+        dataset = grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=1)
+    return iter(dataset)
 
 
 def _check_local_devices(local_devices: tuple[int, ...] | None, num_devices: int) -> None:
@@ -462,15 +478,7 @@ class EvalPipeline:
     def chunks(self) -> Iterator[dict[str, Any]]:
         """Yields packed chunks of `chunk_clients` clients (the last one may be smaller)."""
         num_clients = len(self.sizes)
-        threads = max(int(self.data_threads), 0)
-        dataset = (
-            grain.MapDataset.range(num_clients)
-            .map(self.load_client)
-            .to_iter_dataset(grain.ReadOptions(
-                num_threads=threads, prefetch_buffer_size=client_read_ahead(self.chunk_clients, threads)))
-            .batch(self.chunk_clients, batch_fn=self.pack)
-        )
-        return iter(dataset)
+        return client_chunks(range(num_clients), self.load_client, self.pack, self.chunk_clients, self.data_threads)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -654,15 +662,8 @@ class PersonalizedEvalPipeline:
 
     def chunks(self) -> Iterator[dict[str, Any]]:
         """Yields packed chunks of `chunk_clients` test clients (the last one may be smaller)."""
-        threads = max(int(self.data_threads), 0)
-        dataset = (
-            grain.MapDataset.range(len(self.sizes))
-            .map(self.load_client)
-            .to_iter_dataset(grain.ReadOptions(
-                num_threads=threads, prefetch_buffer_size=client_read_ahead(self.chunk_clients, threads)))
-            .batch(self.chunk_clients, batch_fn=self.pack)
-        )
-        return iter(dataset)
+        return client_chunks(range(len(self.sizes)), self.load_client, self.pack, self.chunk_clients,
+                             self.data_threads)
 
 
 @functools.lru_cache(maxsize=8)

@@ -35,14 +35,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import PartitionSpec as P
 
 from fedstream.algorithms.base import Algorithm
 from fedstream.data.augment import get_augmentation
 from fedstream.data.cohort import PersonalizedEvalPipeline, auto_data_threads
 from fedstream.training.client_store import ClientStateStore
-from fedstream.training.rounds import (AXIS, EVAL_SUMS, local_device_positions, shard_batch, step_key, stream_step,
-                                       summarize_eval, varying)
+from fedstream.training.rounds import (AXIS, EVAL_SUMS, local_device_positions, per_device, shard_batch, step_key,
+                                       stream_step, summarize_eval, varying)
 
 PersonalizedEvalFn = Callable[..., dict[str, jax.Array]]
 
@@ -108,7 +107,7 @@ def build_personalized_eval(algorithm: Algorithm, mesh: jax.sharding.Mesh, num_s
         sums, _ = jax.lax.scan(run_slot, zeros, (slots, personal))
         return jax.lax.psum(sums, AXIS)
 
-    sharded = jax.shard_map(device_eval, mesh=mesh, in_specs=(P(), P(AXIS), P(), P(AXIS)), out_specs=P())
+    sharded = per_device(device_eval, mesh, args="rsrs", out="r")
 
     @jax.jit
     def evaluate(params: Any, batch: Mapping[str, jax.Array], round_index: jax.Array,

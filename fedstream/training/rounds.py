@@ -1,6 +1,6 @@
 """One federated round (and one evaluation pass) as sharded XLA programs.
 
-The round is a `jax.shard_map` over a one-dimensional `('clients',)` mesh of
+The round is a `jax.shard_map` (`per_device`) over a one-dimensional `('clients',)` mesh of
 all devices. Each device runs `lanes` clients at a time in lockstep (a `vmap`;
 one lane runs plainly) and scans over its clients by rank (see
 `fedstream.data.packed`): a client starts from the server model, runs a
@@ -74,6 +74,20 @@ def resolve_lanes(lanes: int | str, mesh: jax.sharding.Mesh, param_bytes: int = 
     if isinstance(lanes, bool) or int(lanes) != lanes or lanes < 1:
         raise ValueError(f"lanes must be a positive integer or 'auto', got {lanes!r}")
     return int(lanes)
+
+
+def per_device(fn: Callable[..., Any], mesh: jax.sharding.Mesh, args: str, out: str) -> Callable[..., Any]:
+    """`fn` run on every device of `mesh` at once (`jax.shard_map` over the 'clients' axis): the one layout of
+    every program here (the round's init, chunk and finish, evaluation, personalized evaluation).
+
+    `args` and `out` spell each argument's and each output's placement, one
+    letter each: 's' split by device (a leading `[devices, ...]` axis, each
+    device sees its `[1, ...]` part), 'r' replicated (the same on every
+    device). A single-letter `out` is one output, not a tuple.
+    """
+    spec = {"s": P(AXIS), "r": P()}
+    outs = spec[out] if len(out) == 1 else tuple(spec[c] for c in out)
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec[c] for c in args), out_specs=outs)
 
 
 def local_device_positions(mesh: jax.sharding.Mesh) -> tuple[int, ...]:
@@ -330,10 +344,9 @@ def build_train_round(algorithm: Algorithm, mesh: jax.sharding.Mesh, seed: int, 
         bad = {"count": jax.lax.psum(bad["count"].sum(), AXIS), "client": jax.lax.pmax(bad["client"].max(), AXIS)}
         return sums, metrics, bad
 
-    init = jax.shard_map(device_init, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=P(AXIS))
-    chunk = jax.shard_map(device_chunk, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P(AXIS)),
-                          out_specs=(P(AXIS), P(AXIS)))
-    reduce = jax.shard_map(device_finish, mesh=mesh, in_specs=(P(AXIS),), out_specs=(P(), P(), P()))
+    init = per_device(device_init, mesh, args="rss", out="s")
+    chunk = per_device(device_chunk, mesh, args="rsss", out="ss")
+    reduce = per_device(device_finish, mesh, args="s", out="rrr")
 
     def finish(state: ServerState, carry: Any) -> tuple[ServerState, dict[str, Any]]:
         sums, metrics, bad = reduce(carry)
@@ -492,7 +505,7 @@ def build_eval(
         sums, _ = jax.lax.scan(step, zeros, batch)
         return jax.lax.psum(sums, AXIS)
 
-    sharded = jax.shard_map(device_eval, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P())
+    sharded = per_device(device_eval, mesh, args="rs", out="r")
     return jax.jit(sharded)
 
 
