@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fedstream.data.format import (DatasetFormatError, FeatureSpec, decode_examples, encode_example, encode_examples,
+from fedstream.data.format import (DatasetFormatError, success_marker, FeatureSpec, decode_examples, encode_example, encode_examples,
                                    schema_from_json, schema_to_json)
 from fedstream.data.inspect import describe_dataset
 from fedstream.data.reader import FederatedDataset
@@ -179,9 +179,12 @@ def test_missing_success_marker(written):
 
 
 def rewrite_metadata(path, edit):
+    """Edits metadata.json and records its new sha256 in _SUCCESS, so that the checks behind the digest run."""
     meta = json.loads((path / "metadata.json").read_text())
     edit(meta)
-    (path / "metadata.json").write_text(json.dumps(meta))
+    data = json.dumps(meta).encode()
+    (path / "metadata.json").write_bytes(data)
+    (path / "_SUCCESS").write_bytes(success_marker(data))
 
 
 def test_wrong_format_version_names_file(written):
@@ -230,20 +233,27 @@ def test_corrupt_record_named_at_read(written):
     path, clients = written
     shard = path / "train" / "shard-00000.array_record"
     data = bytearray(shard.read_bytes())
-    where = data.find(clients["train", "c0"]["x"][1].tobytes())  # shards are uncompressed by default
+    where = data.find(clients["train", "c2"]["x"][-1].tobytes())  # shards are uncompressed by default
     assert where > 0
-    data[where + 10] ^= 0xFF  # inside the first client's records
+    data[where + 10] ^= 0xFF  # inside c2's last record, past the first chunk (which opening reads)
     shard.write_bytes(bytes(data))
-    with pytest.raises(DatasetFormatError, match=r"train/shard-00000\.array_record.*client 'c0'"):
-        FederatedDataset(path).get_client("train", "c0")
+    with pytest.raises(DatasetFormatError, match=r"train/shard-00000\.array_record.*client 'c2'"):
+        FederatedDataset(path).get_client("train", "c2")
+    data[where + 10] ^= 0xFF
+    data[64 + 40] ^= 0xFF  # in the first chunk: opening reads record 0 and names the shard
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DatasetFormatError, match=r"train/shard-00000\.array_record: cannot read record 0"):
+        FederatedDataset(path)
 
 
 def test_schema_mismatch_named_at_read(written):
     path, _ = written
     rewrite_metadata(path, lambda m: m["schema"]["features"][1].update(dtype="int16"))
-    ds = FederatedDataset(path)  # the schema itself is valid
-    with pytest.raises(DatasetFormatError, match=r"test/shard-00000\.array_record \(split 'test', client 'c0'\)"):
-        ds.get_client("test", "c0")
+    # The schema itself is valid; opening decodes one record per split and names the shard and the features.
+    with pytest.raises(DatasetFormatError, match=r"shard-00000\.array_record: record 0 has 2 trailing bytes; "
+                                                 r"the schema in metadata\.json \(x float32\[8, 8, 1\] = 256 B, "
+                                                 r"y int16\[\] = 2 B"):
+        FederatedDataset(path)
 
 
 def test_record_count_mismatch_named_at_read(written):

@@ -33,7 +33,7 @@ from hypothesis.extra import numpy as hnp  # noqa: E402
 
 from fedstream.config import ConfigError  # noqa: E402
 from fedstream.data.format import (INDEX_FILE, METADATA_FILE, SUCCESS_FILE, DatasetFormatError,  # noqa: E402
-                                   FeatureSpec, decode_examples, encode_examples)
+                                   FeatureSpec, decode_examples, encode_examples, success_marker)
 from fedstream.data.preprocessing import run_preprocess  # noqa: E402
 from fedstream.data.reader import FederatedDataset  # noqa: E402
 from fedstream.data.writer import DatasetWriter  # noqa: E402
@@ -382,6 +382,8 @@ def test_reader_mutated_metadata(base_dataset, data):
         path = _copy(base_dataset, tmp)
         meta = path / METADATA_FILE
         meta.write_bytes(data.draw(metadata_mutations(meta.read_bytes())))
+        if data.draw(st.booleans()):  # as if rewritten by a tool that records the new sha256: the deeper checks run
+            (path / SUCCESS_FILE).write_bytes(success_marker(meta.read_bytes()))
         _check_reader("reader metadata.json", path)
 
 
@@ -411,6 +413,7 @@ def test_reader_mutated_shard(base_dataset, data, fix_size_in_metadata):
                     if path / sh["file"] == shard:
                         sh["bytes"] = len(new)
             (path / METADATA_FILE).write_text(json.dumps(meta))
+            (path / SUCCESS_FILE).write_bytes(success_marker((path / METADATA_FILE).read_bytes()))
         _check_reader("reader shard bytes", path)
 
 

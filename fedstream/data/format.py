@@ -44,6 +44,43 @@ class DatasetFormatError(ValueError):
     """A dataset directory or record is invalid; the message names the file."""
 
 
+def success_marker(metadata_bytes: bytes) -> bytes:
+    """The content of `_SUCCESS`: the sha256 of `metadata.json`'s bytes, one line.
+
+    The reader compares it on every open, so an edit of `metadata.json` (a dtype changed from
+    float32 to int32 has the same record size) is caught before anything is decoded with it. An
+    empty `_SUCCESS` (datasets written before the marker held a digest) is accepted unchecked.
+    """
+    return f"{METADATA_FILE} sha256 {hashlib.sha256(metadata_bytes).hexdigest()}\n".encode("ascii")
+
+
+def check_success_marker(marker: bytes, metadata_bytes: bytes, directory: str | os.PathLike) -> None:
+    """Raises DatasetFormatError naming `metadata.json` if a non-empty `_SUCCESS` does not record its sha256."""
+    if not marker or marker == success_marker(metadata_bytes):
+        return
+    actual = hashlib.sha256(metadata_bytes).hexdigest()
+    raise DatasetFormatError(f"{os.path.join(directory, METADATA_FILE)}: sha256 {actual[:16]}... differs from the "
+                             f"one recorded in {SUCCESS_FILE} when the dataset was written (metadata.json or "
+                             f"{SUCCESS_FILE} was edited or damaged; preprocess the dataset again)")
+
+
+def record_layout(schema: Schema) -> str:
+    """Each feature with its dtype, shape and bytes per example, e.g. `x float32[8, 8, 1] = 256 B, y int32[] = 4 B`
+    (a variable-length feature: bytes per element of its first dimension, after a 4-byte length)."""
+    parts = []
+    for name, spec in schema.items():
+        per = int(np.prod([d for d in spec.shape if d is not None], dtype=np.int64)) * spec.stored_dtype.itemsize
+        size = f"4 B + {per} B per element" if spec.variable else f"{per} B"
+        parts.append(f"{name} {spec.dtype}{list(spec.shape)} = {size}".replace("None", "n"))
+    return ", ".join(parts)
+
+
+def fixed_record_size(schema: Schema) -> int | None:
+    """Bytes of one record when every feature has a fixed shape (None with a variable-length feature)."""
+    fixed = _fixed_dtype(schema)
+    return None if fixed is None else fixed.itemsize
+
+
 @dataclasses.dataclass(frozen=True)
 class FeatureSpec:
     """dtype (numpy name) and per-example shape of one feature.

@@ -31,7 +31,7 @@ import ml_collections
 from fedstream import __version__
 from fedstream.config import ConfigError, apply_overrides, load_module, to_json
 from fedstream.data.format import METADATA_FILE, SUCCESS_FILE
-from fedstream.data.writer import DEFAULT_COMPRESSION, DatasetWriter, shard_compression
+from fedstream.data.writer import DEFAULT_COMPRESSION, DatasetWriter, recover_interrupted_swap, shard_compression
 
 RECIPES_PACKAGE = "fedstream.recipes"
 PROGRESS_EVERY_S = 2.0
@@ -47,8 +47,10 @@ def recipe_name(recipe: str) -> str:
 def _existing_metadata(output: pathlib.Path, force: bool) -> dict[str, Any] | None:
     """Metadata of a complete dataset at `output`, None if there is nothing to compare with.
 
-    Refuses (even with `force`) to replace anything that is not a fedstream dataset.
+    Refuses (even with `force`) to replace anything that is not a fedstream dataset. An earlier
+    `--force` replacement that a kill interrupted is finished or rolled back first.
     """
+    recover_interrupted_swap(output)
     if not output.exists():
         return None
     if not output.is_dir():

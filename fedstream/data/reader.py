@@ -14,20 +14,27 @@ import json
 import os
 import pathlib
 import re
+import struct
 import threading
+import tokenize
+import warnings
 import zipfile
+import zlib
 from typing import Any
 
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader
 
 from fedstream.data.format import (FORMAT_VERSION, INDEX_FILE, METADATA_FILE, SUCCESS_FILE, DatasetFormatError,
-                                   Schema, decode_examples, file_sha256, schema_from_json)
-from fedstream.data.writer import ASSETS_DIR, is_safe_split_name
+                                   Schema, check_success_marker, decode_examples, file_sha256, fixed_record_size,
+                                   record_layout, schema_from_json)
+from fedstream.data.writer import ASSETS_DIR, is_safe_split_name, recover_interrupted_swap
 
 # Random-access reader options: no readahead fill per seek (see docs/notes.md, 'ArrayRecord random access').
 READER_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"
 _SHARD_NAME = re.compile(r"^shard-[0-9]{5}\.array_record$")
+_MAX_MARKER_BYTES = 4096  # `_SUCCESS` holds one line
+_VERIFY_BATCH = 4096  # records read at once by `verify()`
 
 
 def _count_ok(value: Any) -> bool:
@@ -35,18 +42,102 @@ def _count_ok(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**62
 
 
+_INDEX_ARRAYS = ("client_ids", "shard", "start", "count")
+# Errors NumPy's zip and .npy readers raise on damaged bytes (a flipped bit can make a member look
+# encrypted, compressed with an unknown method, or give it an npy header that does not tokenize).
+_ZIP_ERRORS = (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, RuntimeError, NotImplementedError,
+               tokenize.TokenError, SyntaxError, zlib.error, OverflowError, TypeError, struct.error,
+               RecursionError, MemoryError, UnicodeDecodeError, IndexError)
+
+
+def read_index_arrays(index_path: pathlib.Path, num_clients: int) -> dict[str, np.ndarray]:
+    """The four arrays of a split's `index.npz`, with every size checked before anything is allocated.
+
+    The writer stores the arrays uncompressed (`np.savez`), so each member's declared size must be
+    at most the file's size; its npy header must declare a one-dimensional array of `num_clients`
+    entries (from metadata.json) whose bytes fill the member exactly. Only then are the bytes read
+    (at most the file's size in all). Damage anywhere, including errors from inside NumPy's zip
+    reader, is one DatasetFormatError naming the file.
+    """
+    def bad(why: str) -> DatasetFormatError:
+        return DatasetFormatError(f"{index_path}: unreadable client index ({why})")
+
+    arrays: dict[str, np.ndarray] = {}
+    try:
+        file_size = index_path.stat().st_size
+        with zipfile.ZipFile(index_path) as zf, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # NumPy's "Python 2 header" warning on damaged headers
+            members = {m.filename: m for m in zf.infolist()}
+            for key in _INDEX_ARRAYS:
+                member = members.get(f"{key}.npy")
+                if member is None:
+                    raise bad(f"no array {key!r}")
+                where = f"array {key!r}"
+                if member.compress_type != zipfile.ZIP_STORED:
+                    raise bad(f"{where} is compressed; the format stores the index uncompressed (np.savez)")
+                if member.file_size > file_size or member.compress_size != member.file_size:
+                    raise bad(f"{where} declares {member.file_size:,} bytes in a {file_size:,}-byte file")
+                with zf.open(member) as f:
+                    version = np.lib.format.read_magic(f)
+                    if version == (1, 0):
+                        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                    elif version == (2, 0):
+                        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                    else:
+                        raise bad(f"{where}: unsupported npy version {version}")
+                    if dtype.hasobject or dtype.kind not in ("U" if key == "client_ids" else "iu"):
+                        raise bad(f"{where} has dtype {dtype}; client_ids must be unicode and "
+                                  "shard/start/count integers")
+                    if len(shape) != 1:
+                        raise bad(f"{where} has shape {shape}; the arrays must be one-dimensional")
+                    if shape[0] != num_clients:
+                        raise bad(f"{where} has {shape[0]:,} entries, {METADATA_FILE} says {num_clients:,} clients")
+                    nbytes = shape[0] * dtype.itemsize  # Python ints: no overflow
+                    if f.tell() + nbytes != member.file_size:
+                        raise bad(f"{where}: its header declares {nbytes:,} bytes of data, the member holds "
+                                  f"{member.file_size - f.tell():,}")
+                    data = f.read(nbytes)  # at most the file's size; reaching the end checks the CRC
+                    if len(data) != nbytes or f.read(1):
+                        raise bad(f"{where} is truncated")
+                arrays[key] = np.frombuffer(data, dtype) if nbytes else np.zeros(0, dtype)
+    except DatasetFormatError:
+        raise
+    except _ZIP_ERRORS as e:
+        raise bad(f"{type(e).__name__}: {str(e)[:200]}") from None
+    return {k: np.array(v) for k, v in arrays.items()}  # writable copies (the checks below cast them)
+
+
+def _refuse_link(path: pathlib.Path) -> None:
+    """Refuses a symbolic link inside a dataset directory, with one line naming it.
+
+    The dataset directory itself may be a link; files and split directories inside it may not:
+    every check of the reader (sizes, sha256, confinement of shard paths) is about the directory's
+    own files, and a link would let another file stand in for them.
+    """
+    if path.is_symlink():
+        raise DatasetFormatError(f"{path}: a symbolic link inside the dataset directory; fedstream refuses "
+                                 "links in a dataset (copy the file in, or preprocess again)")
+
+
 class FederatedDataset:
     """A preprocessed federated dataset: schema, splits, clients and their examples."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = pathlib.Path(path)
+        recover_interrupted_swap(self.path)
         if not self.path.is_dir():
             raise DatasetFormatError(f"{self.path}: no such dataset directory")
-        if not (self.path / SUCCESS_FILE).exists():
-            raise DatasetFormatError(f"{self.path}: not a complete fedstream dataset (no {SUCCESS_FILE})")
+        success_path = self.path / SUCCESS_FILE
         meta_path = self.path / METADATA_FILE
+        for inner in (success_path, meta_path):
+            _refuse_link(inner)
+        if not success_path.exists():
+            raise DatasetFormatError(f"{self.path}: not a complete fedstream dataset (no {SUCCESS_FILE})")
         try:
-            self.metadata: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8"))
+            with open(success_path, "rb") as f:
+                marker = f.read(_MAX_MARKER_BYTES + 1)
+            meta_bytes = meta_path.read_bytes()
+            self.metadata: dict[str, Any] = json.loads(meta_bytes.decode("utf-8"))
         except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or not UTF-8
             raise DatasetFormatError(f"{meta_path}: unreadable metadata ({type(e).__name__}: {e})") from None
         if not isinstance(self.metadata, dict):
@@ -61,12 +152,15 @@ class FederatedDataset:
                 raise ValueError("no features")
         except (KeyError, TypeError, ValueError) as e:
             raise DatasetFormatError(f"{meta_path}: invalid schema ({type(e).__name__}: {e})") from None
+        check_success_marker(marker, meta_bytes, self.path)
         self._index: dict[str, dict[str, np.ndarray]] = {}
         self._shards: dict[str, list[dict[str, Any]]] = {}
         for split, info in self._check_splits(meta_path).items():
             self._shards[split] = info["shards"]
+            _refuse_link(self.path / split)
             for shard in info["shards"]:
                 shard_path = self.path / shard["file"]
+                _refuse_link(shard_path)
                 if not shard_path.is_file():
                     raise DatasetFormatError(f"{shard_path}: shard listed in {meta_path} is missing")
                 if shard_path.stat().st_size != shard["bytes"]:
@@ -74,6 +168,35 @@ class FederatedDataset:
                                              f"{shard['bytes']} (truncated or modified)")
             self._index[split] = self._load_index(split, info)
         self._local = threading.local()
+        for split, shards in self._shards.items():  # one record per split: does the schema fit the records?
+            first = next((k for k, sh in enumerate(shards) if sh["num_records"]), None)
+            if first is not None:
+                self._check_records(split, first, 0, 1)
+
+    def _check_records(self, split: str, shard: int, begin: int, end: int) -> None:
+        """Checks that records begin..end-1 of a shard have the size the schema gives (dtype x shape per
+        feature; variable-length features must decode exactly). One line names the shard, the record,
+        both sizes and every feature's share."""
+        shard_path = self.path / self._shards[split][shard]["file"]
+        try:
+            reader = self._reader(split, shard)
+            records = reader.read(begin, end)
+        except (RuntimeError, OSError, IndexError) as e:
+            which = f"record {begin}" if end == begin + 1 else f"records {begin}..{end - 1}"
+            raise DatasetFormatError(f"{shard_path}: cannot read {which} ({e})") from None
+        size = fixed_record_size(self.schema)
+        if size is not None:
+            lengths = set(map(len, records))
+            if lengths <= {size}:
+                return
+            i, length = next((i, len(r)) for i, r in enumerate(records) if len(r) != size)
+            raise DatasetFormatError(f"{shard_path}: record {begin + i} has {length} bytes, the schema in "
+                                     f"{METADATA_FILE} gives {size} ({record_layout(self.schema)})")
+        try:
+            decode_examples(self.schema, records, source=str(shard_path))
+        except DatasetFormatError as e:
+            raise DatasetFormatError(f"{e}; the schema in {METADATA_FILE} ({record_layout(self.schema)}) does not "
+                                     f"match the records (record numbers from {begin})") from None
 
     def _check_splits(self, meta_path: pathlib.Path) -> dict[str, Any]:
         """The `splits` entry of the metadata, with every field the reader relies on type-checked
@@ -103,11 +226,8 @@ class FederatedDataset:
 
     def _load_index(self, split: str, info: dict[str, Any]) -> dict[str, np.ndarray]:
         index_path = self.path / split / INDEX_FILE
-        try:
-            with np.load(index_path, allow_pickle=False) as f:
-                index = {k: f[k] for k in ("client_ids", "shard", "start", "count")}
-        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            raise DatasetFormatError(f"{index_path}: unreadable client index ({type(e).__name__}: {e})") from None
+        _refuse_link(index_path)
+        index = read_index_arrays(index_path, info["num_clients"])
 
         def bad(why: str) -> DatasetFormatError:
             return DatasetFormatError(f"{index_path}: client index inconsistent with {METADATA_FILE}: {why}")
@@ -227,6 +347,8 @@ class FederatedDataset:
             known = ", ".join(sorted(self.metadata.get("assets", {}) or {})) or "none"
             raise DatasetFormatError(f"{self.path}: no asset {name!r} (assets: {known})")
         path = self.path / ASSETS_DIR / name
+        _refuse_link(path.parent)
+        _refuse_link(path)
         try:
             data = path.read_bytes()
         except OSError as e:
@@ -236,7 +358,8 @@ class FederatedDataset:
         return data
 
     def verify(self) -> None:
-        """Checks every shard's sha256 and record count against the metadata (reads all data)."""
+        """Checks every shard's sha256 and record count against the metadata, and every record's size
+        against the schema (reads all data)."""
         for split, shards in self._shards.items():
             for k, shard in enumerate(shards):
                 shard_path = self.path / shard["file"]
@@ -246,3 +369,5 @@ class FederatedDataset:
                     self._reader(split, k)
                 except RuntimeError as e:
                     raise DatasetFormatError(f"{shard_path}: not a readable ArrayRecord file ({e})") from None
+                for begin in range(0, shard["num_records"], _VERIFY_BATCH):
+                    self._check_records(split, k, begin, min(begin + _VERIFY_BATCH, shard["num_records"]))

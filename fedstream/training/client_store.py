@@ -37,6 +37,8 @@ from typing import Any, Iterable, Mapping
 import jax
 import numpy as np
 
+from fedstream.io_safety import create_exclusive
+
 _FILE = re.compile(r"^round-(\d{8})\.states$")
 
 
@@ -121,7 +123,7 @@ class ClientStateStore:
             written = np.concatenate([written, carried])
         path = self._path(round_index)
         tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
+        with create_exclusive(tmp, "wb") as f:  # never through a planted symbolic link
             table.tofile(f)
         os.replace(tmp, path)
         self._maps.pop(round_index, None)

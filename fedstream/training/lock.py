@@ -26,6 +26,8 @@ import socket
 import sys
 from typing import Any, Callable, TypeVar
 
+from fedstream.io_safety import open_fd_no_follow
+
 LOCK_FILE = ".lock"
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -74,7 +76,9 @@ class WorkdirLock:
         if not self.enabled or self._fd is not None:
             return self
         self.workdir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        # No O_TRUNC, no following a planted symbolic link: the owner record is written with ftruncate
+        # only once the lock is ours, and only into a regular file of the workdir.
+        fd = open_fd_no_follow(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -20,6 +20,8 @@ import sys
 import time
 from typing import Any, Callable, Mapping, TextIO
 
+from fedstream.io_safety import create_exclusive, open_no_follow
+
 
 def _tensorboard_writer(logdir: pathlib.Path) -> Any | None:
     try:
@@ -30,20 +32,24 @@ def _tensorboard_writer(logdir: pathlib.Path) -> Any | None:
 
 
 def truncate_jsonl(path: pathlib.Path, last_round: int) -> None:
-    """Keeps only lines with round <= last_round (atomically rewritten)."""
-    if not path.exists():
+    """Keeps only lines with round <= last_round (atomically rewritten).
+
+    Neither the file nor its temporary copy is opened through a symbolic link (`fedstream.io_safety`).
+    """
+    if not path.exists() and not path.is_symlink():
         return
     kept = []
-    with path.open() as f:
+    with open_no_follow(path, "r", errors="replace") as f:
         for line in f:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a kill
-            if int(record.get("round", -1)) <= last_round:
+            if isinstance(record, dict) and int(record.get("round", -1)) <= last_round:
                 kept.append(json.dumps(record) + "\n")
     tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(kept))
+    with create_exclusive(tmp, "w") as f:
+        f.write("".join(kept))
     os.replace(tmp, path)
 
 
@@ -64,7 +70,7 @@ class MetricsLog:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         truncate_jsonl(self.path, resume_round)
-        self._file: TextIO = self.path.open("a")
+        self._file: TextIO = open_no_follow(self.path, "a")
         self._tb = _tensorboard_writer(pathlib.Path(workdir) / "tensorboard") if tensorboard else None
         self.tensorboard_enabled = self._tb is not None
 
