@@ -263,6 +263,12 @@ def load_attribute(spec: str, key: str, search: Sequence[str | os.PathLike] = ()
 # ---------------------------------------------------------------------------------------------------------------
 
 AGGREGATIONS = ("example", "uniform")
+# Upper bounds of integer keys, checked before any work: counts, rounds and sizes fit int32 (JAX's default integer);
+# a seed fits uint32 (without jax_enable_x64, jax.random.PRNGKey(seed) keeps only the low 32 bits, so 2**32 and 0
+# give the same key); a batch holds at most 2**24 examples (float32 counts them exactly up to there).
+INT32_MAX = 2**31 - 1
+SEED_MAX = 2**32 - 1
+BATCH_SIZE_MAX = 2**24
 NONFINITE_POLICIES = ("skip", "stop")  # config key nonfinite: a client update with NaN/Inf
 SAMPLINGS = ("uniform", "poisson")
 CONV_IMPLS = ("auto", "xla", "patches")
@@ -408,10 +414,6 @@ def validate_train_config(config: ml_collections.ConfigDict | Mapping[str, Any],
         v = get(key)
         return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
-    def at_least(key: str, low: float) -> None:
-        v = number(key)
-        need(key, v is not None and v >= low, f"an integer >= {low}" if isinstance(get(key), int) else f">= {low}")
-
     def positive_finite(key: str) -> None:
         v = number(key)
         need(key, v is not None and math.isfinite(v) and v > 0, "a finite number > 0")
@@ -420,12 +422,21 @@ def validate_train_config(config: ml_collections.ConfigDict | Mapping[str, Any],
         v = number(key)
         need(key, v is not None and 0.0 <= v < 1.0, "in [0, 1)")
 
-    for key in ("seed", "num_rounds", "data_threads", "lanes", "chunk_mb", "client.max_examples", "client.max_steps",
-                "eval.every", "eval.finetune_steps"):
-        at_least(key, 0)
-    for key in ("clients_per_round", "client.batch_size", "client.epochs", "eval.batch_size", "eval.chunk_clients",
-                "checkpoint.every", "checkpoint.keep", "model.num_classes"):
-        at_least(key, 1)
+    def integer_in(key: str, low: int, high: int, why: str = "") -> None:
+        v = get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v > high:
+            need(key, False, f"an integer in [{low}, {high}]{why}")
+        need(key, isinstance(v, int) and not isinstance(v, bool) and v >= low, f"an integer >= {low}")
+
+    for key in ("num_rounds", "data_threads", "lanes", "chunk_mb", "client.max_examples", "client.max_steps",
+                "eval.every", "eval.finetune_steps", "max_clients_per_round"):
+        integer_in(key, 0, INT32_MAX)
+    for key in ("clients_per_round", "client.epochs", "eval.chunk_clients", "checkpoint.every", "checkpoint.keep"):
+        integer_in(key, 1, INT32_MAX)
+    integer_in("seed", 0, SEED_MAX, " (jax.random.PRNGKey keeps 32 bits of a seed: larger seeds would collide)")
+    integer_in("model.num_classes", 1, INT32_MAX, " (labels are int32)")
+    for key in ("client.batch_size", "eval.batch_size"):
+        integer_in(key, 1, BATCH_SIZE_MAX, " (float32 counts a batch's examples exactly up to 2**24)")
     for key in ("client.learning_rate", "server.learning_rate", "server.eps"):
         positive_finite(key)
     for key in ("client.momentum", "server.momentum", "server.b1", "server.b2"):
@@ -435,12 +446,12 @@ def validate_train_config(config: ml_collections.ConfigDict | Mapping[str, Any],
     need("sampling", get("sampling") in SAMPLINGS, f"one of {', '.join(SAMPLINGS)}")
     rate = number("sampling_rate")
     need("sampling_rate", rate is not None and 0.0 <= rate <= 1.0, "in [0, 1] (0 = clients_per_round / N)")
-    at_least("max_clients_per_round", 0)
     for key in ("data.path", "data.train_split", "data.test_split", "model.input_key", "model.label_key"):
         need(key, isinstance(get(key), str) and bool(get(key)), "a non-empty string")
     hidden = get("model.hidden")
     need("model.hidden", isinstance(hidden, list) and all(
-        isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden), "a sequence of integers >= 1")
+        isinstance(h, int) and not isinstance(h, bool) and 1 <= h <= INT32_MAX for h in hidden),
+        f"a sequence of integers in [1, {INT32_MAX}]")
     need("model.conv_impl", get("model.conv_impl") in CONV_IMPLS, f"one of {', '.join(CONV_IMPLS)}")
     for key in ("model.loss_mask_ids", "model.accuracy_mask_ids"):
         ids = get(key)
