@@ -49,7 +49,11 @@ def load_module(name_or_path: str, package: str) -> ModuleType:
             raise ConfigError(f"{path}: cannot be imported as Python")
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:  # a user's file: its own error, named, chained (the traceback keeps the cause)
+            sys.modules.pop(module_name, None)
+            raise ConfigError(f"{path}: {_import_failure(e)}") from e
         return module
     module_name = f"{package}.{name_or_path.replace('-', '_')}"
     try:
@@ -58,6 +62,19 @@ def load_module(name_or_path: str, package: str) -> ModuleType:
         if e.name == module_name:
             raise ConfigError(f"unknown name {name_or_path!r}: no module {module_name} and no such file") from None
         raise
+    except SyntaxError as e:
+        raise ConfigError(f"{module_name}: {_import_failure(e)}") from e
+
+
+def _import_failure(e: Exception) -> str:
+    """One line saying why importing a config or recipe file failed (its syntax error, or what it raised)."""
+    if isinstance(e, SyntaxError):
+        where = f"line {e.lineno}: " if e.lineno else ""
+        return f"{where}{type(e).__name__}: {e.msg} (the file is not valid Python)"
+    if isinstance(e, ConfigError):
+        return str(e)
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"importing it raised {type(e).__name__}" + (f": {first}" if first else "")
 
 
 # --- where a config came from: the pipeline file's directory, for relative `path.py:attribute` names -------------
