@@ -271,14 +271,14 @@ def run_config(pipeline: str | None, workdir: str | None, overrides: Sequence[st
     return config, (stored[0] if stored else None)
 
 
-EXPECTED_ERRORS_DOC = """Errors reported as one line without a traceback file: bad input (config, dataset, recipe
-arguments, a user's pipeline file), the filesystem refusing (OSError: a read-only or full disk, a path that is a
-file or a directory where the other was expected), a busy workdir, a missing extra, a diverged run, a corrupted
-checkpoint."""
-
-
 def _expected_errors() -> tuple[type[BaseException], ...]:
-    """The exception types `main` reports as one plain line (see EXPECTED_ERRORS_DOC)."""
+    """The exception types `main` reports as their message alone (no traceback file).
+
+    Bad input (config, dataset, recipe arguments, a user's pipeline file), the
+    filesystem refusing (OSError: a read-only or full disk, a file where a
+    directory belongs or the reverse), a busy workdir, a missing extra, a
+    diverged run, a corrupted checkpoint or a failed save.
+    """
     from fedstream.config import ConfigError
     from fedstream.data.format import DatasetFormatError
     from fedstream.data.writer import DatasetWriteError
@@ -300,11 +300,12 @@ def one_line(text: str, limit: int = 600) -> str:
     return first + (" [...]" if len(lines) > 1 else "")
 
 
-def write_traceback(error: BaseException, workdir: str | os.PathLike | None) -> pathlib.Path | None:
+def write_traceback(error: BaseException, workdir: str | os.PathLike | None, command: str = "") -> pathlib.Path | None:
     """Writes `error`'s full traceback to `WORKDIR/errors/traceback-<UTC time>.txt` (an existing workdir
-    directory), else to the system temp dir; returns the file, or None if neither could be written.
+    directory), else to `fedstream-traceback-<UTC time>-<pid>.txt` in the system temp dir; returns the file,
+    or None if neither could be written.
 
-    The file is created anew (never through a symlink, never over an existing file).
+    The file is created anew: never through a symlink, never over an existing file.
     """
     import datetime
     import tempfile
@@ -312,7 +313,7 @@ def write_traceback(error: BaseException, workdir: str | os.PathLike | None) -> 
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
     text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-    text = f"fedstream {' '.join(sys.argv[1:])}\n{stamp}\n\n{text}"
+    text = f"fedstream {command} failed at {stamp} (UTC)\n\n{text}"
     places = []
     if workdir is not None and os.path.isdir(workdir) and not os.path.islink(workdir):
         places.append((pathlib.Path(workdir) / "errors", f"traceback-{stamp}.txt"))
@@ -320,6 +321,8 @@ def write_traceback(error: BaseException, workdir: str | os.PathLike | None) -> 
     for directory, name in places:
         try:
             directory.mkdir(exist_ok=True)
+            if directory.is_symlink():
+                continue
             path = directory / name
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
             with os.fdopen(fd, "w") as f:
@@ -343,10 +346,12 @@ def report_error(error: BaseException, args: argparse.Namespace) -> int:
         traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
         return 2
     if isinstance(error, _expected_errors()):
-        print(f"fedstream: error: {one_line(str(error)) or type(error).__name__}", file=sys.stderr)
+        line = one_line(str(error)) or type(error).__name__
+        more = " (rerun with --traceback for the rest)" if line.endswith(" [...]") else ""
+        print(f"fedstream: error: {line}{more}", file=sys.stderr)
         return 2
     workdir = getattr(args, "workdir", None) if args.command == "train" else None
-    path = write_traceback(error, workdir)
+    path = write_traceback(error, workdir, args.command)
     message = one_line(str(error))
     where = (f"full traceback in {path}" if path is not None else "no traceback file could be written")
     print(f"fedstream: error: {type(error).__name__}{': ' + message if message else ''} ({where}; "

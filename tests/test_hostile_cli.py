@@ -16,7 +16,6 @@ import time
 
 import pytest
 
-from fedstream import cli
 from fedstream.config import BATCH_SIZE_MAX, ConfigError, SEED_MAX, load_config, validate_train_config
 from fedstream.data.preprocessing import run_preprocess
 from fedstream.training import limits
