@@ -16,10 +16,12 @@ supplies its stored config, so PIPELINE may be left out to resume or evaluate it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import pathlib
 import sys
 import textwrap
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -70,17 +72,27 @@ _OVERRIDES_HELP = ("Any config key can be overridden with --config.KEY=VALUE (e.
                    "an unknown key or a value of the wrong type is refused, naming the key.")
 
 
+_TRACEBACK_HELP = ("on an error, print the full Python traceback instead of one line (by default an unexpected "
+                  "error's traceback is written to a file, WORKDIR/errors/ or the temp dir, and the line names it)")
+
+
 def _sub(sub: Any, name: str, help_text: str, description: str, examples: str) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=help_text, description=textwrap.fill(description, 100),
-                          epilog="examples:\n" + examples,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = sub.add_parser(name, help=help_text, description=textwrap.fill(description, 100),
+                            epilog="examples:\n" + examples,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    # SUPPRESS: a sub-command's default must not overwrite `fedstream --traceback COMMAND`
+    parser.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help=_TRACEBACK_HELP)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `fedstream` command."""
     parser = argparse.ArgumentParser(
         prog="fedstream", description=__doc__.split("\n\n")[0].strip('"'),
-        epilog="Run 'fedstream COMMAND --help' for a command's options. Set FEDSTREAM_DEBUG=1 for tracebacks.")
+        epilog="Run 'fedstream COMMAND --help' for a command's options. An error prints one line and exits with "
+               "status 2 (130 for Ctrl-C); --traceback prints the full traceback instead, and FEDSTREAM_DEBUG=1 lets "
+               "the exception propagate.")
+    parser.add_argument("--traceback", action="store_true", help=_TRACEBACK_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = _sub(sub, "preprocess", "convert a dataset into the fedstream format, once",
              "Run a recipe once into a dataset directory (client-contiguous ArrayRecord shards, index, metadata). "
@@ -259,88 +271,251 @@ def run_config(pipeline: str | None, workdir: str | None, overrides: Sequence[st
     return config, (stored[0] if stored else None)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `fedstream` console script."""
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """The exception types `main` reports as their message alone (no traceback file).
+
+    Bad input (config, dataset, recipe arguments, a user's pipeline file), the
+    filesystem refusing (OSError: a read-only or full disk, a file where a
+    directory belongs or the reverse), a busy workdir, a missing extra, a
+    diverged run, a corrupted checkpoint or a failed save.
+    """
     from fedstream.config import ConfigError
     from fedstream.data.format import DatasetFormatError
     from fedstream.data.writer import DatasetWriteError
     from fedstream.training.checkpoint import CheckpointCorrupted, CheckpointWriteError
-    from fedstream.training.train import TrainingDiverged
     from fedstream.training.lock import WorkdirLockedError
     from fedstream.training.plot import MissingExtraError
+    from fedstream.training.train import TrainingDiverged
 
-    if not os.environ.get("FEDSTREAM_DEBUG"):
+    return (ConfigError, DatasetFormatError, OSError, ValueError, WorkdirLockedError, MissingExtraError,
+            TrainingDiverged, CheckpointCorrupted, CheckpointWriteError, DatasetWriteError)
+
+
+def one_line(text: str, limit: int = 600) -> str:
+    """`text` as one line: its first non-empty line, cut to `limit` characters, "[...]" marking what was left out."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    if len(first) > limit:
+        return first[:limit] + " [...]"
+    return first + (" [...]" if len(lines) > 1 else "")
+
+
+def write_traceback(error: BaseException, workdir: str | os.PathLike | None, command: str = "") -> pathlib.Path | None:
+    """Writes `error`'s full traceback to `WORKDIR/errors/traceback-<UTC time>.txt` (an existing workdir
+    directory), else to `fedstream-traceback-<UTC time>-<pid>.txt` in the system temp dir; returns the file,
+    or None if neither could be written.
+
+    The file is created anew: never through a symlink, never over an existing file.
+    """
+    import datetime
+    import tempfile
+    import traceback
+
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    text = f"fedstream {command} failed at {stamp} (UTC)\n\n{text}"
+    places = []
+    if workdir is not None and os.path.isdir(workdir) and not os.path.islink(workdir):
+        places.append((pathlib.Path(workdir) / "errors", f"traceback-{stamp}.txt"))
+    places.append((pathlib.Path(tempfile.gettempdir()), f"fedstream-traceback-{stamp}-{os.getpid()}.txt"))
+    for directory, name in places:
+        try:
+            directory.mkdir(exist_ok=True)
+            if directory.is_symlink():
+                continue
+            path = directory / name
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            return path
+        except OSError:
+            continue
+    return None
+
+
+def report_error(error: BaseException, args: argparse.Namespace) -> int:
+    """The CLI's one line for `error` on stderr (exit status 2), or its full traceback with --traceback.
+
+    Expected errors (`_expected_errors`) print their message; any other
+    exception prints its type and message plus the path of a file holding
+    its full traceback (`write_traceback`).
+    """
+    if getattr(args, "traceback", False):
+        import traceback
+
+        traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+        return 2
+    if isinstance(error, _expected_errors()):
+        line = one_line(str(error)) or type(error).__name__
+        more = " (rerun with --traceback for the rest)" if line.endswith(" [...]") else ""
+        print(f"fedstream: error: {line}{more}", file=sys.stderr)
+        return 2
+    workdir = getattr(args, "workdir", None) if args.command == "train" else None
+    path = write_traceback(error, workdir, args.command)
+    message = one_line(str(error))
+    where = (f"full traceback in {path}" if path is not None else "no traceback file could be written")
+    print(f"fedstream: error: {type(error).__name__}{': ' + message if message else ''} ({where}; "
+          "rerun with --traceback to print it)", file=sys.stderr)
+    return 2
+
+
+@contextlib.contextmanager
+def stop_between_rounds(enabled: bool = True) -> Iterator[Any]:
+    """A `Callback` that turns Ctrl-C during the rounds into a stop at the end of the current round.
+
+    Once rounds have started, the first SIGINT only asks to stop: the round
+    finishes, its checkpoint is written, and KeyboardInterrupt is raised from
+    the round's end (`main` then prints where to resume). Interrupting a round's
+    compiled computation from the signal handler itself could leave the
+    process to crash on exit. A second Ctrl-C stops at once; so does one before
+    the first round starts. Disabled (the default handler stays) in a
+    multi-process run, whose processes must stop at the same round, and
+    outside the main thread, where no signal handler can be installed.
+    """
+    import signal
+    import threading
+
+    from fedstream.training.simulation import Callback
+
+    class StopBetweenRounds(Callback):
+        def __init__(self) -> None:
+            self.in_rounds = self.requested = False
+
+        def handle(self, signum: int, frame: Any) -> None:
+            if self.requested or not self.in_rounds:
+                raise KeyboardInterrupt
+            self.requested = True
+            print("fedstream: Ctrl-C: stopping once this round and its checkpoint are done (Ctrl-C again to stop "
+                  "now)", flush=True)
+
+        def on_round_start(self, round_index: int) -> None:
+            self.in_rounds = True
+
+        def on_round_end(self, round_index: int, metrics: Any, saved: bool, checkpointer: Any) -> None:
+            if self.requested:
+                raise KeyboardInterrupt
+
+    stopper = StopBetweenRounds()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield stopper
+        return
+    previous = signal.signal(signal.SIGINT, stopper.handle)
+    try:
+        yield stopper
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def interrupted_line(args: argparse.Namespace) -> str:
+    """What a Ctrl-C'd command says: for `train`, the round its latest checkpoint holds and how to resume."""
+    if args.command != "train":
+        return f"fedstream: {args.command} interrupted"
+    try:
+        from fedstream.training.evaluate_cmd import read_run_config
+
+        stored = read_run_config(args.workdir)
+    except Exception:  # noqa: BLE001 - the line must come out whatever the workdir holds
+        stored = None
+    if stored is None:
+        return ("fedstream: interrupted before the first checkpoint was saved; rerun the same command to start "
+                "the run again")
+    done = int(stored[0])
+    return f"fedstream: interrupted after round {done}; rerun the same command to resume from round {done}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `fedstream` console script.
+
+    Every failure ends as one line on stderr and exit status 2; Ctrl-C as one
+    line and 130 (`train` names the round to resume from). `--traceback`
+    prints the full traceback instead; with FEDSTREAM_DEBUG set the exception
+    propagates. Errors are caught here only: the Python API raises them.
+    """
+    debug = bool(os.environ.get("FEDSTREAM_DEBUG"))
+    if not debug:
         _quiet_checkpoint_thread_errors()
     args_list, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(args_list)
     if overrides and args.command in ("inspect", "plot", "list"):
         raise SystemExit(f"fedstream {args.command} takes no --config overrides")
     try:
-        if args.command == "preprocess":
-            from fedstream.data.preprocessing import run_preprocess
-
-            if args.source:
-                overrides.append(f"source={args.source}")
-            run_preprocess(args.recipe, args.output, overrides, force=args.force, compression=args.compression)
-        elif args.command == "train":
-            config, done = run_config(args.pipeline, args.workdir, overrides)
-            if done is not None and done >= int(config.num_rounds):
-                print(f"fedstream: the run in {args.workdir} is finished: {done} rounds done (num_rounds "
-                      f"{config.num_rounds}); to train further, add --config.num_rounds=N with N > {done}")
-                return 0
-            from fedstream.training.train import train
-
-            init_distributed(args)
-            train(config, args.workdir, resume_last_good=args.resume_last_good, validated=True, debug=args.debug)
-        elif args.command == "eval":
-            import json
-
-            from fedstream.config import load_config
-            from fedstream.training.evaluate_cmd import evaluate_checkpoint, format_result
-
-            config = load_config(args.pipeline, "fedstream.pipelines", overrides) if args.pipeline else None
-            quiet = (lambda _: None) if args.json else print
-            result = evaluate_checkpoint(config, args.workdir, split=args.split, step=args.step, log=quiet,
-                                         overrides=overrides if config is None else ())
-            print(json.dumps(result, sort_keys=True) if args.json else format_result(result, args.workdir))
-        elif args.command == "config":
-            import json
-
-            config, _ = run_config(args.pipeline, args.workdir, overrides)
-            print(json.dumps(config.to_dict(), indent=2, default=list) if args.json else str(config).rstrip())
-        elif args.command == "plot":
-            from fedstream.training.plot import plot_runs
-
-            print(f"wrote {plot_runs(args.workdirs, args.output, metrics=args.metric, x=args.x)}")
-        elif args.command == "list":
-            from fedstream.catalog import SECTIONS, algorithm_options_text, catalog
-
-            unknown = [s for s in args.sections if s not in SECTIONS]
-            if unknown:
-                raise ConfigError(f"unknown section {unknown[0]!r}; choose from {', '.join(SECTIONS)}")
-            if args.algorithm:
-                if args.sections:
-                    print(catalog(tuple(args.sections)) + "\n")
-                print(algorithm_options_text(args.algorithm))
-            else:
-                print(catalog(tuple(args.sections) or SECTIONS))
-        else:
-            from fedstream.data.inspect import describe_dataset
-            from fedstream.data.reader import FederatedDataset
-
-            print(describe_dataset(args.path))
-            if args.verify:
-                FederatedDataset(args.path).verify()
-                print("verify: all shard checksums match")
-    except (ConfigError, DatasetFormatError, FileNotFoundError, ValueError, WorkdirLockedError,
-            MissingExtraError, TrainingDiverged, CheckpointCorrupted, CheckpointWriteError,
-            DatasetWriteError) as e:
-        # Bad input (config, dataset, recipe arguments), a busy workdir, a missing extra: one line, no
-        # traceback, unless FEDSTREAM_DEBUG is set.
-        if os.environ.get("FEDSTREAM_DEBUG"):
+        return run_command(args, overrides)
+    except KeyboardInterrupt:
+        if debug:
             raise
-        print(f"fedstream: error: {e}", file=sys.stderr)
-        return 2
+        print(interrupted_line(args), file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the CLI's edge: one line whatever it was
+        if debug:
+            raise
+        return report_error(e, args)
+
+
+def run_command(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Runs the parsed command; raises whatever fails (`main` turns it into one line)."""
+    from fedstream.config import ConfigError
+
+    if args.command == "preprocess":
+        from fedstream.data.preprocessing import run_preprocess
+
+        if args.source:
+            overrides.append(f"source={args.source}")
+        run_preprocess(args.recipe, args.output, overrides, force=args.force, compression=args.compression)
+    elif args.command == "train":
+        if os.path.lexists(args.workdir) and not os.path.isdir(args.workdir):
+            raise ConfigError(f"--workdir {args.workdir} exists and is not a directory")
+        config, done = run_config(args.pipeline, args.workdir, overrides)
+        if done is not None and done >= int(config.num_rounds):
+            print(f"fedstream: the run in {args.workdir} is finished: {done} rounds done (num_rounds "
+                  f"{config.num_rounds}); to train further, add --config.num_rounds=N with N > {done}")
+            return 0
+        from fedstream.training.train import train
+
+        init_distributed(args)
+        distributed = args.distributed or args.num_processes is not None
+        with stop_between_rounds(enabled=not distributed) as stopper:
+            train(config, args.workdir, resume_last_good=args.resume_last_good, validated=True, debug=args.debug,
+                  callbacks=(stopper,))
+    elif args.command == "eval":
+        import json
+
+        from fedstream.config import load_config
+        from fedstream.training.evaluate_cmd import evaluate_checkpoint, format_result
+
+        config = load_config(args.pipeline, "fedstream.pipelines", overrides) if args.pipeline else None
+        quiet = (lambda _: None) if args.json else print
+        result = evaluate_checkpoint(config, args.workdir, split=args.split, step=args.step, log=quiet,
+                                     overrides=overrides if config is None else ())
+        print(json.dumps(result, sort_keys=True) if args.json else format_result(result, args.workdir))
+    elif args.command == "config":
+        import json
+
+        config, _ = run_config(args.pipeline, args.workdir, overrides)
+        print(json.dumps(config.to_dict(), indent=2, default=list) if args.json else str(config).rstrip())
+    elif args.command == "plot":
+        from fedstream.training.plot import plot_runs
+
+        print(f"wrote {plot_runs(args.workdirs, args.output, metrics=args.metric, x=args.x)}")
+    elif args.command == "list":
+        from fedstream.catalog import SECTIONS, algorithm_options_text, catalog
+
+        unknown = [s for s in args.sections if s not in SECTIONS]
+        if unknown:
+            raise ConfigError(f"unknown section {unknown[0]!r}; choose from {', '.join(SECTIONS)}")
+        if args.algorithm:
+            if args.sections:
+                print(catalog(tuple(args.sections)) + "\n")
+            print(algorithm_options_text(args.algorithm))
+        else:
+            print(catalog(tuple(args.sections) or SECTIONS))
+    else:
+        from fedstream.data.inspect import describe_dataset
+        from fedstream.data.reader import FederatedDataset
+
+        print(describe_dataset(args.path))
+        if args.verify:
+            FederatedDataset(args.path).verify()
+            print("verify: all shard checksums match")
     return 0
 
 

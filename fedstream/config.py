@@ -49,7 +49,11 @@ def load_module(name_or_path: str, package: str) -> ModuleType:
             raise ConfigError(f"{path}: cannot be imported as Python")
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:  # a user's file: its own error, named, chained (the traceback keeps the cause)
+            sys.modules.pop(module_name, None)
+            raise ConfigError(f"{path}: {_import_failure(e)}") from e
         return module
     module_name = f"{package}.{name_or_path.replace('-', '_')}"
     try:
@@ -58,6 +62,19 @@ def load_module(name_or_path: str, package: str) -> ModuleType:
         if e.name == module_name:
             raise ConfigError(f"unknown name {name_or_path!r}: no module {module_name} and no such file") from None
         raise
+    except SyntaxError as e:
+        raise ConfigError(f"{module_name}: {_import_failure(e)}") from e
+
+
+def _import_failure(e: Exception) -> str:
+    """One line saying why importing a config or recipe file failed (its syntax error, or what it raised)."""
+    if isinstance(e, SyntaxError):
+        where = f"line {e.lineno}: " if e.lineno else ""
+        return f"{where}{type(e).__name__}: {e.msg} (the file is not valid Python)"
+    if isinstance(e, ConfigError):
+        return str(e)
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"importing it raised {type(e).__name__}" + (f": {first}" if first else "")
 
 
 # --- where a config came from: the pipeline file's directory, for relative `path.py:attribute` names -------------
@@ -263,6 +280,12 @@ def load_attribute(spec: str, key: str, search: Sequence[str | os.PathLike] = ()
 # ---------------------------------------------------------------------------------------------------------------
 
 AGGREGATIONS = ("example", "uniform")
+# Upper bounds of integer keys, checked before any work: counts, rounds and sizes fit int32 (JAX's default integer);
+# a seed fits uint32 (without jax_enable_x64, jax.random.PRNGKey(seed) keeps only the low 32 bits, so 2**32 and 0
+# give the same key); a batch holds at most 2**24 examples (float32 counts them exactly up to there).
+INT32_MAX = 2**31 - 1
+SEED_MAX = 2**32 - 1
+BATCH_SIZE_MAX = 2**24
 NONFINITE_POLICIES = ("skip", "stop")  # config key nonfinite: a client update with NaN/Inf
 SAMPLINGS = ("uniform", "poisson")
 CONV_IMPLS = ("auto", "xla", "patches")
@@ -408,10 +431,6 @@ def validate_train_config(config: ml_collections.ConfigDict | Mapping[str, Any],
         v = get(key)
         return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
-    def at_least(key: str, low: float) -> None:
-        v = number(key)
-        need(key, v is not None and v >= low, f"an integer >= {low}" if isinstance(get(key), int) else f">= {low}")
-
     def positive_finite(key: str) -> None:
         v = number(key)
         need(key, v is not None and math.isfinite(v) and v > 0, "a finite number > 0")
@@ -420,12 +439,21 @@ def validate_train_config(config: ml_collections.ConfigDict | Mapping[str, Any],
         v = number(key)
         need(key, v is not None and 0.0 <= v < 1.0, "in [0, 1)")
 
-    for key in ("seed", "num_rounds", "data_threads", "lanes", "chunk_mb", "client.max_examples", "client.max_steps",
-                "eval.every", "eval.finetune_steps"):
-        at_least(key, 0)
-    for key in ("clients_per_round", "client.batch_size", "client.epochs", "eval.batch_size", "eval.chunk_clients",
-                "checkpoint.every", "checkpoint.keep", "model.num_classes"):
-        at_least(key, 1)
+    def integer_in(key: str, low: int, high: int, why: str = "") -> None:
+        v = get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v > high:
+            need(key, False, f"an integer in [{low}, {high}]{why}")
+        need(key, isinstance(v, int) and not isinstance(v, bool) and v >= low, f"an integer >= {low}")
+
+    for key in ("num_rounds", "data_threads", "lanes", "chunk_mb", "client.max_examples", "client.max_steps",
+                "eval.every", "eval.finetune_steps", "max_clients_per_round"):
+        integer_in(key, 0, INT32_MAX)
+    for key in ("clients_per_round", "client.epochs", "eval.chunk_clients", "checkpoint.every", "checkpoint.keep"):
+        integer_in(key, 1, INT32_MAX)
+    integer_in("seed", 0, SEED_MAX, " (jax.random.PRNGKey keeps 32 bits of a seed: larger seeds would collide)")
+    integer_in("model.num_classes", 1, INT32_MAX, " (labels are int32)")
+    for key in ("client.batch_size", "eval.batch_size"):
+        integer_in(key, 1, BATCH_SIZE_MAX, " (float32 counts a batch's examples exactly up to 2**24)")
     for key in ("client.learning_rate", "server.learning_rate", "server.eps"):
         positive_finite(key)
     for key in ("client.momentum", "server.momentum", "server.b1", "server.b2"):
@@ -435,12 +463,12 @@ def validate_train_config(config: ml_collections.ConfigDict | Mapping[str, Any],
     need("sampling", get("sampling") in SAMPLINGS, f"one of {', '.join(SAMPLINGS)}")
     rate = number("sampling_rate")
     need("sampling_rate", rate is not None and 0.0 <= rate <= 1.0, "in [0, 1] (0 = clients_per_round / N)")
-    at_least("max_clients_per_round", 0)
     for key in ("data.path", "data.train_split", "data.test_split", "model.input_key", "model.label_key"):
         need(key, isinstance(get(key), str) and bool(get(key)), "a non-empty string")
     hidden = get("model.hidden")
     need("model.hidden", isinstance(hidden, list) and all(
-        isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden), "a sequence of integers >= 1")
+        isinstance(h, int) and not isinstance(h, bool) and 1 <= h <= INT32_MAX for h in hidden),
+        f"a sequence of integers in [1, {INT32_MAX}]")
     need("model.conv_impl", get("model.conv_impl") in CONV_IMPLS, f"one of {', '.join(CONV_IMPLS)}")
     for key in ("model.loss_mask_ids", "model.accuracy_mask_ids"):
         ids = get(key)

@@ -43,6 +43,7 @@ from fedstream.data.cohort import (DEFAULT_CHUNK_BYTES, ClientBatching, CohortPi
                                    auto_data_threads)
 from fedstream.training.checkpoint import CheckpointCorrupted, RunCheckpointer, check_config_unchanged
 from fedstream.training.client_store import ClientStateStore
+from fedstream.training.limits import check_run_sizes, fit_eval_batch
 from fedstream.training.lock import WorkdirLock
 from fedstream.training.metrics_log import MetricsLog, Progress, print_line
 from fedstream.training.personalized_eval import evaluate_finetuned, evaluate_personal
@@ -97,9 +98,10 @@ def client_eval_sums(algorithm: Algorithm, params: Any, dataset: Any, config: ml
                      split: str | None = None) -> dict[str, np.ndarray]:
     """Per-client evaluation sums (`EVAL_SUMS`) of `params` over every client of `split` (default: test)."""
     chunk = int(config.eval.chunk_clients)
-    pipeline = EvalPipeline(dataset, split or config.data.test_split,
-                            (algorithm.model.input_key, algorithm.model.label_key),
-                            int(config.eval.batch_size), mesh.size, chunk,
+    split = split or config.data.test_split
+    batch = fit_eval_batch(int(config.eval.batch_size), dataset.client_sizes(split))  # no larger than a client
+    pipeline = EvalPipeline(dataset, split, (algorithm.model.input_key, algorithm.model.label_key), batch,
+                            mesh.size, chunk,
                             auto_data_threads(int(config.data_threads)), local_devices=_local_devices(mesh))
     eval_fn = eval_fn or build_eval(algorithm, mesh, chunk)
     sums: dict[str, list[np.ndarray]] = {key: [] for key in EVAL_SUMS}
@@ -323,12 +325,15 @@ class Simulation:
         s = self.settings
         param_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize
                           for a in jax.tree.leaves(jax.eval_shape(algorithm.model.init, jax.random.PRNGKey(0))))
+        # before anything allocates: a model too large for the device is refused, a batch larger than any
+        # client's round is cut to it (same steps and examples, less padding)
+        train_batch = check_run_sizes(s, dataset, algorithm.model, param_bytes)
         self.lanes = resolve_lanes(lanes, self.mesh, param_bytes)
         if debug or algorithm.uses_prepass:  # a prepass needs the whole round; the debug round takes one call
             chunk_bytes = 0
         self.pipeline = CohortPipeline(
             dataset, train_split, features, seed=seed, cohort_size=clients_per_round,
-            batching=ClientBatching(batch_size, epochs, max_examples, max_steps), num_devices=self.mesh.size,
+            batching=ClientBatching(train_batch, epochs, max_examples, max_steps), num_devices=self.mesh.size,
             uniform_weights=aggregation == "uniform", data_threads=auto_data_threads(data_threads),
             local_devices=_local_devices(self.mesh), augment=get_augmentation(augment), sampling=sampling,
             sampling_rate=sampling_rate, max_cohort_size=max_clients_per_round, label_range=_label_range(algorithm),
