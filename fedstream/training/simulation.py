@@ -62,11 +62,31 @@ class TrainResult:
     workdir: pathlib.Path | None
 
 
+@dataclasses.dataclass
+class _Dispatched:
+    """A round whose computation is dispatched and whose results have not been read yet."""
+
+    index: int  # 0-based: the round that makes `index + 1` rounds done
+    element: dict[str, Any]  # the cohort pipeline's element (batch and counts)
+    state: ServerState  # the server state after the round (a future until computed)
+    stats: dict[str, Any]
+    position: Any  # the data iterator's state after this round's element (the checkpoint's resume point)
+    state_before: ServerState  # to roll back to if the round is abandoned
+    position_before: Any
+    started: float  # perf_counter when the round asked for its data
+    data_wait: float
+
+
 class Callback:
     """Hooks into the round loop (all optional): subclass and override what you need.
 
     The tests' fault injection (a SIGKILL at a chosen point of a round) is a
     callback; so is anything a researcher wants to watch or stop.
+
+    Rounds are pipelined (except for algorithms with per-client state): round
+    r + 1 starts and is dispatched before round r's metrics are read, so
+    `on_round_start(r + 1)` and `on_round_dispatched(r + 1)` come before
+    `on_round_end(r)`. For each round the three come in that order.
     """
 
     def on_round_start(self, round_index: int) -> None:
@@ -336,6 +356,7 @@ class Simulation:
         self._iterator_rounds = 0
         self._data_position: dict[str, Any] | None = None  # where the cohort iterator resumes
         self._metrics_log: MetricsLog | None = None
+        self._last_finished_at = 0.0  # perf_counter when the latest round's metrics were read
 
     # --- public ------------------------------------------------------------------------------------------------
 
@@ -359,13 +380,48 @@ class Simulation:
         num_rounds = _count("num_rounds", num_rounds, low=0)
         self._open()
         self._ensure_iterator(num_rounds)
-        progress = Progress(num_rounds, self.rounds_done, enabled=self.primary, emit=self.log)
-        for r in range(self.rounds_done, num_rounds):
-            metrics = self._one_round(r, num_rounds)
-            progress.last_eval = (f"test acc {metrics['eval']['accuracy']:.4f} (round {metrics['round']})"
-                                  if "eval" in metrics else progress.last_eval)
-            progress.update(r + 1, metrics["train"]["examples"], metrics["train"], force="eval" in metrics)
-            yield metrics
+        start = self.rounds_done
+        progress = Progress(num_rounds, start, enabled=self.primary, emit=self.log)
+        # Round r + 1 is dispatched before round r is finished (metrics read, logged, evaluated, saved), so the
+        # host's work on round r overlaps the device's on round r + 1. Not with per-client state: round r + 1
+        # reads the client states round r writes.
+        pipelined = self._store is None
+        finished: _Dispatched | None = None  # dispatched, waiting to be finished
+        in_flight: _Dispatched | None = None  # dispatched after `finished`; rolled back if the loop stops
+        position = self._iterator.get_state() if start < num_rounds else None
+        self._last_finished_at = time.perf_counter()
+        try:
+            for r in range(start, num_rounds):
+                try:
+                    in_flight = self._start_round(r, position)
+                except BaseException:
+                    if finished is not None:  # finish the previous round as an unpipelined loop would have
+                        pending, finished = finished, None
+                        self._finish_round(pending, num_rounds)
+                    raise
+                position = in_flight.position
+                if not pipelined:
+                    finished, in_flight = in_flight, None
+                if finished is not None:
+                    pending, finished = finished, None
+                    yield self._report(progress, self._finish_round(pending, num_rounds))
+                finished, in_flight = in_flight, None
+            if finished is not None:
+                pending, finished = finished, None
+                yield self._report(progress, self._finish_round(pending, num_rounds))
+        except BaseException:  # including the consumer closing the generator: undo the unfinished round
+            if in_flight is not None:
+                self._abandon(in_flight)
+            elif finished is not None:
+                self._abandon(finished)
+            raise
+
+    def _report(self, progress: Progress, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Updates the progress line with a finished round's metrics; returns them."""
+        progress.last_eval = (f"test acc {metrics['eval']['accuracy']:.4f} (round {metrics['round']})"
+                              if "eval" in metrics else progress.last_eval)
+        progress.update(metrics["round"], metrics["train"]["examples"], metrics["train"], force="eval" in metrics)
+        return metrics
 
     def run(self, num_rounds: int) -> TrainResult:
         """Runs (or resumes) until `num_rounds` rounds are done, evaluates, closes the workdir; returns the result."""
@@ -507,26 +563,54 @@ class Simulation:
         if position is not None:
             self._iterator.set_state(position)
 
-    def _one_round(self, r: int, num_rounds: int) -> dict[str, Any]:
-        """Round r + 1: data, the compiled round, metrics, evaluation, checkpoint."""
-        s, mesh = self.settings, self.mesh
+    def _dispatch(self, batch: Mapping[str, Any]) -> tuple[ServerState, dict[str, Any], Any | None]:
+        """Dispatches one round's computation on `batch` from `self.state`; returns without waiting for it.
+
+        Returns (the new server state, the round's stats, the cohort's new
+        client states or None when the algorithm keeps no per-client state),
+        all possibly still being computed. Reads the cohort's client states
+        from the store; writing the new ones back is the caller's.
+        """
+        mesh = self.mesh
+        if self._store is None:
+            state, stats = self._train_round(self.state, shard_batch(batch, mesh))
+            return state, stats, None
+        clients = _cohort_clients(batch)  # per-client state: read for the cohort, written back after the round
+        state, stats, new_states = self._train_round(self.state, shard_batch(batch, mesh),
+                                                     shard_batch(self._store.read(clients), mesh))
+        return state, stats, new_states
+
+    def _start_round(self, r: int, position_before: Any) -> _Dispatched:
+        """Round r + 1 up to its dispatch: its data, the compiled round, the client states it writes."""
         for callback in self.callbacks:
             callback.on_round_start(r + 1)
-        t0 = time.perf_counter()
+        started = time.perf_counter()
         element = next(self._iterator)
         if element["round"] != r:
             raise RuntimeError(f"data iterator yielded round {element['round']} for round {r}")
-        t_data = time.perf_counter()
-        batch = element["batch"]
-        if self._store is None:
-            self.state, stats = self._train_round(self.state, shard_batch(batch, mesh))
-        else:  # per-client state: read for the cohort, written back after the round
-            clients = np.where(batch["slot_steps"] > 0, batch["slot_client"], -1)
-            self.state, stats, new_states = self._train_round(self.state, shard_batch(batch, mesh),
-                                                              shard_batch(self._store.read(clients), mesh))
+        data_wait = time.perf_counter() - started
+        position = self._iterator.get_state()  # where a resume from this round's checkpoint continues
+        state_before = self.state
+        self.state, stats, new_states = self._dispatch(element["batch"])
+        if new_states is not None:
+            clients = _cohort_clients(element["batch"])
             self._store.write(r + 1, clients, clients >= 0, jax.device_get(new_states))
         for callback in self.callbacks:
             callback.on_round_dispatched(r + 1)
+        return _Dispatched(r, element, self.state, stats, position, state_before, position_before, started,
+                           data_wait)
+
+    def _abandon(self, round_: _Dispatched) -> None:
+        """Undoes a dispatched round that will not be finished: the state and data position before it."""
+        self.state = round_.state_before
+        if self._iterator is not None and hasattr(self._iterator, "close"):
+            self._iterator.close()
+        self._iterator = None  # rebuilt at `_data_position` by the next `_ensure_iterator`
+        self._data_position = round_.position_before
+
+    def _finish_round(self, round_: _Dispatched, num_rounds: int) -> dict[str, Any]:
+        """A dispatched round's end: its metrics read and logged, evaluation, checkpoint, `on_round_end`."""
+        s, r, element, stats = self.settings, round_.index, round_.element, round_.stats
         train_metrics = {k: float(v) for k, v in stats["metrics"].compute().items()}
         nonfinite = int(stats["nonfinite_clients"])
         if nonfinite and s.nonfinite == "stop":
@@ -539,7 +623,11 @@ class Simulation:
         if self._ledger is not None:
             self._ledger.record_round()
             transform_log.update(dp_epsilon=self._ledger.epsilon(), dp_delta=self._ledger.target_delta)
-        seconds = time.perf_counter() - t0
+        # With pipelining a round's span overlaps the previous one's end; count it from the later of its start and
+        # the previous round's end, so that round seconds add up to the loop's time.
+        now = time.perf_counter()
+        seconds = now - max(round_.started, self._last_finished_at)
+        self._last_finished_at = now
         train = {
             **transform_log,
             "cohort_size": element["cohort_size"],
@@ -551,7 +639,7 @@ class Simulation:
             "padding_waste": element["padding_waste"],
             "nonfinite_clients_skipped": nonfinite,
             "round_seconds": seconds,
-            "data_wait_seconds": t_data - t0,
+            "data_wait_seconds": round_.data_wait,
             "examples_per_second": element["num_examples"] / max(seconds, 1e-9),
         }
         if self._metrics_log is not None:
@@ -560,15 +648,14 @@ class Simulation:
         result: dict[str, Any] = {"round": done, "train": train}
         every = int(s.eval.every)
         if done == num_rounds or (every and done % every == 0):
-            result["eval"] = self._evaluate_round(done)
+            result["eval"] = self._evaluate_round(done, round_.state)
         saved = False
         if self._checkpointer is not None:
-            meta = {"config": self.run_config, "round": done, "seed": int(s.seed),
-                    "data_iterator": self._iterator.get_state()}
+            meta = {"config": self.run_config, "round": done, "seed": int(s.seed), "data_iterator": round_.position}
             if self._ledger is not None:
                 meta["privacy"] = self._ledger.to_json()
             client_index = self._store.index() if self._store is not None else None
-            saved = self._checkpointer.save(done, self.state, meta, force=done == num_rounds,
+            saved = self._checkpointer.save(done, round_.state, meta, force=done == num_rounds,
                                             client_index=client_index)
             if self._store is not None:
                 if saved:
@@ -581,15 +668,15 @@ class Simulation:
             callback.on_round_end(done, result, saved, self._checkpointer)
         return result
 
-    def _evaluate_round(self, done: int) -> dict[str, float]:
-        """The test evaluation after round `done` (plus fine-tuned / personal models where configured)."""
+    def _evaluate_round(self, done: int, state: ServerState) -> dict[str, float]:
+        """The test evaluation of `state`, after round `done` (plus fine-tuned / personal models where configured)."""
         s, algorithm = self.settings, self.algorithm
-        result = evaluate_state(algorithm, self.state, self.dataset, s, self.mesh, self._eval_fn)
+        result = evaluate_state(algorithm, state, self.dataset, s, self.mesh, self._eval_fn)
         if int(s.eval.finetune_steps):  # "FedAvg + fine-tune" personalization
-            result.update(evaluate_finetuned(algorithm, self.state.params, self.dataset, s, self.mesh,
+            result.update(evaluate_finetuned(algorithm, state.params, self.dataset, s, self.mesh,
                                              int(s.eval.finetune_steps), round_index=done))
         if self._store is not None and algorithm.has_personal_models:  # e.g. Ditto's v_i
-            result.update(evaluate_personal(algorithm, self.state.params, self._store, self.dataset, s, self.mesh))
+            result.update(evaluate_personal(algorithm, state.params, self._store, self.dataset, s, self.mesh))
         if self._metrics_log is not None:
             self._metrics_log.write(done, "eval", result)
         if not np.isfinite(result["loss"]):
@@ -597,6 +684,11 @@ class Simulation:
                                    f"stopping ({_last_good(self._checkpointer)}); lower the learning rates and "
                                    "start a new workdir")
         return result
+
+
+def _cohort_clients(batch: Mapping[str, Any]) -> np.ndarray:
+    """The client of each slot of a round batch that trains (-1: an empty or padding slot)."""
+    return np.where(batch["slot_steps"] > 0, batch["slot_client"], -1)
 
 
 def _label_range(algorithm: Algorithm) -> tuple[str, int] | None:
