@@ -141,6 +141,8 @@ class RunCheckpointer:
         self._requested: int | None = None  # the newest step handed over
         self._failure: BaseException | None = None  # the saving thread's error (it saves nothing after one)
         self._failure_raised = False  # raised once, by the next save or wait
+        self._handled = threading.Condition()  # notified as the thread finishes with each step
+        self._handled_step: int | None = None  # the newest step the thread passed to Orbax (or dropped)
 
     def latest_round(self) -> int | None:
         """Rounds completed by the latest complete checkpoint, or None."""
@@ -259,6 +261,9 @@ class RunCheckpointer:
             finally:
                 with self._pending_lock:
                     self._pending.discard(job.step)
+                with self._handled:
+                    self._handled_step = job.step
+                    self._handled.notify_all()
                 self._jobs.task_done()
         self._jobs.task_done()
 
@@ -275,6 +280,16 @@ class RunCheckpointer:
         with self._manager_lock:
             # The decision was taken when the step was handed over; force keeps Orbax from re-deciding.
             self.manager.save(job.step, args=ocp.args.Composite(**items), force=True)
+
+    def wait_started(self, step: int) -> None:
+        """Blocks until the saving thread has started the Orbax save of `step` (so every earlier one is committed).
+
+        The save of `step` itself may still be in flight. Returns at once if a
+        save failed (`wait` raises it). For fault injection: a kill "during the save".
+        """
+        with self._handled:
+            self._handled.wait_for(lambda: self._failure is not None or
+                                   (self._handled_step is not None and self._handled_step >= step))
 
     def _raise_failure(self, step: int | None = None) -> None:
         """Raises the saving thread's error, if any, as a CheckpointWriteError (see `_write_errors`)."""
@@ -306,12 +321,24 @@ class RunCheckpointer:
         """Waits for pending saves, then stops the saving thread and releases the manager (also after a failure)."""
         try:
             self.wait()
-        finally:
-            if self._saver is not None:
-                self._jobs.put(_STOP)
-                self._saver.join()
-                self._saver = None
-            self.manager.close()
+        except BaseException:
+            self._shut_down(reported=True)
+            raise
+        self._shut_down(reported=False)
+
+    def _shut_down(self, *, reported: bool) -> None:
+        """Stops the saving thread and closes the manager; `reported`: a failed save was raised already, so
+        the manager's close re-raising the same failure is dropped."""
+        if self._saver is not None:
+            self._jobs.put(_STOP)
+            self._saver.join()
+            self._saver = None
+        if reported:
+            with contextlib.suppress(Exception):
+                self.manager.close()
+        else:
+            with self._write_errors():
+                self.manager.close()
 
 
 RESUME_HINT = "use a new --workdir (only num_rounds, data_threads, eval.* and checkpoint.* may change on resume)"

@@ -97,7 +97,10 @@ class Callback:
 
     def on_round_end(self, round_index: int, metrics: Mapping[str, Any], saved: bool,
                      checkpointer: RunCheckpointer | None) -> None:
-        """Round `round_index` is done and logged; `saved` says whether its checkpoint save started."""
+        """Round `round_index` is done and logged; `saved` says whether its checkpoint save started.
+
+        The save runs on the checkpointer's thread: `checkpointer.wait()` blocks until it is committed.
+        """
 
 
 # ---------------------------------------------------------------------------------------------------------------
