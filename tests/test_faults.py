@@ -107,6 +107,28 @@ def test_checkpointer_refuses_altered_state_and_unreadable_meta(tmp_path):
     checkpointer.close()
 
 
+def test_saving_thread_records_each_steps_digest_and_restore_checks_it(tmp_path):
+    """The digest is computed on the saving thread, from device arrays, for steps handed over back to back."""
+    import jax.numpy as jnp
+
+    states = {step: {"w": jnp.linspace(0, step, 20_000, dtype=jnp.float32), "round": jnp.array(step, jnp.int32)}
+              for step in range(1, 8)}
+    checkpointer = RunCheckpointer(tmp_path, every=2, keep=10)
+    saved = [step for step, state in states.items()
+             if checkpointer.save(step, state, {"config": {}, "round": step}, force=step == 7)]
+    assert saved == [1, 2, 4, 6, 7]  # the initial save, the interval, the forced last one
+    checkpointer.wait()
+    assert checkpointer.all_steps() == saved
+    for step in saved:
+        assert checkpointer.read_meta(step)["integrity"]["state_sha256"] == tree_digest(states[step])
+        restored, _ = checkpointer.restore(step, states[step])
+        assert np.array_equal(restored["w"], states[step]["w"])
+    flip_byte(largest_file(tmp_path / "checkpoints" / "6" / "state"))
+    with pytest.raises(CheckpointCorrupted, match=r"round 6 .*6/state.*sha256"):
+        checkpointer.restore(6, states[6])
+    checkpointer.close()
+
+
 def test_altered_checkpoint_stops_the_run_and_resume_last_good_recovers_exactly(tmp_path, digits, capsys):
     reference, run = tmp_path / "reference", tmp_path / "run"
     train(config(digits, 6), reference, log=lambda _: None)

@@ -12,16 +12,27 @@ client-store index) in the JSON item; a restore recomputes it, so bytes
 altered after writing are refused (`CheckpointCorrupted`, naming the step's
 directory) instead of silently training on. `quarantine` moves such a step out
 of the way so a run can resume from the newest intact one.
+
+Saving never stalls the train loop: `RunCheckpointer.save` hands the step to
+one saving thread and returns. That thread hashes the state (the digest goes
+into the step's JSON item, so a committed step always carries it), waits for
+Orbax's previous save (Orbax keeps one in flight and its `save` blocks on it)
+and starts the step's Orbax save. The caller blocks only when two steps are
+already waiting behind the one being written; a failed save is raised on the
+caller's thread at its next `save` or `wait` (`CheckpointWriteError`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import pathlib
+import queue
 import re
 import shutil
+import threading
 import time
 from typing import Any, Iterator, Mapping
 
@@ -89,8 +100,21 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
 
 
+@dataclasses.dataclass
+class _SaveJob:
+    """One step handed to the saving thread (the state is a device tree, hashed and copied there)."""
+
+    step: int
+    state: Any
+    meta: dict[str, Any]
+    client_index: dict[str, np.ndarray] | None
+
+
+_STOP = object()  # tells the saving thread to exit
+
+
 class RunCheckpointer:
-    """An Orbax CheckpointManager for one workdir (`<workdir>/checkpoints`)."""
+    """An Orbax CheckpointManager for one workdir (`<workdir>/checkpoints`), saving on a thread of its own."""
 
     def __init__(self, workdir: str | pathlib.Path, *, every: int = 1, keep: int = 3) -> None:
         self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
@@ -107,6 +131,18 @@ class RunCheckpointer:
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "meta", "client_store"))
+        self._every = max(int(every), 1)
+        # The saving thread (started by the first save) and what it shares with the caller.
+        self._jobs: queue.Queue = queue.Queue(maxsize=2)
+        self._saver: threading.Thread | None = None
+        self._manager_lock = threading.Lock()  # the caller's manager calls never overlap the thread's save
+        self._pending: set[int] = set()  # steps handed over and not yet passed to Orbax (under _pending_lock)
+        self._pending_lock = threading.Lock()
+        self._requested: int | None = None  # the newest step handed over
+        self._failure: BaseException | None = None  # the saving thread's error (it saves nothing after one)
+        self._failure_raised = False  # raised once, by the next save or wait
+        self._handled = threading.Condition()  # notified as the thread finishes with each step
+        self._handled_step: int | None = None  # the newest step the thread passed to Orbax (or dropped)
 
     def latest_round(self) -> int | None:
         """Rounds completed by the latest complete checkpoint, or None."""
@@ -164,7 +200,7 @@ class RunCheckpointer:
 
     def quarantine(self, step: int) -> pathlib.Path:
         """Moves a (corrupted) step out of the checkpoint directory; returns where it went."""
-        self.manager.wait_until_finished()
+        self.wait()
         target = self.directory.parent / QUARANTINE_DIR / f"{step}-{time.strftime('%Y%m%dT%H%M%S')}"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(self.step_path(step)), str(target))
@@ -172,26 +208,95 @@ class RunCheckpointer:
         return target
 
     def all_steps(self) -> list[int]:
-        """Steps of the committed checkpoints on disk."""
-        return list(self.manager.all_steps())
+        """Steps of the checkpoints on disk, being written or waiting on the saving thread, ascending."""
+        with self._manager_lock:
+            steps = set(self.manager.all_steps())
+        with self._pending_lock:
+            steps |= self._pending
+        return sorted(steps)
+
+    def should_save(self, step: int) -> bool:
+        """Whether `save(step)` would save: Orbax's default decision, counting steps still on the saving thread.
+
+        A step is saved when it is a multiple of `every`, or when no checkpoint
+        exists yet (Orbax's initial save), and only if it is newer than every
+        step saved or handed over.
+        """
+        # Every step Orbax holds was handed over before `_requested`; before the first save, ask Orbax.
+        newest = self._requested if self._requested is not None else self.manager.latest_step()
+        if newest is not None and newest >= step:
+            return False
+        return step % self._every == 0 or newest is None
 
     def save(self, step: int, state: Any, meta: Mapping[str, Any], *, force: bool = False,
              client_index: Mapping[str, np.ndarray] | None = None) -> bool:
-        """Starts an asynchronous save of `step` if the interval says so (or `force`).
+        """Hands `step` to the saving thread if the interval says so (or `force`); True if it will be saved.
 
+        Returns at once unless two steps already wait for the saving thread.
+        `state` must not change afterwards (JAX arrays never do); the thread
+        hashes it, records the digests in the meta and starts the Orbax save.
         `client_index` (for algorithms with per-client state) is saved with it.
+        A failure of an earlier save is raised here (`CheckpointWriteError`).
         """
-        if not (force or self.manager.should_save(step)):
-            return False
-        integrity = {"state_sha256": tree_digest(state)}
-        if client_index is not None:
-            integrity["client_store_sha256"] = tree_digest(dict(client_index))
-        items = {"state": ocp.args.StandardSave(state),
-                 "meta": ocp.args.JsonSave({**dict(meta), INTEGRITY_KEY: integrity})}
-        if client_index is not None:
-            items["client_store"] = ocp.args.StandardSave(dict(client_index))
-        with self._write_errors(step):
-            return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        self._raise_failure(step)
+        if self._failure is not None or not (force or self.should_save(step)):
+            return False  # after a reported failure nothing more is saved
+        if self._saver is None:
+            self._saver = threading.Thread(target=self._save_loop, name="fedstream-checkpoint", daemon=True)
+            self._saver.start()
+        with self._pending_lock:
+            self._pending.add(step)
+        self._requested = step
+        self._jobs.put(_SaveJob(step, state, dict(meta), dict(client_index) if client_index is not None else None))
+        return True
+
+    def _save_loop(self) -> None:
+        """The saving thread: hash, wait for the previous Orbax save, start this one; stop saving after a failure."""
+        while (job := self._jobs.get()) is not _STOP:
+            try:
+                if self._failure is None:
+                    self._write(job)
+            except Exception as e:  # noqa: BLE001 - reported on the caller's thread
+                self._failure = e
+            finally:
+                with self._pending_lock:
+                    self._pending.discard(job.step)
+                with self._handled:
+                    self._handled_step = job.step
+                    self._handled.notify_all()
+                self._jobs.task_done()
+        self._jobs.task_done()
+
+    def _write(self, job: _SaveJob) -> None:
+        """Hashes a step's state (and client index) and starts its Orbax save (on the saving thread)."""
+        integrity = {"state_sha256": tree_digest(job.state)}  # waits for the round that computes the state
+        if job.client_index is not None:
+            integrity["client_store_sha256"] = tree_digest(job.client_index)
+        items = {"state": ocp.args.StandardSave(job.state),
+                 "meta": ocp.args.JsonSave({**job.meta, INTEGRITY_KEY: integrity})}
+        if job.client_index is not None:
+            items["client_store"] = ocp.args.StandardSave(job.client_index)
+        self.manager.wait_until_finished()  # the previous step's save, without holding the lock
+        with self._manager_lock:
+            # The decision was taken when the step was handed over; force keeps Orbax from re-deciding.
+            self.manager.save(job.step, args=ocp.args.Composite(**items), force=True)
+
+    def wait_started(self, step: int) -> None:
+        """Blocks until the saving thread has started the Orbax save of `step` (so every earlier one is committed).
+
+        The save of `step` itself may still be in flight. Returns at once if a
+        save failed (`wait` raises it). For fault injection: a kill "during the save".
+        """
+        with self._handled:
+            self._handled.wait_for(lambda: self._failure is not None or
+                                   (self._handled_step is not None and self._handled_step >= step))
+
+    def _raise_failure(self, step: int | None = None) -> None:
+        """Raises the saving thread's error, if any, as a CheckpointWriteError (see `_write_errors`)."""
+        if self._failure is not None and not self._failure_raised:
+            self._failure_raised = True
+            with self._write_errors(step):
+                raise self._failure
 
     @contextlib.contextmanager
     def _write_errors(self, step: int | None = None) -> Iterator[None]:
@@ -206,16 +311,34 @@ class RunCheckpointer:
                                        f"{kept}; free space and rerun the same command to resume") from None
 
     def wait(self) -> None:
-        """Blocks until pending saves are committed."""
+        """Blocks until every step handed to `save` is committed (raises CheckpointWriteError if one failed)."""
+        self._jobs.join()
+        self._raise_failure()
         with self._write_errors():
             self.manager.wait_until_finished()
 
     def close(self) -> None:
-        """Waits for pending saves, then releases the manager (also after a failed save)."""
+        """Waits for pending saves, then stops the saving thread and releases the manager (also after a failure)."""
         try:
             self.wait()
-        finally:
-            self.manager.close()
+        except BaseException:
+            self._shut_down(reported=True)
+            raise
+        self._shut_down(reported=False)
+
+    def _shut_down(self, *, reported: bool) -> None:
+        """Stops the saving thread and closes the manager; `reported`: a failed save was raised already, so
+        the manager's close re-raising the same failure is dropped."""
+        if self._saver is not None:
+            self._jobs.put(_STOP)
+            self._saver.join()
+            self._saver = None
+        if reported:
+            with contextlib.suppress(Exception):
+                self.manager.close()
+        else:
+            with self._write_errors():
+                self.manager.close()
 
 
 RESUME_HINT = "use a new --workdir (only num_rounds, data_threads, eval.* and checkpoint.* may change on resume)"

@@ -66,11 +66,29 @@ class TrainResult:
     workdir: pathlib.Path | None
 
 
+@dataclasses.dataclass
+class _Dispatched:
+    """A round whose computation is dispatched and whose results have not been read yet."""
+
+    index: int  # 0-based: the round that makes `index + 1` rounds done
+    element: dict[str, Any]  # host statistics of the round's data (summed over its chunks)
+    state: ServerState  # the server state after the round (a future until computed)
+    stats: dict[str, Any]
+    state_before: ServerState  # to roll back to if the round is abandoned
+    started: float  # perf_counter when the round asked for its data
+    data_wait: float
+
+
 class Callback:
     """Hooks into the round loop (all optional): subclass and override what you need.
 
     The tests' fault injection (a SIGKILL at a chosen point of a round) is a
     callback; so is anything a researcher wants to watch or stop.
+
+    Rounds are pipelined (except for algorithms with per-client state): round
+    r + 1 starts and is dispatched before round r's metrics are read, so
+    `on_round_start(r + 1)` and `on_round_dispatched(r + 1)` come before
+    `on_round_end(r)`. For each round the three come in that order.
     """
 
     def on_round_start(self, round_index: int) -> None:
@@ -81,7 +99,10 @@ class Callback:
 
     def on_round_end(self, round_index: int, metrics: Mapping[str, Any], saved: bool,
                      checkpointer: RunCheckpointer | None) -> None:
-        """Round `round_index` is done and logged; `saved` says whether its checkpoint save started."""
+        """Round `round_index` is done and logged; `saved` says whether its checkpoint save started.
+
+        The save runs on the checkpointer's thread: `checkpointer.wait()` blocks until it is committed.
+        """
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -352,6 +373,7 @@ class Simulation:
         self._iterator: Any = None
         self._iterator_rounds = (0, 0)  # (first, end) rounds of the open iterator
         self._metrics_log: MetricsLog | None = None
+        self._last_finished_at = 0.0  # perf_counter when the latest round's metrics were read
 
     # --- public ------------------------------------------------------------------------------------------------
 
@@ -375,13 +397,46 @@ class Simulation:
         num_rounds = _count("num_rounds", num_rounds, low=0)
         self._open()
         self._ensure_iterator(num_rounds)
-        progress = Progress(num_rounds, self.rounds_done, enabled=self.primary, emit=self.log)
-        for r in range(self.rounds_done, num_rounds):
-            metrics = self._one_round(r, num_rounds)
-            progress.last_eval = (f"test acc {metrics['eval']['accuracy']:.4f} (round {metrics['round']})"
-                                  if "eval" in metrics else progress.last_eval)
-            progress.update(r + 1, metrics["train"]["examples"], metrics["train"], force="eval" in metrics)
-            yield metrics
+        start = self.rounds_done
+        progress = Progress(num_rounds, start, enabled=self.primary, emit=self.log)
+        # Round r + 1 is dispatched before round r is finished (metrics read, logged, evaluated, saved), so the
+        # host's work on round r overlaps the device's on round r + 1. Not with per-client state: round r + 1
+        # reads the client states round r writes.
+        pipelined = self._store is None
+        finished: _Dispatched | None = None  # dispatched, waiting to be finished
+        in_flight: _Dispatched | None = None  # dispatched after `finished`; rolled back if the loop stops
+        self._last_finished_at = time.perf_counter()
+        try:
+            for r in range(start, num_rounds):
+                try:
+                    in_flight = self._start_round(r)
+                except BaseException:
+                    if finished is not None:  # finish the previous round as an unpipelined loop would have
+                        pending, finished = finished, None
+                        self._finish_round(pending, num_rounds)
+                    raise
+                if not pipelined:
+                    finished, in_flight = in_flight, None
+                if finished is not None:
+                    pending, finished = finished, None
+                    yield self._report(progress, self._finish_round(pending, num_rounds))
+                finished, in_flight = in_flight, None
+            if finished is not None:
+                pending, finished = finished, None
+                yield self._report(progress, self._finish_round(pending, num_rounds))
+        except BaseException:  # including the consumer closing the generator: undo the unfinished round
+            if in_flight is not None:
+                self._abandon(in_flight)
+            elif finished is not None:
+                self._abandon(finished)
+            raise
+
+    def _report(self, progress: Progress, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Updates the progress line with a finished round's metrics; returns them."""
+        progress.last_eval = (f"test acc {metrics['eval']['accuracy']:.4f} (round {metrics['round']})"
+                              if "eval" in metrics else progress.last_eval)
+        progress.update(metrics["round"], metrics["train"]["examples"], metrics["train"], force="eval" in metrics)
+        return metrics
 
     def run(self, num_rounds: int) -> TrainResult:
         """Runs (or resumes) until `num_rounds` rounds are done, evaluates, closes the workdir; returns the result."""
@@ -547,7 +602,7 @@ class Simulation:
                 host[key] += element[key]
             host["chunks"] += 1
             batch = element["batch"]
-            clients = np.where(batch["slot_steps"] > 0, batch["slot_client"], -1)
+            clients = _cohort_clients(batch)
             stored = None if store is None else shard_batch(store.read(clients), mesh)
             last = element["chunk"] == element["num_chunks"] - 1
             if last and carry is None:  # the whole round in one program
@@ -576,15 +631,27 @@ class Simulation:
             store.write(r + 1, flat, flat >= 0, states)
         return stats, host
 
-    def _one_round(self, r: int, num_rounds: int) -> dict[str, Any]:
-        """Round r + 1: data, the compiled round, metrics, evaluation, checkpoint."""
-        s = self.settings
+    def _start_round(self, r: int) -> _Dispatched:
+        """Round r + 1 up to its dispatch: its data and compiled round, chunk by chunk; the client states it writes."""
         for callback in self.callbacks:
             callback.on_round_start(r + 1)
-        t0 = time.perf_counter()
+        started = time.perf_counter()
+        state_before = self.state
         stats, element = self._dispatch(r)
         for callback in self.callbacks:
             callback.on_round_dispatched(r + 1)
+        return _Dispatched(r, element, self.state, stats, state_before, started, element["data_wait_seconds"])
+
+    def _abandon(self, round_: _Dispatched) -> None:
+        """Undoes a dispatched round that will not be finished: the state before it (the data follows the round)."""
+        self.state = round_.state_before
+        if self._iterator is not None and hasattr(self._iterator, "close"):
+            self._iterator.close()
+        self._iterator = None  # rebuilt at the state's round by the next `_ensure_iterator`
+
+    def _finish_round(self, round_: _Dispatched, num_rounds: int) -> dict[str, Any]:
+        """A dispatched round's end: its metrics read and logged, evaluation, checkpoint, `on_round_end`."""
+        s, r, element, stats = self.settings, round_.index, round_.element, round_.stats
         train_metrics = {k: float(v) for k, v in stats["metrics"].compute().items()}
         nonfinite = int(stats["nonfinite_clients"])
         if nonfinite and s.nonfinite == "stop":
@@ -597,7 +664,11 @@ class Simulation:
         if self._ledger is not None:
             self._ledger.record_round()
             transform_log.update(dp_epsilon=self._ledger.epsilon(), dp_delta=self._ledger.target_delta)
-        seconds = time.perf_counter() - t0
+        # With pipelining a round's span overlaps the previous one's end; count it from the later of its start and
+        # the previous round's end, so that round seconds add up to the loop's time.
+        now = time.perf_counter()
+        seconds = now - max(round_.started, self._last_finished_at)
+        self._last_finished_at = now
         train = {
             **transform_log,
             "cohort_size": element["cohort_size"],
@@ -610,7 +681,7 @@ class Simulation:
             "round_chunks": element["chunks"],
             "nonfinite_clients_skipped": nonfinite,
             "round_seconds": seconds,
-            "data_wait_seconds": element["data_wait_seconds"],
+            "data_wait_seconds": round_.data_wait,
             "examples_per_second": element["num_examples"] / max(seconds, 1e-9),
         }
         if self._metrics_log is not None:
@@ -619,7 +690,7 @@ class Simulation:
         result: dict[str, Any] = {"round": done, "train": train}
         every = int(s.eval.every)
         if done == num_rounds or (every and done % every == 0):
-            result["eval"] = self._evaluate_round(done)
+            result["eval"] = self._evaluate_round(done, round_.state)
         saved = False
         if self._checkpointer is not None:
             meta = {"config": self.run_config, "round": done, "seed": int(s.seed),
@@ -627,7 +698,7 @@ class Simulation:
             if self._ledger is not None:
                 meta["privacy"] = self._ledger.to_json()
             client_index = self._store.index() if self._store is not None else None
-            saved = self._checkpointer.save(done, self.state, meta, force=done == num_rounds,
+            saved = self._checkpointer.save(done, round_.state, meta, force=done == num_rounds,
                                             client_index=client_index)
             if self._store is not None:
                 if saved:
@@ -640,15 +711,15 @@ class Simulation:
             callback.on_round_end(done, result, saved, self._checkpointer)
         return result
 
-    def _evaluate_round(self, done: int) -> dict[str, float]:
-        """The test evaluation after round `done` (plus fine-tuned / personal models where configured)."""
+    def _evaluate_round(self, done: int, state: ServerState) -> dict[str, float]:
+        """The test evaluation of `state`, after round `done` (plus fine-tuned / personal models where configured)."""
         s, algorithm = self.settings, self.algorithm
-        result = evaluate_state(algorithm, self.state, self.dataset, s, self.mesh, self._eval_fn)
+        result = evaluate_state(algorithm, state, self.dataset, s, self.mesh, self._eval_fn)
         if int(s.eval.finetune_steps):  # "FedAvg + fine-tune" personalization
-            result.update(evaluate_finetuned(algorithm, self.state.params, self.dataset, s, self.mesh,
+            result.update(evaluate_finetuned(algorithm, state.params, self.dataset, s, self.mesh,
                                              int(s.eval.finetune_steps), round_index=done))
         if self._store is not None and algorithm.has_personal_models:  # e.g. Ditto's v_i
-            result.update(evaluate_personal(algorithm, self.state.params, self._store, self.dataset, s, self.mesh))
+            result.update(evaluate_personal(algorithm, state.params, self._store, self.dataset, s, self.mesh))
         if self._metrics_log is not None:
             self._metrics_log.write(done, "eval", result)
         if not np.isfinite(result["loss"]):
@@ -656,6 +727,11 @@ class Simulation:
                                    f"stopping ({_last_good(self._checkpointer)}); lower the learning rates and "
                                    "start a new workdir")
         return result
+
+
+def _cohort_clients(batch: Mapping[str, Any]) -> np.ndarray:
+    """The client of each slot of a chunk that trains (-1: an empty or padding slot)."""
+    return np.where(batch["slot_steps"] > 0, batch["slot_client"], -1)
 
 
 def _label_range(algorithm: Algorithm) -> tuple[str, int] | None:

@@ -33,7 +33,7 @@ from fedstream.training.simulation import (Callback, Simulation, TrainingDiverge
 # kill-and-resume tests and benchmarks/chaos_resume.py:
 #   kill_in_data:K      as round K asks for its data (reader threads busy)
 #   kill_in_round:K     while round K's jitted computation runs (dispatched, not finished)
-#   kill_during_save:K  right after the asynchronous save of round K started
+#   kill_during_save:K  right after the asynchronous save of round K started (the ones before it committed)
 #   kill_after_round:K  after round K's checkpoint is committed
 FAULT_ENV = "FEDSTREAM_FAULT"
 FAULT_KINDS = ("kill_in_data", "kill_in_round", "kill_during_save", "kill_after_round")
@@ -149,8 +149,11 @@ class FaultInjector(Callback):
     def on_round_end(self, round_index: int, metrics: Any, saved: bool, checkpointer: RunCheckpointer | None) -> None:
         if round_index != self.round_index or not saved or self.kind not in ("kill_during_save", "kill_after_round"):
             return
-        if self.kind == "kill_after_round" and checkpointer is not None:
-            checkpointer.wait()
+        if checkpointer is not None:  # `saved`: handed to the saving thread; wait until Orbax has it
+            if self.kind == "kill_after_round":
+                checkpointer.wait()
+            else:
+                checkpointer.wait_started(round_index)
         self._kill()
 
 
