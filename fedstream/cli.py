@@ -216,15 +216,22 @@ def _quiet_checkpoint_thread_errors() -> None:
     """Drops the other reports of a failed asynchronous checkpoint save; the main thread re-raises the
     error as one `CheckpointWriteError` line ("fedstream: error: could not write a checkpoint ...").
 
-    They are: Orbax's log of the traceback from its writer thread; asyncio's "Future/Task exception was
+    They are: Orbax's logs of the traceback and of the failure from its writer threads; asyncio's "Future/Task exception was
     never retrieved" for the save's other TensorStore writes that failed too; and "Event loop is closed"
     tracebacks that TensorStore reports (through `sys.unraisablehook`, from its own threads) when those
     writes finish after Orbax closed the save's event loop.
     """
     import logging
 
+    import absl.logging  # noqa: F401 - creates the 'absl' logger (its caller lookup skips absl's frames) first
+
     def keep(record: logging.LogRecord) -> bool:
-        return not (record.exc_info and "/orbax/" in record.pathname.replace(os.sep, "/"))
+        if "/orbax/" not in record.pathname.replace(os.sep, "/"):
+            return True
+        # A background save that failed: its traceback, and the one-line reports of its threads and commit.
+        failed_save = record.levelno >= logging.ERROR and any(
+            text in record.getMessage() for text in ("raised an exception", "Failed to run"))
+        return not (record.exc_info or failed_save)
 
     def keep_asyncio(record: logging.LogRecord) -> bool:
         message = str(record.msg)
