@@ -299,6 +299,10 @@ class TFFSqlite:
 
     def _check_tables(self) -> None:
         tables = {row[0] for row in self._execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "examples" not in tables and "federated_data" in tables:
+            raise TFFFormatError(f"{self.source}: no table 'examples' but FedJAX's 'federated_data': a FedJAX "
+                                 "SQLite file, not TFF's (read it with `fedstream preprocess fedjax-sqlite`, or "
+                                 "shakespeare / stackoverflow with FedJAX's file names)")
         if "examples" not in tables:
             raise TFFFormatError(f"{self.source}: no table 'examples' (tables: {', '.join(sorted(tables)) or 'none'}); "
                                  "not a TFF SQLite dataset")
