@@ -46,7 +46,9 @@ not the number of sequences, so the check against upstream is on snippets
 and clients: the file's client_metadata before reading (SQLite), and what
 was read, per split (an error, a warning with `check_counts=False`). The
 number of sequences written is checked against `expected_counts`, computed
-from the snippet lengths by a separate pass over the input.
+from the snippet lengths (by `text.num_char_sequences`, not from the
+sequences written) during the same pass, so the input is decompressed or
+extracted once; `expected_counts` called on its own reads the input again.
 FedJAX's files: the counts of their rows (`num_examples`) are checked first.
 
 Training-time caps (TFF's `max_elements` per client) are the pipeline's
@@ -63,6 +65,7 @@ from typing import Iterator
 import ml_collections
 import numpy as np
 
+from fedstream.config import to_json
 from fedstream.data import text
 from fedstream.data.download import Remote
 from fedstream.data.format import FeatureSpec, Schema
@@ -87,6 +90,8 @@ PUBLISHED = {"train": (715, 16_068), "test": (715, 2_356)}
 FEATURES = {"snippets": ()}
 # upstream split -> FedJAX's file of it (fedjax/datasets/shakespeare.py).
 FEDJAX_FILES = {"train": "shakespeare_train.sqlite", "test": "shakespeare_test.sqlite"}
+# (clients, sequences) per split counted by the last `generate` of a config, for `expected_counts`.
+_COUNTED: dict[str, dict[str, tuple[int, int]]] = {}
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -143,9 +148,16 @@ def generate(config: ml_collections.ConfigDict) -> Iterator[tuple[str, str, dict
     _check_config(config)
     vocab = text.char_vocabulary()
     table = text.char_table(vocab)
+    key = to_json(config)
+    _COUNTED.pop(key, None)
+    counted = {split: [0, 0] for split in SPLITS}
     for split, client_id, snippets in _clients(config):
         x, y = text.char_sequences(snippets, table, vocab, config.sequence_length, config.packing)
+        counted[split][0] += 1
+        counted[split][1] += text.num_char_sequences([len(s) for s in snippets], config.sequence_length,
+                                                     config.packing)
         yield split, client_id, {"x": x, "y": y}
+    _COUNTED[key] = {split: (c, n) for split, (c, n) in counted.items()}
 
 
 def assets(config: ml_collections.ConfigDict) -> dict[str, bytes]:
@@ -161,7 +173,14 @@ def fingerprint(config: ml_collections.ConfigDict) -> str:
 
 
 def expected_counts(config: ml_collections.ConfigDict) -> dict[str, tuple[int, int]]:
-    """(clients, sequences) per split, computed from the snippet lengths (a second pass over the input)."""
+    """(clients, sequences) per split, computed from the snippet lengths.
+
+    After a complete `generate` of the same config, its tally (no second
+    decompression or extraction); otherwise a second pass over the input.
+    """
+    counted = _COUNTED.pop(to_json(config), None)
+    if counted is not None:
+        return counted
     out: dict[str, list[int]] = {split: [0, 0] for split in SPLITS}
     for split, _, snippets in _clients(config, check=False):
         out[split][0] += 1

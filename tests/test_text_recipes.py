@@ -10,6 +10,7 @@ the same dataset.
 from __future__ import annotations
 
 import bz2
+import importlib.util
 import io
 import json
 import re
@@ -147,6 +148,29 @@ def test_shakespeare_legacy_h5_archive_matches_sqlite(tmp_path, shakespeare_dir)
         for i in range(a.num_clients(split)):
             for k in ("x", "y"):
                 np.testing.assert_array_equal(a.get_client(split, i)[k], b.get_client(split, i)[k])
+
+
+def test_shakespeare_input_read_once(tmp_path, capsys):
+    """The sequence counts are tallied while converting: the input is decompressed (or extracted) once, not twice."""
+    from fedstream.data import tff
+
+    source = shakespeare_file(tmp_path / "s.sqlite.lzma")
+    opened = []
+    real = tff.open_sqlite
+    try:
+        tff.open_sqlite = lambda *a, **k: opened.append(a[0]) or real(*a, **k)
+        preprocess("shakespeare", tmp_path / "b", f"source={source}", cache=tmp_path / "cache")
+    finally:
+        tff.open_sqlite = real
+    assert opened == [source]
+    if importlib.util.find_spec("h5py"):
+        files = {f"shakespeare_{split}.h5": {cid: {"snippets": np.array(s, dtype=object).astype(bytes)}
+                                             for cid, s in clients.items()}
+                 for split, clients in SHAKESPEARE.items()}
+        archive = write_tff_h5_archive(tmp_path / "shakespeare.tar.bz2", files, prefix="shakespeare/")
+        capsys.readouterr()
+        preprocess("shakespeare", tmp_path / "c", f"source={archive}", cache=tmp_path / "cache")
+        assert capsys.readouterr().err.count(f"extracting {archive}") == 1
 
 
 def test_shakespeare_published_counts_checked_first(tmp_path):
