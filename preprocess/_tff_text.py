@@ -118,6 +118,27 @@ def open_with_counts(path: pathlib.Path, config: ml_collections.ConfigDict,
         yield read, {}
 
 
+@contextlib.contextmanager
+def open_counted(path: pathlib.Path, config: ml_collections.ConfigDict, splits: Mapping[str, tuple[str, str]],
+                 feature: str) -> Iterator[tuple[common.Reader, dict[str, tuple[int, int]]]]:
+    """`open_with_counts` for TFF layouts, with counts for the HDF5 layouts too.
+
+    `splits` maps output split -> (SQLite split, .h5 file name); the counts
+    come back keyed by output split: from `client_metadata` (SQLite) or from
+    the .h5 files' shapes of `feature` (HDF5), before any client is read;
+    a split whose file or metadata is missing has none (reading it then
+    fails with its own error).
+    """
+    if common.source_kind(path) == "sqlite":
+        with open_with_counts(path, config) as (read, counts):
+            yield read, {split: counts[upstream] for split, (upstream, _) in splits.items() if upstream in counts} \
+                if counts else {}
+        return
+    h5: dict[str, tuple[int, int]] = {}
+    with common.open_source(path, config, h5, feature) as read:
+        yield read, {split: h5[name] for split, (_, name) in splits.items() if name in h5}
+
+
 def check_published(config: ml_collections.ConfigDict, source: pathlib.Path, split: str, what: str,
                     got: tuple[int, int], want: tuple[int, int]) -> None:
     """Raises (or warns, with check_counts=False) if `got` (clients, `what`) differs from the published `want`."""
