@@ -115,8 +115,8 @@ def optimizer_descriptions() -> dict[str, str]:
 def catalog(sections: tuple[str, ...] = SECTIONS) -> str:
     """The text `fedstream list` prints."""
     headers = {
-        "recipes": ("recipes", "fedstream preprocess NAME --output DIR; - and _ alike in NAME; or a path to your own "
-                    "recipe .py",
+        "recipes": ("recipes", ("fedstream preprocess NAME --output DIR; - and _ alike in NAME; or a path to your "
+                                "own recipe .py"),
                     lambda: package_modules("fedstream.recipes")),
         "pipelines": ("pipelines", "fedstream train NAME --workdir DIR; or a path to your own config .py",
                       lambda: package_modules("fedstream.pipelines")),
