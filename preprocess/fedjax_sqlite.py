@@ -437,8 +437,8 @@ def _check_xy(spec: Schema, path: pathlib.Path) -> None:
     if missing:
         raise ValueError(f"{path}: the output would have features {', '.join(spec)} but no "
                          f"{' or '.join(map(repr, missing))}, which the trainer reads: set "
-                         "--config.input_key=FEATURE and --config.label_key=FEATURE (or --config.require_xy=False to keep these names and set model.input_key / "
-                         "model.label_key in the pipeline)")
+                         "--config.input_key=FEATURE and --config.label_key=FEATURE (or --config.require_xy=False "
+                         "to keep these names and set model.input_key / model.label_key in the pipeline)")
 
 
 def _rows(path: pathlib.Path, config: ml_collections.ConfigDict,
