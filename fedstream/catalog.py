@@ -32,21 +32,29 @@ def _first_line(doc: str | None) -> str:
 
 
 def package_modules(package: str) -> dict[str, str]:
-    """Public modules of `package` (no leading underscore) -> first docstring line, without importing them."""
+    """Public modules of `package` (no leading underscore) -> first docstring line, without importing them.
+
+    A recipe is listed under the name its docstring gives ("Recipe `fedjax-sqlite`: ..."), the spelling
+    of the README, when that name is its module name with dashes for underscores; both spellings are
+    accepted wherever a recipe or pipeline is named (`fedstream.config.load_module`).
+    """
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         return {}
     out: dict[str, str] = {}
     for location in spec.submodule_search_locations:
         for path in sorted(pathlib.Path(location).glob("*.py")):
-            if path.stem.startswith("_") or path.stem in out:
+            if path.stem.startswith("_") or path.stem in out or path.stem.replace("_", "-") in out:
                 continue
             try:
                 doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
             except (OSError, SyntaxError, UnicodeDecodeError):
                 doc = None
             # Recipes start "Recipe `name`: ..."; the name is already in the listing.
-            out[path.stem] = re.sub(r"^Recipe `[^`]*`:\s*", "", _first_line(doc))
+            line = _first_line(doc)
+            match = re.match(r"^Recipe `([^`]*)`:\s*", line)
+            name = match.group(1) if match and match.group(1).replace("-", "_") == path.stem else path.stem
+            out[name] = line[match.end():] if match else line
     return out
 
 
@@ -107,7 +115,8 @@ def optimizer_descriptions() -> dict[str, str]:
 def catalog(sections: tuple[str, ...] = SECTIONS) -> str:
     """The text `fedstream list` prints."""
     headers = {
-        "recipes": ("recipes", "fedstream preprocess NAME --output DIR; or a path to your own recipe .py",
+        "recipes": ("recipes", ("fedstream preprocess NAME --output DIR; - and _ alike in NAME; or a path to your "
+                                "own recipe .py"),
                     lambda: package_modules("fedstream.recipes")),
         "pipelines": ("pipelines", "fedstream train NAME --workdir DIR; or a path to your own config .py",
                       lambda: package_modules("fedstream.pipelines")),

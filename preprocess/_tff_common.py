@@ -98,11 +98,15 @@ def fingerprint(config: ml_collections.ConfigDict, remotes: Mapping[str, Remote]
 
 
 @contextlib.contextmanager
-def open_source(path: pathlib.Path, config: ml_collections.ConfigDict) -> Iterator[Reader]:
+def open_source(path: pathlib.Path, config: ml_collections.ConfigDict,
+                h5_counts: dict[str, tuple[int, int]] | None = None,
+                count_feature: str = "") -> Iterator[Reader]:
     """Yields `read(sqlite_split, h5_file_name, features)`, an iterator of (client_id, data) of one split.
 
     A `.sqlite.lzma` is decompressed and an archive extracted once, into the
-    cache directory, and deleted on exit.
+    cache directory, and deleted on exit. For the HDF5 layouts, `h5_counts`
+    (a dict, filled before yielding) gets {h5 file name: (clients, examples)}
+    of every .h5 file, from the shapes of `count_feature` (no data read).
     """
     kind = source_kind(path)
     tmp = cache_dir(config.cache_dir)
@@ -118,6 +122,10 @@ def open_source(path: pathlib.Path, config: ml_collections.ConfigDict) -> Iterat
         else:
             members = {p.name: p for p in path.iterdir() if p.suffix == ".h5"}
             label = lambda name: str(path / name)  # noqa: E731
+
+        if h5_counts is not None:
+            for name, member in members.items():
+                h5_counts[name] = tff.h5_counts(member, count_feature, name=label(name))
 
         def read(_split: str, h5_name: str, features: tff.Features) -> Iterator[tuple[str, tff.ClientData]]:
             if h5_name not in members:

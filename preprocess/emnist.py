@@ -29,9 +29,10 @@ Output, splits `train` and `test` with TFF's client ids (writer ids such as
   (`only_digits=True`: 0-9 only).
 
 Sizes (TFF): 62 classes, 3,400 clients, 671,585 train / 77,483 test examples;
-`only_digits=True`: 3,383 clients, 341,873 / 40,832. These are checked after
-writing (`check_counts=False` turns a mismatch into a warning, e.g. for a
-modified file).
+`only_digits=True`: 3,383 clients, 341,873 / 40,832. These are checked
+before converting, against the SQLite file's `client_metadata` or the .h5
+files' shapes, and again after writing (`check_counts=False` turns a
+mismatch into one warning, after writing, e.g. for a modified file).
 
     fedstream preprocess emnist --output data/emnist --source emnist_all.sqlite.lzma
     fedstream preprocess emnist --output data/emnist_digits --config.only_digits=True
@@ -49,6 +50,7 @@ import numpy as np
 from fedstream.data.download import Remote
 from fedstream.data.format import FeatureSpec, Schema
 from fedstream.recipes import _tff_common as common
+from fedstream.recipes import _tff_text
 
 SOURCE = ("Federated EMNIST of TensorFlow Federated (tff.simulation.datasets.emnist; LEAF FEMNIST preprocessing, "
           "Caldas et al. 2018, of EMNIST, Cohen et al. 2017, from NIST Special Database 19, grouped by writer), "
@@ -115,7 +117,12 @@ def generate(config: ml_collections.ConfigDict) -> Iterator[tuple[str, str, dict
     """Yields every `train` client, then every `test` client, in client id order."""
     path = common.resolve_source(config, REMOTES[bool(config.only_digits)])
     classes = num_classes(config)
-    with common.open_source(path, config) as read:
+    splits = {split: upstream_names(config, split) for split in ("train", "test")}
+    with _tff_text.open_counted(path, config, splits, "label") as (read, counts):
+        # Before converting, so a wrong or partial file fails at once (with check_counts=False, the check
+        # after writing warns once).
+        for split, got in counts.items() if config.check_counts else ():
+            _tff_text.check_published(config, path, split, "examples", got, COUNTS[bool(config.only_digits)][split])
         for split in ("train", "test"):
             sqlite_split, h5_name = upstream_names(config, split)
             for client_id, data in read(sqlite_split, h5_name, FEATURES):

@@ -24,14 +24,43 @@ of FedJAX's hosted files). Features: every array in the rows, or those in
 (e.g. FedJAX EMNIST `pixels` (28, 28) -> 28,28,1), floats are stored as
 `float_dtype`, `y` as `label_dtype` (values must fit). The schema is taken
 from the first client of the first split; every client must match it.
-Feature arrays holding bytes strings (Shakespeare, Stack Overflow) cannot be
-stored as numbers: pick numeric features with `features`, or use the
-dataset's own recipe. Each row's `num_examples` is checked against its data.
+Each row's `num_examples` is checked against its data.
+
+FedJAX's own datasets, recognised by the first client's features when
+`input_key`, `label_key`, `features` and `input_shape` are all unset:
+
+- EMNIST (`pixels` [N, 28, 28] float32, `label` [N] int32): x = pixels as
+  28,28,1, y = label;
+- CIFAR-100 (`image` [N, 32, 32, 3] uint8, `label`, `coarse_label`): x =
+  image, y = label, `coarse_label` kept;
+- Shakespeare (`snippets`) and Stack Overflow (`tokens`, ...) hold bytes
+  strings (ext type 4), which are text, not numbers: they are converted by
+  `fedstream preprocess shakespeare --source FILE` / `stackoverflow --source
+  FILE` (vocabulary, packing, TFF's ids and counts); here they are refused.
+
+Anything else without features `x` and `y` is refused, naming the features
+found and the keys to set (`require_xy=False` writes it anyway, for a
+pipeline that sets `model.input_key` / `model.label_key`).
+
+Values: by default as stored. FedJAX's files keep EMNIST's TFF polarity
+(1.0 = background, 0.0 = ink), but FedJAX's `emnist.load_data` feeds models
+`x = 1 - pixels` (ink = 1) and adds `domain_id` (`emnist.domain_id`: the
+writer number NNNN of the id "<16 hex>:fNNNN_NN" or "fNNNN_NN", 2100-2599
+high school = 0, else census = 1). `fedjax_convention=True` writes what
+FedJAX's `load_data` gives models: EMNIST x = 1 - pixels (28, 28, 1)
+float32, y = label, `domain_id` int32 (from the id as stored, before
+`strip_id_prefix`; another id is an error); CIFAR-100 x = image (uint8), y =
+label, no coarse_label. It needs one of those two datasets and leaves
+input_key, label_key, features and input_shape to it.
 
     fedstream preprocess fedjax-sqlite --output data/emnist \\
-        --config.train=federated_emnist_train.sqlite --config.test=federated_emnist_test.sqlite \\
-        --config.input_key=pixels --config.label_key=label --config.input_shape=28,28,1
+        --config.train=federated_emnist_train.sqlite --config.test=federated_emnist_test.sqlite
+    fedstream preprocess fedjax-sqlite --output data/emnist_fedjax --config.fedjax_convention=True \\
+        --config.train=federated_emnist_train.sqlite --config.test=federated_emnist_test.sqlite
+    fedstream preprocess fedjax-sqlite --output data/mine \\
+        --config.train=train.sqlite --config.input_key=pixels --config.label_key=label --config.input_shape=28,28,1
 
+The name is spelled `fedjax-sqlite` or `fedjax_sqlite` alike.
 Every error names the file and, where there is one, the client, on one line.
 """
 
@@ -41,9 +70,10 @@ import hashlib
 import pathlib
 import re
 import sqlite3
+import sys
 import urllib.parse
 import zlib
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import ml_collections
 import numpy as np
@@ -56,6 +86,11 @@ COLUMNS = ("client_id", "data", "num_examples")
 # FedJAX serialization.py, _MsgpackExtType.
 EXT_NDARRAY, EXT_COMPLEX, EXT_NPSCALAR, EXT_BYTES_NDARRAY = 1, 2, 3, 4
 _ID_PREFIX = re.compile(r"^[0-9a-f]{16}:")
+# A bytes-string feature of FedJAX's text datasets -> the recipe that converts those files.
+_TEXT_RECIPES = {
+    "snippets": "Shakespeare with its vocabulary and packing: fedstream preprocess shakespeare --source FILE",
+    "tokens": "Stack Overflow with its vocabulary: fedstream preprocess stackoverflow --source FILE",
+}
 _SAFE_SPLIT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -72,6 +107,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.float_dtype = "float32"  # floating features are stored as this ('' = keep)
     c.label_dtype = "int32"  # y is stored as this ('' = keep); integer values must fit
     c.strip_id_prefix = False  # drop FedJAX's "<16 hex digits>:" client-id prefix
+    c.fedjax_convention = False  # True: what FedJAX's load_data feeds models (EMNIST: x = 1 - pixels, domain_id)
+    c.require_xy = True  # False: write a file without features `x` / `y` (set model.input_key / label_key then)
     c.seed = 0  # no randomness; recorded in the metadata like every recipe's seed
     return c
 
@@ -204,7 +241,8 @@ def decode_examples(blob: bytes) -> dict[str, np.ndarray]:
     return out
 
 
-def _client_id(raw: Any, config: ml_collections.ConfigDict) -> str:
+def _client_id(raw: Any, strip_prefix: bool) -> str:
+    """A row's client id as text (UTF-8), without FedJAX's "<16 hex>:" prefix if `strip_prefix`."""
     if isinstance(raw, bytes):
         try:
             text = raw.decode("utf-8")
@@ -216,7 +254,7 @@ def _client_id(raw: Any, config: ml_collections.ConfigDict) -> str:
         text = str(raw)
     else:
         raise _BadRow(f"client id is a {type(raw).__name__}, not bytes or text")
-    if config.strip_id_prefix:
+    if strip_prefix:
         text = _ID_PREFIX.sub("", text, count=1)
     if not text:
         raise _BadRow("client id is empty")
@@ -266,8 +304,10 @@ def _convert(examples: dict[str, np.ndarray], config: ml_collections.ConfigDict)
         if name in out:
             raise _BadRow(f"feature {key!r} is renamed to {name!r}, which the file already has")
         if value.dtype.hasobject:
+            hint = _TEXT_RECIPES.get(key, "")
             raise _BadRow(f"feature {key!r} holds bytes strings (FedJAX ext type 4), which cannot be stored as "
-                          "numbers; choose numeric features with --config.features")
+                          "numbers; choose numeric features with --config.features"
+                          + (f", or convert FedJAX's {hint}" if hint else ""))
         if value.dtype.kind == "c":
             raise _BadRow(f"feature {key!r} is complex ({value.dtype}); not supported")
         out[name] = value
@@ -299,8 +339,115 @@ def _convert(examples: dict[str, np.ndarray], config: ml_collections.ConfigDict)
     return out
 
 
-def _rows(path: pathlib.Path, config: ml_collections.ConfigDict) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
-    """(client id, converted examples) per row of one file in rowid order; errors name file and client."""
+# FedJAX's numeric datasets, recognised by their features in the first client
+# (fedjax/datasets/emnist.py, cifar100.py `load_split`): dataset -> (feature shapes, mapping).
+KNOWN_DATASETS: dict[str, tuple[dict[str, tuple[int, ...]], dict[str, Any]]] = {
+    "EMNIST": ({"pixels": (28, 28), "label": ()},
+               {"input_key": "pixels", "label_key": "label", "input_shape": (28, 28, 1)}),
+    "CIFAR-100": ({"image": (32, 32, 3), "label": (), "coarse_label": ()},
+                  {"input_key": "image", "label_key": "label", "input_shape": ()}),
+}
+
+
+def recognise(examples: dict[str, np.ndarray]) -> str | None:
+    """The FedJAX dataset whose raw features (names and per-example shapes) `examples` has, or None."""
+    for name, (shapes, _) in KNOWN_DATASETS.items():
+        if (set(examples) == set(shapes)
+                and all(examples[k].shape[1:] == shape and examples[k].dtype.kind in "biuf"
+                        for k, shape in shapes.items())):
+            return name
+    return None
+
+
+def fedjax_domain_id(client_id: str) -> int:
+    """`fedjax.datasets.emnist.domain_id` of a client id as stored: 0 (HIGH_SCHOOL) or 1 (CENSUS).
+
+    FedJAX reads the writer number from "<16 hex>:fNNNN_NN" (25 characters,
+    characters 18..21) or "fNNNN_NN" (8, characters 1..4); writers 2100-2599
+    are domain 0. Any other id is an error, as in FedJAX.
+    """
+    try:
+        if len(client_id) == 25:
+            writer = int(client_id[18:22])
+        elif len(client_id) == 8:
+            writer = int(client_id[1:5])
+        else:
+            raise ValueError
+    except ValueError:
+        raise _BadRow("client id is neither '<16 hex>:fNNNN_NN' nor 'fNNNN_NN', so FedJAX's EMNIST domain_id "
+                      "(fedjax_convention) is undefined for it") from None
+    return 0 if 2100 <= writer <= 2599 else 1
+
+
+def _first_examples(path: pathlib.Path) -> dict[str, np.ndarray] | None:
+    """The first row's examples as decoded (None if the table is empty)."""
+    conn = _connect(path)
+    try:
+        row = conn.execute(f"SELECT client_id, data FROM {TABLE} ORDER BY rowid LIMIT 1").fetchone()
+    except sqlite3.DatabaseError as e:
+        raise ValueError(f"{path}: SQLite read failed ({_one_line(e)}); truncated or corrupt file") from None
+    finally:
+        conn.close()
+    if row is None:
+        return None
+    try:
+        return decode_examples(row[1])
+    except _BadRow as e:
+        raise ValueError(f"{path}: client {row[0]!r} (row 1): {e}") from None
+
+
+def resolve(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, str | None]:
+    """(config with the input/label mapping filled in, the FedJAX dataset recognised or None).
+
+    Without input_key, label_key and features, a file of a FedJAX dataset in
+    `KNOWN_DATASETS` gets that dataset's mapping (EMNIST: x = pixels as
+    28,28,1, y = label). With `fedjax_convention`, the file must be such a
+    dataset and the mapping is FedJAX's `load_data`'s (see the module docstring).
+    """
+    explicit = [k for k in ("input_key", "label_key", "features", "input_shape") if config[k]]
+    if explicit and not config.fedjax_convention:
+        return config, None
+    path = next(iter(split_files(config).values()))
+    first = _first_examples(path)
+    dataset = recognise(first) if first is not None else None
+    if config.fedjax_convention:
+        if explicit:
+            raise ValueError(f"config.fedjax_convention=True sets x and y itself; leave {', '.join(explicit)} unset")
+        if dataset is None:
+            known = " or ".join(f"{name} ({', '.join(shapes)})" for name, (shapes, _) in KNOWN_DATASETS.items())
+            found = f"features {', '.join(first)}" if first else "no clients"
+            raise ValueError(f"{path}: config.fedjax_convention=True needs a file of FedJAX's {known}; "
+                             f"the first client has {found}")
+    if dataset is None:
+        return config, None
+    resolved = ml_collections.ConfigDict(config.to_dict())
+    for key, value in KNOWN_DATASETS[dataset][1].items():
+        resolved[key] = value
+    if config.fedjax_convention and dataset == "CIFAR-100":
+        resolved.features = "image,label"  # FedJAX's load_data drops coarse_label
+    return resolved, dataset
+
+
+def _convention(config: ml_collections.ConfigDict, dataset: str | None) -> str | None:
+    return dataset if config.fedjax_convention else None
+
+
+def _check_xy(spec: Schema, path: pathlib.Path) -> None:
+    missing = [k for k in ("x", "y") if k not in spec]
+    if missing:
+        raise ValueError(f"{path}: the output would have features {', '.join(spec)} but no "
+                         f"{' or '.join(map(repr, missing))}, which the trainer reads: set "
+                         "--config.input_key=FEATURE and --config.label_key=FEATURE (or --config.require_xy=False "
+                         "to keep these names and set model.input_key / model.label_key in the pipeline)")
+
+
+def _rows(path: pathlib.Path, config: ml_collections.ConfigDict,
+          convention: str | None = None) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+    """(client id, converted examples) per row of one file in rowid order; errors name file and client.
+
+    `config` is resolved (`resolve`); `convention` "EMNIST" applies FedJAX's
+    `load_data`: x = 1 - pixels, domain_id from the id as stored.
+    """
     conn = _connect(path)
     seen: dict[str, int] = {}
     label = None
@@ -323,12 +470,15 @@ def _rows(path: pathlib.Path, config: ml_collections.ConfigDict) -> Iterator[tup
                 except UnicodeDecodeError:
                     pass
             try:
-                client_id = _client_id(raw_id, config)
+                client_id = _client_id(raw_id, bool(config.strip_id_prefix))
                 if client_id in seen:
                     raise _BadRow(f"duplicate client id (also row {seen[client_id]})")
                 seen[client_id] = rowid
                 examples = _convert(decode_examples(blob), config)
                 n = len(next(iter(examples.values()))) if examples else 0
+                if convention == "EMNIST":
+                    examples["x"] = 1 - examples["x"]
+                    examples["domain_id"] = np.full(n, fedjax_domain_id(_client_id(raw_id, False)), np.int32)
                 if num_examples != n:
                     raise _BadRow(f"num_examples is {num_examples} but the data holds {n} examples")
             except _BadRow as e:
@@ -338,13 +488,103 @@ def _rows(path: pathlib.Path, config: ml_collections.ConfigDict) -> Iterator[tup
         conn.close()
 
 
+def is_fedjax_file(path: pathlib.Path) -> bool:
+    """True if `path` is a SQLite file holding FedJAX's `federated_data` table (never raises, never creates)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(16) != b"SQLite format 3\x00":
+                return False
+    except OSError:
+        return False
+    try:
+        conn = sqlite3.connect(f"file:{urllib.parse.quote(str(path.absolute()))}?mode=ro", uri=True)
+        try:
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:
+        return False
+    return TABLE in tables
+
+
+def table_counts(path: pathlib.Path) -> tuple[int, int]:
+    """(clients, examples) of one FedJAX file, from its rows' `num_examples` (no client is decoded)."""
+    conn = _connect(path)
+    try:
+        clients, examples = conn.execute(f"SELECT COUNT(*), TOTAL(num_examples) FROM {TABLE}").fetchone()
+    except sqlite3.DatabaseError as e:
+        raise ValueError(f"{path}: SQLite read failed ({_one_line(e)}); truncated or corrupt file") from None
+    finally:
+        conn.close()
+    return int(clients), int(examples)
+
+
+def iter_clients_by_id(path: pathlib.Path, features: Sequence[str]) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+    """(client id, {feature: array as decoded}) of one FedJAX file, in client id order, prefix stripped.
+
+    TFF's order (its SQLite files list clients by id): FedJAX's hosted files
+    prefix each id with "<16 hex digits>:" and store rows in that hashed
+    order, so ids are stripped and sorted (by code point = UTF-8 byte order)
+    first, and each row is then fetched by rowid. `features` must all be
+    present; each row's `num_examples` is checked. Errors name file and client.
+    """
+    conn = _connect(path)
+    try:
+        order: list[tuple[str, int]] = []
+        seen: dict[str, Any] = {}
+        try:
+            for rowid, raw_id in conn.execute(f"SELECT rowid, client_id FROM {TABLE}"):
+                try:
+                    client_id = _client_id(raw_id, True)
+                except _BadRow as e:
+                    raise ValueError(f"{path}: client {raw_id!r} (row {rowid}): {e}") from None
+                if client_id in seen:
+                    raise ValueError(f"{path}: client ids {seen[client_id]!r} and {raw_id!r} are both "
+                                     f"{client_id!r} without FedJAX's prefix")
+                seen[client_id] = raw_id
+                order.append((client_id, rowid))
+        except sqlite3.DatabaseError as e:
+            raise ValueError(f"{path}: SQLite read failed ({_one_line(e)}); truncated or corrupt file") from None
+        order.sort()
+        for client_id, rowid in order:
+            try:
+                blob, num_examples = conn.execute(f"SELECT data, num_examples FROM {TABLE} WHERE rowid = ?",
+                                                  (rowid,)).fetchone()
+            except sqlite3.DatabaseError as e:
+                raise ValueError(f"{path}: client {client_id!r}: SQLite read failed ({_one_line(e)}); truncated or "
+                                 "corrupt file") from None
+            try:
+                examples = decode_examples(blob)
+                missing = [k for k in features if k not in examples]
+                if missing:
+                    raise _BadRow(f"no feature {missing[0]!r} (features: {', '.join(sorted(examples)) or 'none'})")
+                lengths = {k: len(v) for k, v in examples.items()}
+                if len(set(lengths.values())) > 1:
+                    raise _BadRow(f"features have different example counts {lengths}")
+                n = next(iter(lengths.values()), 0)
+                if num_examples != n:
+                    raise _BadRow(f"num_examples is {num_examples} but the data holds {n} examples")
+            except _BadRow as e:
+                raise ValueError(f"{path}: client {client_id!r} (row {rowid}): {e}") from None
+            yield client_id, examples
+    finally:
+        conn.close()
+
+
 def schema(config: ml_collections.ConfigDict) -> Schema:
-    """The first client's features (after renaming, reshaping and casting) with their per-example shapes."""
+    """The first client's features (after renaming, reshaping and casting) with their per-example shapes.
+
+    Refuses a schema without `x` and `y` unless `require_xy` is False.
+    """
+    resolved, dataset = resolve(config)
     split, path = next(iter(split_files(config).items()))
-    for _, examples in _rows(path, config):
+    for _, examples in _rows(path, resolved, _convention(config, dataset)):
         if not examples:
             raise ValueError(f"{path}: the first client has no features")
-        return {k: FeatureSpec(v.dtype.name, v.shape[1:]) for k, v in examples.items()}
+        spec = {k: FeatureSpec(v.dtype.name, v.shape[1:]) for k, v in examples.items()}
+        if config.require_xy:
+            _check_xy(spec, path)
+        return spec
     raise ValueError(f"{path}: table {TABLE!r} has no clients (split {split!r})")
 
 
@@ -364,24 +604,22 @@ def fingerprint(config: ml_collections.ConfigDict) -> str:
 
 def expected_counts(config: ml_collections.ConfigDict) -> dict[str, tuple[int, int]]:
     """(clients, examples) per split from the tables' own counts."""
-    out = {}
-    for split, path in split_files(config).items():
-        conn = _connect(path)
-        try:
-            clients, examples = conn.execute(f"SELECT COUNT(*), TOTAL(num_examples) FROM {TABLE}").fetchone()
-        except sqlite3.DatabaseError as e:
-            raise ValueError(f"{path}: SQLite read failed ({_one_line(e)})") from None
-        finally:
-            conn.close()
-        out[split] = (int(clients), int(examples))
-    return out
+    return {split: table_counts(path) for split, path in split_files(config).items()}
 
 
 def generate(config: ml_collections.ConfigDict) -> Iterator[tuple[str, str, dict[str, np.ndarray]]]:
     """Yields every client of every split file, in rowid order, checked against the schema."""
     spec = schema(config)
+    resolved, dataset = resolve(config)
+    convention = _convention(config, dataset)
+    if dataset is not None:
+        shape = f" as {','.join(map(str, resolved.input_shape))}" if resolved.input_shape else ""
+        how = ("FedJAX's load_data: x = 1 - pixels, domain_id" if convention == "EMNIST" else
+               "FedJAX's load_data" if convention else "values as stored")
+        print(f"fedjax-sqlite: FedJAX's {dataset} recognised: x = {resolved.input_key}{shape}, "
+              f"y = {resolved.label_key} ({how})", file=sys.stderr, flush=True)
     for split, path in split_files(config).items():
-        for client_id, examples in _rows(path, config):
+        for client_id, examples in _rows(path, resolved, convention):
             if set(examples) != set(spec):
                 missing, extra = sorted(set(spec) - set(examples)), sorted(set(examples) - set(spec))
                 raise ValueError(f"{path}: client {client_id!r}: features differ from the first client's "

@@ -12,7 +12,13 @@ has examples in both splits. Two upstream layouts are read:
   or pass a local copy with `--source shakespeare.sqlite.lzma`;
 - the legacy archive `shakespeare.tar.bz2` (sha256 pinned, the default
   download) of `shakespeare_{train,test}.h5` (needs h5py:
-  `pip install 'fedstream[tff-h5]'`), or a directory of those .h5 files.
+  `pip install 'fedstream[tff-h5]'`), or a directory of those .h5 files;
+- FedJAX's copy (`fedjax.datasets.shakespeare.load_split`):
+  `shakespeare_train.sqlite` and `shakespeare_test.sqlite`, table
+  `federated_data`, feature `snippets` as bytes strings (msgpack ext type
+  4). `--source` is either file (the other must lie next to it) or their
+  directory. FedJAX's "<16 hex>:" id prefix is dropped and clients are read
+  in id order, so ids, counts and sequences equal those from TFF's files.
 
 Text preprocessing happens here, once (fedstream/data/text.py). The
 vocabulary is TFF's (`baselines/shakespeare/char_prediction_preprocessing.py`):
@@ -40,12 +46,16 @@ not the number of sequences, so the check against upstream is on snippets
 and clients: the file's client_metadata before reading (SQLite), and what
 was read, per split (an error, a warning with `check_counts=False`). The
 number of sequences written is checked against `expected_counts`, computed
-from the snippet lengths by a separate pass over the input.
+from the snippet lengths (by `text.num_char_sequences`, not from the
+sequences written) during the same pass, so the input is decompressed or
+extracted once; `expected_counts` called on its own reads the input again.
+FedJAX's files: the counts of their rows (`num_examples`) are checked first.
 
 Training-time caps (TFF's `max_elements` per client) are the pipeline's
 `client.max_examples`; they count sequences here, not snippets as in TFF.
 
     fedstream preprocess shakespeare --output data/shakespeare --source shakespeare.sqlite.lzma
+    fedstream preprocess shakespeare --output data/shakespeare --source shakespeare_train.sqlite  # FedJAX's
 """
 
 from __future__ import annotations
@@ -55,6 +65,7 @@ from typing import Iterator
 import ml_collections
 import numpy as np
 
+from fedstream.config import to_json
 from fedstream.data import text
 from fedstream.data.download import Remote
 from fedstream.data.format import FeatureSpec, Schema
@@ -77,6 +88,10 @@ SPLITS = {"train": ("train", "shakespeare_train.h5"), "test": ("test", "shakespe
 # (clients, snippets) per split, from TFF's documentation.
 PUBLISHED = {"train": (715, 16_068), "test": (715, 2_356)}
 FEATURES = {"snippets": ()}
+# upstream split -> FedJAX's file of it (fedjax/datasets/shakespeare.py).
+FEDJAX_FILES = {"train": "shakespeare_train.sqlite", "test": "shakespeare_test.sqlite"}
+# (clients, sequences) per split counted by the last `generate` of a config, for `expected_counts`.
+_COUNTED: dict[str, dict[str, tuple[int, int]]] = {}
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -113,7 +128,7 @@ def _snippets(data: dict, where: str) -> list[bytes]:
 def _clients(config: ml_collections.ConfigDict, check: bool = True) -> Iterator[tuple[str, str, list[bytes]]]:
     """(split, client id, snippets) of every client; `check`: compare snippets and clients with upstream's."""
     path = common.resolve_source(config, REMOTES)
-    with _tff_text.open_with_counts(path, config) as (read, counts):
+    with _tff_text.open_with_counts(path, config, FEDJAX_FILES) as (read, counts):
         if check:
             _tff_text.check_metadata(config, path, counts, PUBLISHED, {s: u for s, (u, _) in SPLITS.items()},
                                      "snippets")
@@ -133,9 +148,16 @@ def generate(config: ml_collections.ConfigDict) -> Iterator[tuple[str, str, dict
     _check_config(config)
     vocab = text.char_vocabulary()
     table = text.char_table(vocab)
+    key = to_json(config)
+    _COUNTED.pop(key, None)
+    counted = {split: [0, 0] for split in SPLITS}
     for split, client_id, snippets in _clients(config):
         x, y = text.char_sequences(snippets, table, vocab, config.sequence_length, config.packing)
+        counted[split][0] += 1
+        counted[split][1] += text.num_char_sequences([len(s) for s in snippets], config.sequence_length,
+                                                     config.packing)
         yield split, client_id, {"x": x, "y": y}
+    _COUNTED[key] = {split: (c, n) for split, (c, n) in counted.items()}
 
 
 def assets(config: ml_collections.ConfigDict) -> dict[str, bytes]:
@@ -146,12 +168,19 @@ def assets(config: ml_collections.ConfigDict) -> dict[str, bytes]:
 
 
 def fingerprint(config: ml_collections.ConfigDict) -> str:
-    """sha256 of the local source file(s), or the pinned sha256 of the download."""
-    return common.fingerprint(config, REMOTES)
+    """sha256 of the local source file(s) (FedJAX's: each split file), or the pinned sha256 of the download."""
+    return _tff_text.fingerprint(config, REMOTES, FEDJAX_FILES)
 
 
 def expected_counts(config: ml_collections.ConfigDict) -> dict[str, tuple[int, int]]:
-    """(clients, sequences) per split, computed from the snippet lengths (a second pass over the input)."""
+    """(clients, sequences) per split, computed from the snippet lengths.
+
+    After a complete `generate` of the same config, its tally (no second
+    decompression or extraction); otherwise a second pass over the input.
+    """
+    counted = _COUNTED.pop(to_json(config), None)
+    if counted is not None:
+        return counted
     out: dict[str, list[int]] = {split: [0, 0] for split in SPLITS}
     for split, _, snippets in _clients(config, check=False):
         out[split][0] += 1

@@ -19,7 +19,15 @@ file, splits `train`/`heldout`/`test`; no sha256 is pinned, so downloading
 it needs `--config.download=sqlite --config.sha256=<hex>`, or pass a local
 copy with `--source`), or the legacy archive `stackoverflow.tar.bz2`
 (sha256 pinned, the default download) of
-`stackoverflow_{train,held_out,test}.h5` (needs h5py).
+`stackoverflow_{train,held_out,test}.h5` (needs h5py), or FedJAX's copy
+(`fedjax.datasets.stackoverflow.load_split`): `stackoverflow_train.sqlite`,
+`stackoverflow_held_out.sqlite`, `stackoverflow_test.sqlite`, table
+`federated_data`, `tokens` as bytes strings (msgpack ext type 4). `--source`
+is one of those files (the other selected splits' files must lie next to
+it) or their directory; FedJAX's "<16 hex>:" id prefix is dropped and
+clients are read in id order, so ids, counts and word ids equal those
+from TFF's files. (FedJAX's `load_data` also derives a `domain_id`,
+question 0 / answer 1, from `type`; it is not written here, as for TFF.)
 
 Vocabulary (TFF's `baselines/stackoverflow/word_prediction_preprocessing.py`,
 Reddi et al. 2021): the first `vocab_size` (10,000) lines of TFF's
@@ -44,6 +52,8 @@ checked before reading, so a wrong file fails at once); `check_counts=False`
 makes a mismatch a warning. `splits` selects the splits to write.
 
     fedstream preprocess stackoverflow --output data/stackoverflow --source stackoverflow.sqlite.lzma \
+        --config.word_counts=stackoverflow.word_count.tar.bz2
+    fedstream preprocess stackoverflow --output data/stackoverflow --source DIR_OF_FEDJAX_FILES \
         --config.word_counts=stackoverflow.word_count.tar.bz2
 """
 
@@ -84,6 +94,14 @@ SPLITS = {"train": ("train", "stackoverflow_train.h5"), "heldout": ("heldout", "
 # (clients, sentences) per split, from TFF's documentation.
 PUBLISHED = {"train": (342_477, 135_818_730), "heldout": (38_758, 16_491_230), "test": (204_088, 16_586_035)}
 FEATURES = {"tokens": ()}
+# upstream split -> FedJAX's file of it (fedjax/datasets/stackoverflow.py).
+FEDJAX_FILES = {"train": "stackoverflow_train.sqlite", "heldout": "stackoverflow_held_out.sqlite",
+                "test": "stackoverflow_test.sqlite"}
+
+
+def _fedjax_names(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """FedJAX's files of the selected splits (upstream split -> file name)."""
+    return {SPLITS[s][0]: FEDJAX_FILES[SPLITS[s][0]] for s in selected_splits(config)}
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -179,7 +197,7 @@ def generate(config: ml_collections.ConfigDict) -> Iterator[tuple[str, str, dict
     vocab = vocabulary(config)
     table = text.WordTable(vocab)
     path = common.resolve_source(config, REMOTES)
-    with _tff_text.open_with_counts(path, config) as (read, counts):
+    with _tff_text.open_with_counts(path, config, _fedjax_names(config)) as (read, counts):
         _tff_text.check_metadata(config, path, counts, PUBLISHED, {s: SPLITS[s][0] for s in splits}, "sentences")
         for split in splits:
             sqlite_split, h5_name = SPLITS[split]
@@ -198,7 +216,7 @@ def assets(config: ml_collections.ConfigDict) -> dict[str, bytes]:
 def fingerprint(config: ml_collections.ConfigDict) -> str:
     """sha256 of the local source and word-count files, or the pinned sha256 of the downloads."""
     words = f"sha256:{file_sha256(_word_counts_path(config))}" if config.word_counts else f"sha256:{WORD_COUNTS.sha256}"
-    return f"{common.fingerprint(config, REMOTES)};words={words}"
+    return f"{_tff_text.fingerprint(config, REMOTES, _fedjax_names(config))};words={words}"
 
 
 def expected_counts(config: ml_collections.ConfigDict) -> dict[str, tuple[int, int]]:

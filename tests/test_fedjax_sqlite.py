@@ -12,40 +12,7 @@ from fedstream.recipes import fedjax_sqlite
 
 msgpack = pytest.importorskip("msgpack")
 
-CREATE = ("CREATE TABLE federated_data (client_id BLOB NOT NULL PRIMARY KEY, data BLOB NOT NULL, "
-          "num_examples INTEGER NOT NULL);")  # fedjax.core.sqlite_federated_data.SQLiteFederatedDataBuilder
-
-
-def fedjax_ext_pack(x):
-    """fedjax/core/serialization.py `_msgpack_ext_pack`, re-typed here without FedJAX or JAX."""
-    if isinstance(x, np.ndarray) and x.dtype.hasobject:
-        flat = list(x.flatten())
-        return msgpack.ExtType(4, msgpack.packb((x.shape, flat), use_bin_type=True))
-    if isinstance(x, np.ndarray):
-        return msgpack.ExtType(1, msgpack.packb((x.shape, x.dtype.name, x.tobytes("C")), use_bin_type=True))
-    if isinstance(x, np.generic):
-        a = np.asarray(x)
-        return msgpack.ExtType(3, msgpack.packb((a.shape, a.dtype.name, a.tobytes("C")), use_bin_type=True))
-    return x
-
-
-def fedjax_blob(examples):
-    """`zlib.compress(serialization.msgpack_serialize(examples))`, as SQLiteFederatedDataBuilder.add_many."""
-    return zlib.compress(msgpack.packb(examples, default=fedjax_ext_pack, strict_types=True))
-
-
-def write_db(path, rows, create=CREATE):
-    """rows: (client_id bytes, examples dict or raw blob, num_examples or None = computed)."""
-    conn = sqlite3.connect(path)
-    conn.execute(create)
-    for cid, examples, n in rows:
-        blob = examples if isinstance(examples, bytes) else fedjax_blob(examples)
-        if n is None:
-            n = len(next(iter(examples.values())))
-        conn.execute("INSERT INTO federated_data VALUES (?, ?, ?);", (cid, blob, n))
-    conn.commit()
-    conn.close()
-    return path
+from fedjax_fixtures import CREATE, fedjax_blob, write_db  # noqa: E402 - needs msgpack
 
 
 def emnist_like(seed, sizes, prefix=True):
@@ -116,7 +83,8 @@ def test_emnist_like_round_trip(tmp_path):
     assert run_preprocess("fedjax-sqlite", out, [f"train={tmp_path / 'train.sqlite'}",
                                                  f"test={tmp_path / 'test.sqlite'}", *EMNIST], progress=None) == out
     out2 = run_preprocess("fedjax-sqlite", tmp_path / "ds2", [f"files=train={tmp_path / 'train.sqlite'}",
-                                                              "strip_id_prefix=True"], progress=None)
+                                                              "strip_id_prefix=True", "require_xy=False",
+                                                              "features=pixels,label"], progress=None)
     ds2 = FederatedDataset(out2)
     assert ds2.client_ids("train").tolist() == [c.decode().split(":", 1)[1] for c, _ in train]
     assert ds2.splits == ["train"]
@@ -136,9 +104,13 @@ def test_dtypes_feature_selection_and_extra_splits(tmp_path):
     write_db(tmp_path / "b.sqlite", [(c, e, None) for c, e in rows[:1]])
     assert_fails(tmp_path, [f"train={tmp_path / 'a.sqlite'}"], "a.sqlite", "client 'user/0'", "'text'",
                  "bytes strings", "--config.features")
+    # numeric features without x / y: refused, naming what was found and the keys to set
+    assert_fails(tmp_path, [f"train={tmp_path / 'a.sqlite'}", "features=tokens,score", "label_key=label"],
+                 "a.sqlite", "features tokens, score, y but no 'x'", "--config.input_key=FEATURE",
+                 "--config.require_xy=False")
     out = run_preprocess("fedjax-sqlite", tmp_path / "ds", [
         f"train={tmp_path / 'a.sqlite'}", f"files=held_out={tmp_path / 'b.sqlite'}",
-        "features=tokens,score", "label_key=label"], progress=None)
+        "features=tokens,score", "label_key=label", "require_xy=False"], progress=None)
     ds = FederatedDataset(out)
     assert ds.splits == ["held_out", "train"]
     assert {f["name"]: f["dtype"] for f in ds.metadata["schema"]["features"]} == {
@@ -217,3 +189,80 @@ def test_config_errors(tmp_path):
                  "given twice")
     assert_fails(tmp_path, [f"train={tmp_path / 't.sqlite'}", "input_key=pixels", "input_shape=5,"],
                  "cannot be reshaped")
+
+
+def test_known_datasets_inferred_without_keys(tmp_path, capsys):
+    """No input_key / label_key: FedJAX's EMNIST and CIFAR-100 get their mapping; anything else is refused."""
+    train = emnist_like(6, [3, 2])
+    write_db(tmp_path / "emnist.sqlite", [(c, e, None) for c, e in train])
+    out = run_preprocess("fedjax-sqlite", tmp_path / "e", [f"train={tmp_path / 'emnist.sqlite'}"], progress=None)
+    ds = FederatedDataset(out)
+    assert ds.metadata["schema"]["features"] == [{"name": "x", "dtype": "float32", "shape": [28, 28, 1]},
+                                                 {"name": "y", "dtype": "int32", "shape": []}]
+    np.testing.assert_array_equal(ds.get_client("train", 1)["x"], train[1][1]["pixels"][..., None])  # as stored
+    assert "FedJAX's EMNIST recognised: x = pixels as 28,28,1, y = label (values as stored)" in capsys.readouterr().err
+    rng = np.random.default_rng(7)
+    cifar = [(f"{i:016x}:{i}".encode(), {"image": rng.integers(0, 256, (n, 32, 32, 3)).astype(np.uint8),
+                                         "label": rng.integers(0, 100, n), "coarse_label": rng.integers(0, 20, n)})
+             for i, n in enumerate([2, 4])]
+    write_db(tmp_path / "cifar.sqlite", [(c, e, None) for c, e in cifar])
+    ds = FederatedDataset(run_preprocess("fedjax-sqlite", tmp_path / "c", [f"train={tmp_path / 'cifar.sqlite'}"],
+                                         progress=None))
+    assert {f["name"]: (f["dtype"], f["shape"]) for f in ds.metadata["schema"]["features"]} == {
+        "x": ("uint8", [32, 32, 3]), "y": ("int32", []), "coarse_label": ("int64", [])}
+    np.testing.assert_array_equal(ds.get_client("train", 1)["x"], cifar[1][1]["image"])
+    np.testing.assert_array_equal(ds.get_client("train", 1)["y"], cifar[1][1]["label"])
+    # not a known dataset: one line naming the features found and the config keys
+    write_db(tmp_path / "other.sqlite", [(b"u1", {"pixels": np.zeros((2, 5), np.float32),
+                                                 "label": np.zeros(2, np.int32)}, None)])
+    message = assert_fails(tmp_path, [f"train={tmp_path / 'other.sqlite'}"], "other.sqlite",
+                           "features pixels, label but no 'x' or 'y', which the trainer reads",
+                           "--config.input_key=FEATURE and --config.label_key=FEATURE")
+    assert len(message) < 400
+    out = run_preprocess("fedjax-sqlite", tmp_path / "o", [f"train={tmp_path / 'other.sqlite'}", "require_xy=False"],
+                         progress=None)
+    assert [f["name"] for f in FederatedDataset(out).metadata["schema"]["features"]] == ["pixels", "label"]
+
+
+def test_fedjax_convention(tmp_path):
+    """x = 1 - pixels and domain_id as FedJAX's emnist.load_data computes them (fedjax/datasets/emnist.py)."""
+    rng = np.random.default_rng(8)
+    ids = [b"0123456789abcdef:f2100_01", b"fedcba9876543210:f2599_99", b"00000000000000aa:f2600_00", b"f0042_07"]
+    rows = [(cid, {"pixels": rng.random((n, 28, 28), dtype=np.float32), "label": rng.integers(0, 62, n).astype(
+        np.int32)}, None) for cid, n in zip(ids, [2, 3, 1, 2])]
+    write_db(tmp_path / "train.sqlite", rows)
+    out = run_preprocess("fedjax-sqlite", tmp_path / "ds", [f"train={tmp_path / 'train.sqlite'}",
+                                                            "fedjax_convention=True", "strip_id_prefix=True"],
+                         progress=None)
+    ds = FederatedDataset(out)
+    assert ds.client_ids("train").tolist() == ["f2100_01", "f2599_99", "f2600_00", "f0042_07"]
+    assert {f["name"]: (f["dtype"], f["shape"]) for f in ds.metadata["schema"]["features"]} == {
+        "x": ("float32", [28, 28, 1]), "y": ("int32", []), "domain_id": ("int32", [])}
+    for i, (cid, examples, _) in enumerate(rows):
+        got = ds.get_client("train", i)
+        np.testing.assert_array_equal(got["x"], 1 - examples["pixels"][..., np.newaxis])  # FedJAX's preprocess_batch
+        np.testing.assert_array_equal(got["y"], examples["label"])
+        # fedjax.datasets.emnist.domain_id: writers 2100-2599 (high school) -> 0, else (census) 1
+        assert got["domain_id"].dtype == np.int32 and got["domain_id"].tolist() == [[0, 0, 1, 1][i]] * len(got["y"])
+    assert ds.metadata["config"]["fedjax_convention"] is True
+    # an id FedJAX's domain_id rejects; a file of no known dataset; keys that the convention sets itself
+    write_db(tmp_path / "bad_id.sqlite", [(b"writer_7", rows[0][1], None)])
+    assert_fails(tmp_path, [f"train={tmp_path / 'bad_id.sqlite'}", "fedjax_convention=True"], "bad_id.sqlite",
+                 "client 'writer_7'", "domain_id (fedjax_convention) is undefined")
+    write_db(tmp_path / "other.sqlite", [(b"f0000_00", {"tokens": np.zeros((2, 3), np.int64)}, None)])
+    assert_fails(tmp_path, [f"train={tmp_path / 'other.sqlite'}", "fedjax_convention=True"], "other.sqlite",
+                 "needs a file of FedJAX's EMNIST (pixels, label) or CIFAR-100", "has features tokens")
+    assert_fails(tmp_path, [f"train={tmp_path / 'train.sqlite'}", "fedjax_convention=True", "input_key=pixels"],
+                 "fedjax_convention=True sets x and y itself; leave input_key unset")
+
+
+def test_both_spellings(tmp_path):
+    """`fedjax-sqlite` (README) and `fedjax_sqlite` (module) name the same recipe, also for the up-to-date check."""
+    from fedstream.catalog import catalog
+
+    write_db(tmp_path / "t.sqlite", [(c, e, None) for c, e in emnist_like(9, [2])])
+    args = [f"train={tmp_path / 't.sqlite'}"]
+    out = run_preprocess("fedjax_sqlite", tmp_path / "ds", args, progress=None)
+    assert run_preprocess("fedjax-sqlite", out, args, progress=None) == out  # same recipe: up to date
+    listing = catalog(("recipes",))
+    assert "  fedjax-sqlite " in listing and "fedjax_sqlite" not in listing.replace("fedjax-sqlite", "")

@@ -1,15 +1,20 @@
-"""Recipes `shakespeare` and `stackoverflow` end to end on small files in TFF's upstream layouts.
+"""Recipes `shakespeare` and `stackoverflow` end to end on small files in TFF's and FedJAX's upstream layouts.
 
 No network: the inputs are written by tests/tff_fixtures.py (SQLite with one
-serialized tf.train.Example per row, LZMA-compressed like TFF's files).
+serialized tf.train.Example per row, LZMA-compressed like TFF's files) and
+tests/fedjax_fixtures.py (FedJAX's `federated_data` table, zlib + msgpack rows,
+text as bytes strings in ext type 4); the same data in both layouts must give
+the same dataset.
 """
 
 from __future__ import annotations
 
 import bz2
+import importlib.util
 import io
 import json
 import re
+import sqlite3
 import tarfile
 import warnings
 
@@ -21,6 +26,7 @@ from fedstream.data import text
 from fedstream.data.preprocessing import run_preprocess
 from fedstream.data.reader import FederatedDataset
 
+from fedjax_fixtures import bytes_array, write_db, write_fedjax_text
 from tff_fixtures import truncate, write_tff_h5_archive, write_tff_sqlite
 
 CHAR_IDS = {c: i + 1 for i, c in enumerate(text.CHAR_VOCAB)}  # TFF: PAD 0, chars 1..86, OOV 87, BOS 88, EOS 89
@@ -142,6 +148,29 @@ def test_shakespeare_legacy_h5_archive_matches_sqlite(tmp_path, shakespeare_dir)
         for i in range(a.num_clients(split)):
             for k in ("x", "y"):
                 np.testing.assert_array_equal(a.get_client(split, i)[k], b.get_client(split, i)[k])
+
+
+def test_shakespeare_input_read_once(tmp_path, capsys):
+    """The sequence counts are tallied while converting: the input is decompressed (or extracted) once, not twice."""
+    from fedstream.data import tff
+
+    source = shakespeare_file(tmp_path / "s.sqlite.lzma")
+    opened = []
+    real = tff.open_sqlite
+    try:
+        tff.open_sqlite = lambda *a, **k: opened.append(a[0]) or real(*a, **k)
+        preprocess("shakespeare", tmp_path / "b", f"source={source}", cache=tmp_path / "cache")
+    finally:
+        tff.open_sqlite = real
+    assert opened == [source]
+    if importlib.util.find_spec("h5py"):
+        files = {f"shakespeare_{split}.h5": {cid: {"snippets": np.array(s, dtype=object).astype(bytes)}
+                                             for cid, s in clients.items()}
+                 for split, clients in SHAKESPEARE.items()}
+        archive = write_tff_h5_archive(tmp_path / "shakespeare.tar.bz2", files, prefix="shakespeare/")
+        capsys.readouterr()
+        preprocess("shakespeare", tmp_path / "c", f"source={archive}", cache=tmp_path / "cache")
+        assert capsys.readouterr().err.count(f"extracting {archive}") == 1
 
 
 def test_shakespeare_published_counts_checked_first(tmp_path):
@@ -351,3 +380,147 @@ def test_sqlite_download_needs_a_sha256(tmp_path, capsys, recipe):
     assert rc == 2
     assert re.search(rf"no sha256 is pinned for \S+/{recipe}.sqlite.lzma: pass --config.sha256", err), err
     assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------ FedJAX's copies of both
+
+
+def same_dataset(a_dir, b_dir, splits):
+    """Equal client ids (in order), example counts and x/y token ids per split, and equal vocab assets."""
+    a, b = FederatedDataset(a_dir), FederatedDataset(b_dir)
+    assert sorted(a.splits) == sorted(b.splits) == sorted(splits)
+    for split in splits:
+        assert a.client_ids(split).tolist() == b.client_ids(split).tolist()
+        assert a.client_sizes(split).tolist() == b.client_sizes(split).tolist()
+        for i in range(a.num_clients(split)):
+            for k in ("x", "y"):
+                np.testing.assert_array_equal(a.get_client(split, i)[k], b.get_client(split, i)[k])
+    assert a.asset("vocab.json") == b.asset("vocab.json")
+
+
+def fedjax_shakespeare(directory, splits=None):
+    """FedJAX's shakespeare_{train,test}.sqlite of SHAKESPEARE: `snippets` as bytes strings (ext type 4)."""
+    splits = SHAKESPEARE if splits is None else splits
+    directory.mkdir(exist_ok=True)
+    for seed, (split, clients) in enumerate(splits.items()):
+        write_fedjax_text(directory / f"shakespeare_{split}.sqlite",
+                          {cid: {"snippets": list(s)} for cid, s in clients.items()}, seed)
+    return directory
+
+
+def fedjax_stackoverflow(directory):
+    """FedJAX's stackoverflow_{train,held_out,test}.sqlite of STACKOVERFLOW, with all six upstream features."""
+    directory.mkdir(exist_ok=True)
+    names = {"train": "stackoverflow_train.sqlite", "heldout": "stackoverflow_held_out.sqlite",
+             "test": "stackoverflow_test.sqlite"}
+    for seed, (split, clients) in enumerate(STACKOVERFLOW.items()):
+        rows = {cid: {k: ([e[k] for e in examples] if k != "score" else np.array([e[k] for e in examples]))
+                      for k in examples[0]} for cid, examples in clients.items()}
+        write_fedjax_text(directory / names[split], rows, seed)
+    return directory
+
+
+def test_shakespeare_fedjax_files_match_tff(tmp_path, shakespeare_dir):
+    files = fedjax_shakespeare(tmp_path / "fedjax")
+    with sqlite3.connect(files / "shakespeare_train.sqlite") as conn:  # hosted-file ids, rowids not in id order
+        stored = [row[0] for row in conn.execute("SELECT client_id FROM federated_data ORDER BY rowid")]
+    assert all(re.fullmatch(rb"[0-9a-f]{16}:[A-Z_]+", cid) for cid in stored)
+    assert [c.split(b":", 1)[1].decode() for c in stored] != sorted(SHAKESPEARE["train"])
+    cache = tmp_path / "cache"
+    by_file = preprocess("shakespeare", tmp_path / "a", f"source={files / 'shakespeare_train.sqlite'}", cache=cache)
+    by_dir = preprocess("shakespeare", tmp_path / "b", f"source={files}", cache=cache)
+    same_dataset(by_file, shakespeare_dir, ["train", "test"])
+    same_dataset(by_dir, shakespeare_dir, ["train", "test"])
+    # for packing=fedjax too (FedJAX's own packing, TFF's ids)
+    tff_fedjax = preprocess("shakespeare", tmp_path / "c", f"source={shakespeare_file(tmp_path / 's.sqlite')}",
+                            "packing=fedjax", cache=cache)
+    same_dataset(preprocess("shakespeare", tmp_path / "d", f"source={files}", "packing=fedjax", cache=cache),
+                 tff_fedjax, ["train", "test"])
+    # the input fingerprint covers both split files
+    before = FederatedDataset(by_dir).metadata["input_fingerprint"]
+    assert before.count("sha256:") == 1 and "shakespeare_test.sqlite=" in before
+    fedjax_shakespeare(tmp_path / "other", {"train": SHAKESPEARE["train"], "test": {"A": [b"changed"]}})
+    from fedstream.recipes import shakespeare
+
+    config = shakespeare.get_config()
+    config.source = str(tmp_path / "other")
+    assert shakespeare.fingerprint(config) != before
+    assert not cache.exists() or not list(cache.iterdir())  # nothing decompressed or extracted
+
+
+def test_shakespeare_fedjax_counts_checked_first(tmp_path):
+    files = fedjax_shakespeare(tmp_path / "fedjax")
+    with sqlite3.connect(files / "shakespeare_train.sqlite") as conn:  # a client that would not decode
+        conn.execute("UPDATE federated_data SET data = x'00' WHERE rowid = 1")
+    with pytest.raises(ValueError, match=r"fedjax: split 'train' has 3 clients / 6 snippets, but "
+                                         r"the upstream dataset has 715 / 16,068 \(--config.check_counts=False"):
+        run_preprocess("shakespeare", tmp_path / "out", [f"source={files}"], progress=None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_stackoverflow_fedjax_files_match_tff(tmp_path, stackoverflow_dir):
+    files = fedjax_stackoverflow(tmp_path / "fedjax")
+    words = word_counts_archive(tmp_path / "wc.tar.bz2")
+    cache = tmp_path / "cache"
+    out = preprocess("stackoverflow", tmp_path / "a", f"source={files / 'stackoverflow_held_out.sqlite'}",
+                     f"word_counts={words}", "vocab_size=6", cache=cache)
+    same_dataset(out, stackoverflow_dir, ["train", "heldout", "test"])
+    # a subset of the splits needs only their files
+    only_test = tmp_path / "only_test"
+    only_test.mkdir()
+    (files / "stackoverflow_test.sqlite").rename(only_test / "stackoverflow_test.sqlite")
+    tff_file = write_tff_sqlite(tmp_path / "so.sqlite", STACKOVERFLOW)
+    tff_test = preprocess("stackoverflow", tmp_path / "b", f"source={tff_file}", f"word_counts={words}",
+                          "vocab_size=6", "splits=test", cache=cache)
+    same_dataset(preprocess("stackoverflow", tmp_path / "c", f"source={only_test}", f"word_counts={words}",
+                            "vocab_size=6", "splits=test", cache=cache), tff_test, ["test"])
+    with pytest.raises(ValueError, match=r"no FedJAX SQLite file stackoverflow_test.sqlite; FedJAX stores this "
+                                         r"dataset as one file per split"):
+        preprocess("stackoverflow", tmp_path / "d", f"source={files}", f"word_counts={words}", "vocab_size=6",
+                   cache=cache)
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.filterwarnings("ignore:.*but the upstream dataset has")
+@pytest.mark.parametrize("case", ["renamed", "not_bytes", "prefix_collision", "not_utf8", "fedjax_sqlite_recipe",
+                                  "tff_reader"])
+def test_fedjax_text_bad_input_one_line(tmp_path, capsys, case):
+    files = fedjax_shakespeare(tmp_path / "fedjax")
+    source = files
+    recipe = "shakespeare"
+    extra = []
+    if case == "renamed":
+        source = (files / "shakespeare_train.sqlite").rename(files / "train.sqlite")
+        message = r"train.sqlite: a FedJAX SQLite file, but FedJAX names this dataset's files shakespeare_train"
+    elif case == "not_bytes":
+        write_db(files / "shakespeare_test.sqlite", [(b"0123456789abcdef:A", {"snippets": np.arange(3)}, None)])
+        message = (r"shakespeare_test.sqlite: client 'A': feature 'snippets' is not one bytes string per example "
+                   r"\(FedJAX's ext type 4\); it has dtype int64")
+    elif case == "prefix_collision":
+        write_db(files / "shakespeare_test.sqlite", [(b"0123456789abcdef:A", {"snippets": bytes_array([b"a"])},
+                                                      None),
+                                                     (b"fedcba9876543210:A", {"snippets": bytes_array([b"b"])},
+                                                      None)])
+        message = r"client ids b'0123456789abcdef:A' and b'fedcba9876543210:A' are both 'A' without FedJAX's prefix"
+    elif case == "not_utf8":
+        write_db(files / "shakespeare_test.sqlite", [(b"0123456789abcdef:A", {"snippets": bytes_array([b"\xff"])},
+                                                      None)])
+        message = r"fedjax: split 'test', client 'A': example 0 is not valid UTF-8"
+    elif case == "fedjax_sqlite_recipe":
+        recipe = "fedjax-sqlite"
+        source = None
+        extra = [f"--config.train={files / 'shakespeare_train.sqlite'}"]
+        message = (r"client '[0-9a-f]{16}:[A-Z_]+' \(row 1\): feature 'snippets' holds bytes strings .*"
+                   r"fedstream preprocess shakespeare --source")
+    else:  # the TFF reader of emnist, given a FedJAX file
+        recipe = "emnist"
+        source = files / "shakespeare_train.sqlite"
+        message = r"no table 'examples' but FedJAX's 'federated_data': a FedJAX SQLite file, not TFF's"
+    args = ["preprocess", recipe, "--output", str(tmp_path / "out")]
+    args += ["--source", str(source), f"--config.cache_dir={tmp_path / 'cache'}", "--config.check_counts=False"] \
+        if source else []
+    rc = cli_main(args + extra)
+    err = last_line(capsys.readouterr().err)
+    assert rc == 2
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()

@@ -195,12 +195,25 @@ def test_emnist_only_digits_reads_the_digit_splits(emnist_sqlite, emnist_data, t
     _assert_emnist_output(out, emnist_data, "digits_only_train", "digits_only_test")
 
 
-def test_emnist_counts_are_checked_by_default(emnist_sqlite, tmp_path):
-    with pytest.raises(ValueError, match=r"split 'test' has 4 clients / 7 examples, expected 3400 / 77483 "
-                                         r"\(--config.check_counts=False accepts other counts\)"):
+def test_emnist_counts_are_checked_by_default(emnist_sqlite, emnist_data, tmp_path, monkeypatch):
+    """Checked before converting (client_metadata; the .h5 files' shapes), so no client is converted first."""
+    converted = []
+    real = emnist.common.check_labels
+    monkeypatch.setattr(emnist.common, "check_labels", lambda *a: converted.append(a) or real(*a))
+    train = emnist_data["all_train"]
+    want = rf"split 'train' has {len(train)} clients / {sum(len(c['label']) for c in train.values())} examples, " \
+        r"but the upstream dataset has 3,400 / 671,585 \(--config.check_counts=False"
+    with pytest.raises(ValueError, match=want):
         run_preprocess("emnist", tmp_path / "out", [f"source={emnist_sqlite}", f"cache_dir={tmp_path / 'cache'}"],
                        progress=None)
-    assert not (tmp_path / "out").exists() and _no_temp_files(tmp_path)
+    assert not converted and not (tmp_path / "out").exists() and _no_temp_files(tmp_path)
+    if HAS_H5PY:
+        archive = write_tff_h5_archive(tmp_path / "fed_emnist.tar.bz2", {
+            "fed_emnist_train.h5": train, "fed_emnist_test.h5": emnist_data["all_test"]})
+        with pytest.raises(ValueError, match=want):
+            run_preprocess("emnist", tmp_path / "out", [f"source={archive}", f"cache_dir={tmp_path / 'cache'}"],
+                           progress=None)
+        assert not converted and not (tmp_path / "out").exists() and _no_temp_files(tmp_path)
 
 
 def test_emnist_expected_counts_match_tff():
@@ -399,7 +412,7 @@ def test_cli_prints_one_line(emnist_data, tmp_path, capsys):
     path = _bad_client_sqlite(tmp_path / "emnist_all.sqlite.lzma", emnist_data,
                               _rows(emnist_data["all_train"]["f0001_41"], label=None))
     code = main(["preprocess", "emnist", "--output", str(tmp_path / "out"), "--source", str(path),
-                 f"--config.cache_dir={tmp_path / 'cache'}"])
+                 f"--config.cache_dir={tmp_path / 'cache'}", "--config.check_counts=False"])
     assert code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("fedstream: error: ") and str(path) in last and "'f0001_41'" in last

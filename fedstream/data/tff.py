@@ -299,6 +299,10 @@ class TFFSqlite:
 
     def _check_tables(self) -> None:
         tables = {row[0] for row in self._execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "examples" not in tables and "federated_data" in tables:
+            raise TFFFormatError(f"{self.source}: no table 'examples' but FedJAX's 'federated_data': a FedJAX "
+                                 "SQLite file, not TFF's (read it with `fedstream preprocess fedjax-sqlite`, or "
+                                 "shakespeare / stackoverflow with FedJAX's file names)")
         if "examples" not in tables:
             raise TFFFormatError(f"{self.source}: no table 'examples' (tables: {', '.join(sorted(tables)) or 'none'}); "
                                  "not a TFF SQLite dataset")
@@ -536,6 +540,35 @@ def extract_h5_archive(archive: str | os.PathLike, *, tmp_dir: str | os.PathLike
 
 def _to_bytes(value: Any) -> bytes:
     return value.encode("utf-8") if isinstance(value, str) else bytes(value)
+
+
+def h5_counts(path: str | os.PathLike, feature: str, *, name: str | None = None) -> tuple[int, int]:
+    """(clients, examples) of a TFF HDF5 file from its groups and dataset shapes (no data read).
+
+    A client's examples are the leading dimension of `feature` (or, lacking
+    it, of its first dataset; the reader reports such a client itself).
+    """
+    h5py = require_h5py()
+    label = name or str(path)
+    try:
+        f = h5py.File(path, "r")
+    except (OSError, ValueError) as e:
+        raise TFFFormatError(f"{label}: not a readable HDF5 file ({e})") from None
+    with f:
+        group = f.get("examples")
+        if not isinstance(group, h5py.Group):
+            raise TFFFormatError(f"{label}: no group 'examples'; not a TFF HDF5 dataset")
+        clients = examples = 0
+        for client_id in group.keys():
+            client = group[client_id]
+            clients += 1
+            if not isinstance(client, h5py.Group):
+                continue
+            datasets = [client[feature]] if isinstance(client.get(feature), h5py.Dataset) else \
+                [d for d in client.values() if isinstance(d, h5py.Dataset)]
+            if datasets and datasets[0].shape:
+                examples += int(datasets[0].shape[0])
+    return clients, examples
 
 
 def iter_h5_clients(path: str | os.PathLike, features: Features | None = None, *,
