@@ -131,14 +131,22 @@ def _status_kib(*keys: str) -> dict[str, int]:
 class RssSampler:
     """Samples this process's RSS every `interval` seconds in a thread; `peak_mb` is the highest seen."""
 
-    def __init__(self, interval: float = 0.05) -> None:
-        self.interval, self.peak_kib = interval, 0
+    def __init__(self, interval: float = 0.05, every_s: float = 1.0) -> None:
+        self.interval, self.every_s, self.peak_kib = interval, every_s, 0
+        self.series: list[tuple[float, float]] = []  # (seconds, max MB in that period), one per `every_s`
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        t0 = time.perf_counter()
+        period_kib = 0
         while not self._stop.is_set():
-            self.peak_kib = max(self.peak_kib, _status_kib("VmRSS")["VmRSS"])
+            kib = _status_kib("VmRSS")["VmRSS"]
+            self.peak_kib, period_kib = max(self.peak_kib, kib), max(period_kib, kib)
+            t = time.perf_counter() - t0
+            if t >= self.every_s * (len(self.series) + 1):
+                self.series.append((round(t, 1), round(period_kib / 1024)))
+                period_kib = 0
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "RssSampler":
@@ -190,8 +198,10 @@ def child(setup: str, path: str, cohort: int, chunk_mb: int, threads: int) -> di
         model = get_model("mlp", (28, 28, 1), 62, hidden=(200, 200))
         batch, epochs, lr = 20, 1, 10**-1.5
     algorithm = FedAvg(model, optax.sgd(lr), optax.sgd(1.0))
+    # The EMNIST-shaped dataset has only a train split; no evaluation runs here.
+    test_split = "test" if "test" in ds.splits else "train"
     sim = Simulation(ds, algorithm, clients_per_round=cohort, batch_size=batch, epochs=epochs, seed=0,
-                     data_threads=threads, chunk_bytes=chunk_mb << 20, log=lambda _: None)
+                     test_split=test_split, data_threads=threads, chunk_bytes=chunk_mb << 20, log=lambda _: None)
     phase("simulation")
     pipe = sim.pipeline
     layout = pipe.round_layout(0)
@@ -225,6 +235,7 @@ def child(setup: str, path: str, cohort: int, chunk_mb: int, threads: int) -> di
     phase("round_done")
     compiled_in_round = _compiled_programs(train_round) - programs
     sim.close()
+    phase("closed")
     train = metrics["train"]
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     example_steps = int(train["examples"]) * epochs
@@ -242,6 +253,7 @@ def child(setup: str, path: str, cohort: int, chunk_mb: int, threads: int) -> di
         "data_wait_s": float(train["data_wait_seconds"]), "loss": float(train["loss"]),
         "padding_waste": float(train["padding_waste"]),
         "peak_rss_MB": peak_mb, "round_rss_max_MB": sampler.peak_mb, "phases": phases,
+        "round_rss_series": sampler.series[::max(1, len(sampler.series) // 200)],
         "load_average_end": round(os.getloadavg()[0], 2),
     }
 
@@ -257,7 +269,8 @@ def run_child(setup: str, path: pathlib.Path, cohort: int, chunk_mb: int, thread
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=max(timeout_s, 1))
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True,
+                              timeout=max(timeout_s, 1) if np.isfinite(timeout_s) else None)
     except subprocess.TimeoutExpired:
         return {"setup": setup, "clients_per_round": cohort, "chunk_mb": chunk_mb, "skipped": "killed at the deadline",
                 "wall_s": time.perf_counter() - t0}
