@@ -4,8 +4,8 @@
     python benchmarks/performance_report.py --check   # exit 1 when the page differs from the JSON lines
 
 Inputs (in --results, default benchmarks/results/): `round_efficiency.jsonl`,
-`scaling.jsonl`, `larger_than_ram.jsonl`, `pipeline_modes.jsonl`, as appended by those scripts' `--json`
-flag. Only lines stamped with a `run` (command, machine, date; see run_info.py)
+`scaling.jsonl`, `larger_than_ram.jsonl`, `pipeline_modes.jsonl`, `flat_memory.jsonl`,
+as appended by those scripts' `--json` flag. Only lines stamped with a `run` (command, machine, date; see run_info.py)
 are used. Each block of the page between
 
     <!-- BEGIN GENERATED <name> -->  ...  <!-- END GENERATED <name> -->
@@ -293,6 +293,59 @@ def block_pipeline_modes(results: pathlib.Path) -> list[str]:
     return lines + [""] + provenance(records, "medians of interleaved passes inside one run")
 
 
+FLAT_MEMORY_GB = 1.5  # the issue's goals: peak RSS <= 1.5 GB and <= 1.3x the 1,000-client run
+FLAT_MEMORY_RATIO = 1.3
+
+
+def block_flat_memory(results: pathlib.Path) -> list[str]:
+    """Peak RSS and round time against clients per round, chunked rounds against one call per round."""
+    records = read_jsonl(results / "flat_memory.jsonl")
+    if not records:
+        return missing("flat_memory.jsonl", "flat_memory.py")
+    groups: dict[tuple[str, int, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[(r["setup"], r["chunk_mb"], r["clients_per_round"])].append(r)
+    base = {(setup, mb): statistics.median(r["peak_rss_MB"] for r in rs if "skipped" not in r)
+            for (setup, mb, clients), rs in groups.items()
+            if clients == 1000 and any("skipped" not in r for r in rs)}
+    rows = []
+    for (setup, mb, clients), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] == 0, -kv[0][1], kv[0][2])):
+        ran = [r for r in rs if "skipped" not in r]
+        head = [setup, f"{mb} MiB" if mb else "0 (one call)", f"{clients:,}"]
+        if not ran:
+            rows.append(head + ["–"] * 8 + [f"not run: {rs[-1]['skipped']}"])
+            continue
+        peak = [r["peak_rss_MB"] * 2**20 / 1e9 for r in ran]  # peak_rss_MB is in MiB (ru_maxrss / 1024)
+        vs = [r["peak_rss_MB"] / base[(setup, mb)] for r in ran] if (setup, mb) in base else []
+        goal = "–"
+        if clients > 1000 and vs:
+            met = max(peak) <= FLAT_MEMORY_GB and max(vs) <= FLAT_MEMORY_RATIO
+            goal = "yes" if met else "no"
+        rows.append(head + [
+            str(len(ran)), num(statistics.median(r["example_steps"] for r in ran) / 1e6) + "M",
+            "**" + spread(peak, lambda v: f"{v:.2f}") + "**", spread(vs, ratio) if vs else "–",
+            spread([r["round_s"] for r in ran]), spread([r["s_per_1M_example_steps"] for r in ran]),
+            f"{ran[0]['chunks']:,} × {ran[0]['chunk_clients']:,}", spread([r["compile_s"] for r in ran]), goal])
+    lines = table(["set-up", "chunk budget", "clients/round", "runs", "example-steps", "peak RSS GB",
+                   "peak vs 1,000", "round s", "s per 1M example-steps", "chunks × clients", "compile s",
+                   f"≤ {FLAT_MEMORY_GB} GB and ≤ {FLAT_MEMORY_RATIO}× 1,000"], rows)
+    phases = [r for r in records if "phases" in r]
+    if phases:
+        names = list(dict.fromkeys(p["phase"] for r in phases for p in r["phases"]))
+
+        def after(r: dict[str, Any], name: str) -> str:
+            return next((num(p["rss_MB"]) for p in r["phases"] if p["phase"] == name), "–")
+
+        lines += ["", "RSS (MiB, `VmRSS`) after each phase of a run, and the highest RSS sampled during the round:",
+                  ""]
+        lines += table(["set-up", "chunk budget", "clients/round", *names, "max in round"],
+                       [[r["setup"], f"{r['chunk_mb']} MiB" if r["chunk_mb"] else "0", f"{r['clients_per_round']:,}",
+                         *[after(r, name) for name in names], num(r["round_rss_max_MB"])]
+                        for r in sorted(phases, key=lambda r: (r["setup"], r["chunk_mb"] == 0, -r["chunk_mb"],
+                                                                      r["clients_per_round"]))])
+    return lines + [""] + provenance(records, "one round per run, each run in its own process")
+
+
 BLOCKS: dict[str, Callable[[pathlib.Path], list[str]]] = {
     "round_limit": block_round_limit,
     "scaling": block_scaling,
@@ -301,6 +354,7 @@ BLOCKS: dict[str, Callable[[pathlib.Path], list[str]]] = {
     "larger_than_ram": block_larger_than_ram,
     "devices": block_devices,
     "pipeline_modes": block_pipeline_modes,
+    "flat_memory": block_flat_memory,
 }
 
 

@@ -98,18 +98,21 @@ def _dir_bytes(path: pathlib.Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def dataset_dir(root: pathlib.Path, num_clients: int = NUM_CLIENTS) -> pathlib.Path:
+def dataset_dir(root: pathlib.Path, num_clients: int = NUM_CLIENTS, mean: int = MEAN_EXAMPLES) -> pathlib.Path:
     """Writes the EMNIST-shaped dataset under `root` once; reuses it while its parameters match.
 
     Client sizes are `max(1, int(lognormal(mu, SIGMA)))` with `mu` chosen so
-    the log-normal mean is MEAN_EXAMPLES; pixels are uniform in [0, 1) on a
-    1/255 grid, labels uniform over the classes (nothing needs to be learnable).
-    The default NUM_CLIENTS clients go to `root/emnist_like`; another
-    `num_clients` (benchmarks/scaling.py) to `root/emnist_like_<num_clients>`.
+    the log-normal mean is `mean` (default MEAN_EXAMPLES); pixels are uniform
+    in [0, 1) on a 1/255 grid, labels uniform over the classes (nothing needs
+    to be learnable). The default NUM_CLIENTS clients go to
+    `root/emnist_like`; another `num_clients` (benchmarks/scaling.py) to
+    `root/emnist_like_<num_clients>`, and another `mean`
+    (benchmarks/flat_memory.py) to `root/emnist_like_<num_clients>_mean<mean>`.
     """
-    params = {"clients": num_clients, "mean": MEAN_EXAMPLES, "sigma": SIGMA, "classes": NUM_CLASSES, "seed": 0,
+    params = {"clients": num_clients, "mean": mean, "sigma": SIGMA, "classes": NUM_CLASSES, "seed": 0,
               "compression": DEFAULT_COMPRESSION}
-    path = root / ("emnist_like" if num_clients == NUM_CLIENTS else f"emnist_like_{num_clients}")
+    name = "emnist_like" if num_clients == NUM_CLIENTS else f"emnist_like_{num_clients}"
+    path = root / (name if mean == MEAN_EXAMPLES else f"emnist_like_{num_clients}_mean{mean}")
     if (path / "_SUCCESS").exists():
         existing = FederatedDataset(path)
         if existing.metadata.get("generator") == params:
@@ -118,7 +121,7 @@ def dataset_dir(root: pathlib.Path, num_clients: int = NUM_CLIENTS) -> pathlib.P
                   f"(mean {sizes.mean():.1f}), {_dir_bytes(path) / 2**30:.2f} GiB", flush=True)
             return path
     rng = np.random.default_rng(0)
-    sizes = np.maximum(1, rng.lognormal(np.log(MEAN_EXAMPLES) - SIGMA**2 / 2, SIGMA, num_clients).astype(int))
+    sizes = np.maximum(1, rng.lognormal(np.log(mean) - SIGMA**2 / 2, SIGMA, num_clients).astype(int))
     schema = {"x": FeatureSpec("float32", SHAPE), "y": FeatureSpec("int32", ())}
     t0 = time.perf_counter()
     with DatasetWriter(path, schema, metadata={"recipe": "benchmark", "generator": params},
