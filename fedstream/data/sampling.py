@@ -132,7 +132,11 @@ def client_epoch_plan(
     subset = rng.permutation(num_examples)[:used]
     total = batching.num_steps(num_examples) * batching.batch_size
     epochs_read = min(batching.epochs, -(-total // used)) if used else 0
-    positions = [np.arange(used)] + [rng.permutation(used) for _ in range(epochs_read - 1)]
-    order = np.concatenate(positions)[:total] if used else np.zeros(0, np.int64)
-    order = np.concatenate([order, np.full(total - order.size, -1, np.int64)]).astype(np.int32)
+    order = np.full(total, -1, np.int32)  # int32 from the start: a client's 20 epochs can be millions of steps
+    filled = 0
+    for epoch in range(epochs_read):
+        part = np.arange(used) if epoch == 0 else rng.permutation(used)
+        take = min(used, total - filled)
+        order[filled:filled + take] = part[:take]
+        filled += take
     return subset[:min(used, total)], order
