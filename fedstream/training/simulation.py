@@ -710,6 +710,12 @@ class Simulation:
                                    f"({nonfinite} such clients); stopping as config nonfinite='stop' asks "
                                    f"({_last_good(self._checkpointer)}); nonfinite='skip' leaves such clients "
                                    "out instead")
+        trained = int(element["num_clients_trained"])
+        if nonfinite and nonfinite >= trained:  # nonfinite='skip', and nothing was left: the round changed nothing
+            raise TrainingDiverged(f"round {r + 1}: all {trained} clients sent non-finite (NaN/Inf) updates and were "
+                                   f"skipped, so the round trained nothing; stopping "
+                                   f"({_last_good(self._checkpointer)}); lower the learning rates and start a new "
+                                   "workdir")
         transform_log = self.algorithm.log_values(jax.device_get(stats["logs"]))  # its metrics: bits sent, clipped, ...
         if self._ledger is not None:
             self._ledger.record_round()
@@ -729,7 +735,7 @@ class Simulation:
             **transform_log,
             "cohort_size": element["cohort_size"],
             **train_metrics,
-            "clients": element["num_clients_trained"],
+            "clients": trained - nonfinite,  # whose updates were used; the skipped ones are counted below
             "empty_clients_skipped": element["num_clients_empty"],
             "examples": element["num_examples"],
             "steps": element["num_steps"],
