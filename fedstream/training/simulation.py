@@ -570,8 +570,8 @@ class Simulation:
                         self.log(f"resumed {self.workdir} from the checkpoint after round {start}")
             accounting = algorithm.privacy_accounting()  # None unless the algorithm is DP
             self._ledger = open_privacy_ledger(accounting, saved_privacy, start)
-            if self._ledger is not None:  # the epsilon saved with the checkpoint (`restore_intact` checked it)
-                saved_epsilon = (saved_privacy or {}).get("epsilon")
+            if self._ledger is not None and saved_privacy is not None:  # as saved (`restore_intact` checked it)
+                saved_epsilon = saved_privacy.get("epsilon")
                 self._epsilon = float(saved_epsilon) if saved_epsilon is not None else self._ledger.epsilon()
             if self._ledger is not None and start == 0 and accounting.description:
                 self.log(accounting.description)
