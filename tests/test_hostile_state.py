@@ -233,6 +233,18 @@ def test_a_round_with_every_client_non_finite_stops_the_run_naming_it(tmp_path, 
         assert f"{rows[0]['nonfinite_clients_skipped']} non-finite clients skipped" in progress[0]
 
 
+def test_progress_line_names_skipped_clients_and_is_never_throttled_away():
+    from fedstream.training.metrics_log import Progress
+
+    lines: list[str] = []
+    progress = Progress(10, 0, every_secs=3600, emit=lines.append)
+    progress.update(1, 100, {"loss": 1.0, "accuracy": 0.5, "nonfinite_clients_skipped": 0})  # the first line
+    progress.update(2, 100, {"loss": 1.0, "accuracy": 0.5, "nonfinite_clients_skipped": 0})  # throttled
+    progress.update(3, 100, {"loss": 1.0, "accuracy": 0.5, "nonfinite_clients_skipped": 4})  # printed anyway
+    assert len(lines) == 2 and lines[1].startswith("round 3/10") and "| 4 non-finite clients skipped" in lines[1]
+    assert "skipped" not in lines[0]
+
+
 # --- slow: every bit of a saved meta file --------------------------------------------------------------------------
 
 
