@@ -38,6 +38,10 @@ ACCOUNTANTS = ("rdp", "pld")
 PLD_DISCRETIZATION = 1e-4  # dp-accounting's default value_discretization_interval
 
 
+class PrivacyLedgerError(ValueError):
+    """The privacy accounting went wrong: epsilon fell between rounds, or a saved ledger disagrees with itself."""
+
+
 def _dp() -> Any:
     try:
         import dp_accounting

@@ -7,11 +7,20 @@ asynchronous; a step becomes visible only after Orbax's atomic rename, so a
 process killed mid-save leaves a temporary directory that is ignored on
 restart (see docs/notes.md, 'Orbax: a step is committed by an atomic rename').
 
-Integrity: every save records the sha256 of the state's bytes (and of the
-client-store index) in the JSON item; a restore recomputes it, so bytes
-altered after writing are refused (`CheckpointCorrupted`, naming the step's
-directory) instead of silently training on. `quarantine` moves such a step out
-of the way so a run can resume from the newest intact one.
+Integrity: every save records the sha256 of the state's bytes, of the
+client-store index and of each per-client state file the index refers to in
+the JSON item, and seals the JSON item itself with `meta_sha256`: the sha256
+of its canonical JSON (every key but that digest, the state's digest
+included). A restore recomputes all of them, so bytes altered after writing,
+anywhere in the step, are refused (`CheckpointCorrupted`, naming the step's
+directory) instead of silently training on. A missing or renamed key cannot
+turn the check off: a meta item carrying `checkpoint_format` (every one this
+version writes) must have both digests, and one with any key an older
+version never wrote is refused too. Only a meta item of an older version
+(no `checkpoint_format`, only the keys older versions wrote) is accepted
+without its own digest (`RunCheckpointer.legacy_steps`; the caller warns).
+`quarantine` moves a refused step out of the way so a run can resume from the
+newest intact one.
 
 Saving never stalls the train loop: `RunCheckpointer.save` hands the step to
 one saving thread and returns. That thread hashes the state (the digest goes
@@ -27,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import os
 import pathlib
 import queue
@@ -49,6 +59,83 @@ RESUMABLE_KEYS = ("num_rounds", "data_threads", "chunk_mb", "checkpoint.", "eval
 
 INTEGRITY_KEY = "integrity"
 QUARANTINE_DIR = "corrupted_checkpoints"
+CLIENT_STATE_DIR = "client_state"  # next to checkpoints/ (fedstream.training.client_store)
+
+# The meta item's format: 2 = sealed by `meta_sha256` (absent in the meta items of older versions).
+FORMAT_KEY = "checkpoint_format"
+META_FORMAT = 2
+# The only keys a meta item of an older version (no FORMAT_KEY) can hold; any other key means damage.
+_LEGACY_KEYS = frozenset({"config", "round", "seed", "data_iterator", "privacy", INTEGRITY_KEY})
+_LEGACY_INTEGRITY_KEYS = frozenset({"state_sha256", "client_store_sha256"})
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_CLIENT_FILE = re.compile(r"^round-\d{8}\.states$")
+
+
+def canonical_json(value: Any) -> bytes:
+    """The canonical JSON bytes of a JSON value: sorted keys, no spaces, ASCII (equal values, equal bytes)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def meta_digest(meta: Mapping[str, Any]) -> str:
+    """sha256 of a meta item's canonical JSON, leaving out only `integrity.meta_sha256` (the digest itself)."""
+    integrity = meta.get(INTEGRITY_KEY)
+    body = dict(meta)
+    if isinstance(integrity, Mapping):
+        body[INTEGRITY_KEY] = {k: v for k, v in integrity.items() if k != "meta_sha256"}
+    return hashlib.sha256(canonical_json(body)).hexdigest()
+
+
+def seal_meta(meta: Mapping[str, Any], integrity: Mapping[str, Any]) -> dict[str, Any]:
+    """The meta item as saved: `meta` plus the format and `integrity` (state digest, ...) sealed by `meta_sha256`.
+
+    The digest is taken over the JSON form (tuples as lists), as the item reads back.
+    """
+    sealed = json.loads(canonical_json({**meta, FORMAT_KEY: META_FORMAT, INTEGRITY_KEY: dict(integrity)}))
+    sealed[INTEGRITY_KEY]["meta_sha256"] = meta_digest(sealed)
+    return sealed
+
+
+def check_meta(meta: Any) -> bool:
+    """Checks a meta item as read back: True if sealed and intact, False for an older version's (unsealed) item.
+
+    Raises ValueError saying what is wrong: a sealed item whose digest differs
+    or that lacks `meta_sha256` or `state_sha256`; an item of an unknown
+    format; an unsealed one with a key older versions never wrote (a renamed
+    key: the damage that would otherwise pass it off as an older version's).
+    """
+    if not isinstance(meta, dict):
+        raise ValueError(f"the metadata is a JSON {type(meta).__name__}, not an object")
+    integrity = meta.get(INTEGRITY_KEY)
+    if FORMAT_KEY not in meta:
+        unknown = sorted(set(meta) - _LEGACY_KEYS)
+        if isinstance(integrity, dict):
+            unknown += sorted(f"{INTEGRITY_KEY}.{k}" for k in set(integrity) - _LEGACY_INTEGRITY_KEYS)
+        elif integrity is not None:
+            unknown.append(INTEGRITY_KEY)
+        if unknown:
+            raise ValueError(f"the metadata has no {FORMAT_KEY!r} and holds unexpected keys "
+                             f"({', '.join(map(repr, unknown[:3]))}): a damaged key name")
+        return False
+    if meta[FORMAT_KEY] != META_FORMAT or isinstance(meta[FORMAT_KEY], bool):
+        raise ValueError(f"unknown checkpoint metadata format {meta[FORMAT_KEY]!r} (this version writes "
+                         f"{META_FORMAT})")
+    if not isinstance(integrity, dict):
+        raise ValueError(f"the metadata has no {INTEGRITY_KEY!r} digests")
+    for key in ("meta_sha256", "state_sha256"):
+        if not isinstance(integrity.get(key), str) or not _SHA256.match(integrity[key]):
+            raise ValueError(f"the metadata lacks its {key} (or it is not a sha256)")
+    if meta_digest(meta) != integrity["meta_sha256"]:
+        raise ValueError("the metadata's sha256 differs from the one recorded when it was saved")
+    return True
+
+
+def file_sha256(path: pathlib.Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 class CheckpointCorrupted(RuntimeError):
@@ -96,8 +183,16 @@ def tree_digest(tree: Any) -> str:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+    """An error in one short line: its type and first line, without TensorStore's spec dump (plus the cause's
+    line when TensorStore only points at it)."""
+    lines = str(e).strip().splitlines()
+    text = lines[0] if lines else ""
+    for tail in (" [tensorstore_spec", " See full TensorStore details"):
+        text = text.split(tail, 1)[0]
+    cause = e.__cause__ or e.__context__
+    if "See full TensorStore details" in (lines[0] if lines else "") and cause is not None and cause is not e:
+        text = f"{text} {_first_line(cause)}"
+    return f"{type(e).__name__}: {text[:300]}"
 
 
 @dataclasses.dataclass
@@ -108,6 +203,7 @@ class _SaveJob:
     state: Any
     meta: dict[str, Any]
     client_index: dict[str, np.ndarray] | None
+    client_files: dict[str, str] | None  # sha256 of each client-state file the index refers to, by name
 
 
 _STOP = object()  # tells the saving thread to exit
@@ -143,6 +239,8 @@ class RunCheckpointer:
         self._failure_raised = False  # raised once, by the next save or wait
         self._handled = threading.Condition()  # notified as the thread finishes with each step
         self._handled_step: int | None = None  # the newest step the thread passed to Orbax (or dropped)
+        self.client_state_dir = self.directory.parent / CLIENT_STATE_DIR
+        self.legacy_steps: set[int] = set()  # steps read back whose meta an older version wrote (unsealed)
 
     def latest_round(self) -> int | None:
         """Rounds completed by the latest complete checkpoint, or None."""
@@ -153,15 +251,27 @@ class RunCheckpointer:
         return self.directory / str(step)
 
     def read_meta(self, step: int) -> dict[str, Any]:
-        """The JSON metadata of a checkpoint (cheap: does not load the state)."""
+        """The JSON metadata of a checkpoint, its digest checked (`check_meta`; cheap: does not load the state).
+
+        A step whose meta an older version wrote (no digest) is accepted and added to `legacy_steps`.
+        """
+        path = self.step_path(step) / "meta"
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-            meta = dict(restored["meta"])
+            meta = restored["meta"]
         except Exception as e:  # noqa: BLE001 - any failure to read it back means the bytes are bad
-            raise CheckpointCorrupted(step, self.step_path(step) / "meta", _first_line(e)) from None
+            raise CheckpointCorrupted(step, path, _first_line(e)) from None
+        try:
+            sealed = check_meta(meta)
+        except ValueError as e:
+            raise CheckpointCorrupted(step, path, str(e)) from None
+        if not sealed:
+            self.legacy_steps.add(step)
         if "config" not in meta or "round" not in meta:
-            raise CheckpointCorrupted(step, self.step_path(step) / "meta", "the metadata lacks config or round")
-        return meta
+            raise CheckpointCorrupted(step, path, "the metadata lacks config or round")
+        if meta["round"] != step or isinstance(meta["round"], bool):
+            raise CheckpointCorrupted(step, path, f"the metadata says round {meta['round']!r}")
+        return dict(meta)
 
     def restore(self, step: int, like_state: Any) -> tuple[Any, dict[str, Any]]:
         """Restores (state, meta) of `step`, with the structure of `like_state`, and checks the state's digest."""
@@ -173,24 +283,60 @@ class RunCheckpointer:
             digest = tree_digest(state)
         except Exception as e:  # noqa: BLE001
             raise CheckpointCorrupted(step, self.step_path(step) / "state", _first_line(e)) from None
-        expected = meta.get(INTEGRITY_KEY, {}).get("state_sha256")
+        expected = (meta.get(INTEGRITY_KEY) or {}).get("state_sha256")  # present unless an older version's
         if expected is not None and digest != expected:
             raise CheckpointCorrupted(step, self.step_path(step) / "state",
                                       "the state's sha256 differs from the one recorded when it was saved")
         return state, meta
 
-    def restore_client_index(self, step: int) -> dict[str, np.ndarray]:
-        """The client-state store's index saved with `step` (see `ClientStateStore`), digest-checked."""
+    def restore_client_index(self, step: int, *, check_files: bool = True) -> dict[str, np.ndarray]:
+        """The client-state store's index saved with `step` (see `ClientStateStore`), digest-checked.
+
+        With `check_files`, every client-state file the index refers to must
+        be on disk with the sha256 recorded in the step's meta
+        (`client_files`; steps of older versions recorded none).
+        """
         path = self.step_path(step) / "client_store"
+        meta = self.read_meta(step)
+        integrity = meta.get(INTEGRITY_KEY) or {}
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(client_store=ocp.args.StandardRestore()))
             index = {k: np.asarray(v) for k, v in restored["client_store"].items()}
         except Exception as e:  # noqa: BLE001
             raise CheckpointCorrupted(step, path, _first_line(e)) from None
-        expected = self.read_meta(step).get(INTEGRITY_KEY, {}).get("client_store_sha256")
+        expected = integrity.get("client_store_sha256")
+        if expected is None and step not in self.legacy_steps:
+            raise CheckpointCorrupted(step, path, "the metadata lacks the client-store index's sha256")
         if expected is not None and tree_digest(index) != expected:
             raise CheckpointCorrupted(step, path, "the client-store index's sha256 differs from the saved one")
+        if check_files and step not in self.legacy_steps:
+            self._check_client_files(step, index, integrity.get("client_files"))
         return index
+
+    def client_files(self, step: int) -> dict[str, str]:
+        """The sha256 of each client-state file recorded with `step` (by file name; empty for older versions)."""
+        return dict((self.read_meta(step).get(INTEGRITY_KEY) or {}).get("client_files") or {})
+
+    def _check_client_files(self, step: int, index: Mapping[str, np.ndarray], files: Any) -> None:
+        """Every file `index` refers to is listed in `files` and on disk with that sha256 (else CheckpointCorrupted)."""
+        rounds = np.asarray(index.get("round", np.zeros(0)))
+        needed = {f"round-{int(r):08d}.states" for r in np.unique(rounds[rounds >= 0])}
+        meta_path = self.step_path(step) / "meta"
+        if not isinstance(files, dict) or not all(isinstance(k, str) and _CLIENT_FILE.match(k) and
+                                                  isinstance(v, str) and _SHA256.match(v) for k, v in files.items()):
+            raise CheckpointCorrupted(step, meta_path, "the metadata lacks the client-state files' sha256")
+        if needed - set(files):
+            raise CheckpointCorrupted(step, meta_path, f"the client-state file {sorted(needed - set(files))[0]} "
+                                                       "has no recorded sha256")
+        for name in sorted(needed):
+            path = self.client_state_dir / name
+            try:
+                digest = file_sha256(path)
+            except OSError as e:
+                raise CheckpointCorrupted(step, path, f"client-state file unreadable: {_write_reason(e)}") from None
+            if digest != files[name]:
+                raise CheckpointCorrupted(step, path, "the client-state file's sha256 differs from the one recorded "
+                                                      "when the checkpoint was saved")
 
     def verify(self, step: int, like_state: Any, *, client_store: bool = False) -> None:
         """Raises CheckpointCorrupted unless `step` reads back with the digests recorded at save time."""
@@ -229,13 +375,16 @@ class RunCheckpointer:
         return step % self._every == 0 or newest is None
 
     def save(self, step: int, state: Any, meta: Mapping[str, Any], *, force: bool = False,
-             client_index: Mapping[str, np.ndarray] | None = None) -> bool:
+             client_index: Mapping[str, np.ndarray] | None = None,
+             client_files: Mapping[str, str] | None = None) -> bool:
         """Hands `step` to the saving thread if the interval says so (or `force`); True if it will be saved.
 
         Returns at once unless two steps already wait for the saving thread.
         `state` must not change afterwards (JAX arrays never do); the thread
         hashes it, records the digests in the meta and starts the Orbax save.
-        `client_index` (for algorithms with per-client state) is saved with it.
+        `client_index` (for algorithms with per-client state) is saved with it,
+        and `client_files` (the sha256 of each client-state file it refers to,
+        by name) goes into the sealed meta.
         A failure of an earlier save is raised here (`CheckpointWriteError`).
         """
         self._raise_failure(step)
@@ -247,7 +396,8 @@ class RunCheckpointer:
         with self._pending_lock:
             self._pending.add(step)
         self._requested = step
-        self._jobs.put(_SaveJob(step, state, dict(meta), dict(client_index) if client_index is not None else None))
+        self._jobs.put(_SaveJob(step, state, dict(meta), dict(client_index) if client_index is not None else None,
+                                dict(client_files) if client_files is not None else None))
         return True
 
     def _save_loop(self) -> None:
@@ -269,11 +419,12 @@ class RunCheckpointer:
 
     def _write(self, job: _SaveJob) -> None:
         """Hashes a step's state (and client index) and starts its Orbax save (on the saving thread)."""
-        integrity = {"state_sha256": tree_digest(job.state)}  # waits for the round that computes the state
+        integrity: dict[str, Any] = {"state_sha256": tree_digest(job.state)}  # waits for the round computing it
         if job.client_index is not None:
             integrity["client_store_sha256"] = tree_digest(job.client_index)
+            integrity["client_files"] = dict(job.client_files or {})
         items = {"state": ocp.args.StandardSave(job.state),
-                 "meta": ocp.args.JsonSave({**job.meta, INTEGRITY_KEY: integrity})}
+                 "meta": ocp.args.JsonSave(seal_meta(job.meta, integrity))}
         if job.client_index is not None:
             items["client_store"] = ocp.args.StandardSave(job.client_index)
         self.manager.wait_until_finished()  # the previous step's save, without holding the lock

@@ -15,6 +15,9 @@ log-structured store under `<workdir>/client_state/`:
   -1 = never trained: state is zeros) says where each client's latest state
   is. The index is saved *inside* each Orbax checkpoint, so a checkpoint and
   the client states it refers to always agree.
+- Each file's sha256 is computed as it is written (`file_digests`); a
+  checkpoint records those of the files its index refers to, and restoring
+  from it checks them (`RunCheckpointer.restore_client_index`).
 - Resuming from checkpoint r restores its index and deletes files of rounds
   after r (written by the killed run, never committed).
 - A file is deleted once no committed checkpoint's index refers to it.
@@ -29,6 +32,7 @@ with per-client state (a clear error in the train loop).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 import re
@@ -60,6 +64,7 @@ class ClientStateStore:
         self._maps: dict[int, np.memmap] = {}
         self._file_records: dict[int, int] = {}  # round -> records in its file
         self._committed_refs: dict[int, np.ndarray] = {}  # checkpoint step -> rounds its index refers to
+        self._digests: dict[int, str] = {}  # round -> sha256 of its file (as written, or as a checkpoint recorded)
 
     @property
     def record_bytes(self) -> int:
@@ -123,9 +128,11 @@ class ClientStateStore:
             written = np.concatenate([written, carried])
         path = self._path(round_index)
         tmp = path.with_name(path.name + ".tmp")
+        data = table.tobytes()
         with create_exclusive(tmp, "wb") as f:  # never through a planted symbolic link
-            table.tofile(f)
+            f.write(data)
         os.replace(tmp, path)
+        self._digests[round_index] = hashlib.sha256(data).hexdigest()
         self._maps.pop(round_index, None)
         self._file_records[round_index] = int(written.size)
         self.round[written] = round_index
@@ -153,8 +160,34 @@ class ClientStateStore:
         """The index to save inside a checkpoint."""
         return {"round": self.round.copy(), "position": self.position.copy()}
 
-    def restore(self, index: Mapping[str, np.ndarray], checkpoint_round: int) -> None:
-        """Adopts a checkpoint's index and deletes files written after it."""
+    def file_name(self, round_index: int) -> str:
+        """The name of round `round_index`'s file in the store's directory."""
+        return self._path(round_index).name
+
+    def file_digests(self, index: Mapping[str, np.ndarray] | None = None) -> dict[str, str]:
+        """sha256 of each file `index` (default: the current one) refers to, by file name.
+
+        Known from writing the file or from the checkpoint the store was
+        restored from; a file of neither (a checkpoint of an older version
+        recorded none) is hashed from disk once.
+        """
+        rounds = np.asarray((index or self.index())["round"])
+        out = {}
+        for r in np.unique(rounds[rounds >= 0]).tolist():
+            if r not in self._digests:
+                h = hashlib.sha256()
+                with open(self._path(r), "rb") as f:
+                    while block := f.read(1 << 20):
+                        h.update(block)
+                self._digests[r] = h.hexdigest()
+            out[self.file_name(r)] = self._digests[r]
+        return out
+
+    def restore(self, index: Mapping[str, np.ndarray], checkpoint_round: int,
+                digests: Mapping[str, str] | None = None) -> None:
+        """Adopts a checkpoint's index (and the file digests it recorded) and deletes files written after it."""
+        by_name = {self.file_name(r): r for r in self._rounds_on_disk()}
+        self._digests = {by_name[name]: str(d) for name, d in (digests or {}).items() if name in by_name}
         self.round = np.asarray(index["round"], np.int32).copy()
         self.position = np.asarray(index["position"], np.int32).copy()
         if self.round.shape != (self.num_clients,):
@@ -191,6 +224,7 @@ class ClientStateStore:
 
     def _delete(self, round_index: int) -> None:
         self._maps.pop(round_index, None)
+        self._digests.pop(round_index, None)
         self._file_records.pop(round_index, None)
         self._path(round_index).unlink(missing_ok=True)
 

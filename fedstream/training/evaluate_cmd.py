@@ -26,13 +26,14 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from fedstream.config import ConfigError, apply_overrides, flatten, set_value, validate_train_config
-from fedstream.training.checkpoint import RESUMABLE_KEYS, RESUME_HINT, RunCheckpointer, check_config_unchanged
+from fedstream.training.checkpoint import (RESUMABLE_KEYS, RESUME_HINT, RunCheckpointer, check_config_unchanged,
+                                           check_meta)
 
 EVAL_HINT = "eval compares the given pipeline and overrides with the run's (without a pipeline it uses the run's config)"
 
 
 def read_run_config(workdir: str | os.PathLike) -> tuple[int, dict[str, Any]] | None:
-    """(step, config) of the newest committed checkpoint in `workdir` whose metadata reads back, or None.
+    """(step, config) of the newest committed checkpoint in `workdir` whose metadata reads back intact, or None.
 
     Reads the JSON metadata item of Orbax's step directory directly, without
     JAX, so that a command can decide on its config before joining a
@@ -45,6 +46,7 @@ def read_run_config(workdir: str | os.PathLike) -> tuple[int, dict[str, Any]] | 
     for step in steps:  # a committed step is a directory named by its number (Orbax renames it atomically)
         try:
             meta = json.loads((directory / str(step) / "meta" / "metadata").read_text())
+            check_meta(meta)  # its digest: a damaged config is not taken for the run's
         except (OSError, ValueError):
             continue
         if isinstance(meta, dict) and isinstance(meta.get("config"), dict):

@@ -135,7 +135,12 @@ def print_line(line: str) -> None:
 
 
 class Progress:
-    """A throttled one-line progress report: round, rounds/s, examples/s, ETA, last eval."""
+    """A throttled one-line progress report: round, rounds/s, examples/s, ETA, last eval.
+
+    Clients skipped as non-finite (`nonfinite_clients_skipped` of the train
+    metrics) since the previous line are named on the next one, and force it
+    out: a round that skipped clients is never silent.
+    """
 
     def __init__(self, total_rounds: int, start_round: int, stream: TextIO | None = None, every_secs: float = 2.0,
                  enabled: bool = True, emit: Callable[[str], None] | None = None):
@@ -147,9 +152,14 @@ class Progress:
         self.last_print = -math.inf
         self.examples = 0
         self.last_eval = ""
+        self.skipped = 0  # non-finite clients skipped since the last line printed
 
     def update(self, round_done: int, examples: int, train: Mapping[str, float], force: bool = False) -> None:
+        """Counts a finished round; prints a line if `every_secs` passed (or `force`, the last round, skipped clients)."""
         self.examples += examples
+        skipped = int(train.get("nonfinite_clients_skipped", 0) or 0)
+        self.skipped += skipped
+        force = force or skipped > 0
         now = time.perf_counter()
         if not self.enabled or (not force and now - self.last_print < self.every and round_done < self.total):
             return
@@ -161,6 +171,9 @@ class Progress:
         line = (f"round {round_done}/{self.total} | {rate:.2f} rounds/s | {self.examples / elapsed:,.0f} ex/s | "
                 f"ETA {eta_text} | train loss {train.get('loss', float('nan')):.4f} "
                 f"acc {train.get('accuracy', float('nan')):.4f}")
+        if self.skipped:
+            line += f" | {self.skipped} non-finite clients skipped"
+            self.skipped = 0
         if self.last_eval:
             line += f" | {self.last_eval}"
         if self.emit is not None:

@@ -22,6 +22,7 @@ routes give the same parameters.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pathlib
 import tempfile
@@ -35,7 +36,7 @@ import numpy as np
 
 from fedstream.algorithms.aggregators import Aggregator
 from fedstream.algorithms.base import Algorithm, ServerState
-from fedstream.algorithms.privacy import PrivacyLedger
+from fedstream.algorithms.privacy import PrivacyLedger, PrivacyLedgerError
 from fedstream.config import ConfigError, check_clients_per_round, flatten, validate_train_config
 from fedstream.data.augment import get_augmentation
 from fedstream.data.packed import idle_step_fraction
@@ -170,15 +171,26 @@ def restore_intact(checkpointer: RunCheckpointer, like_state: ServerState, *, cl
                    resume_last_good: bool, log: Callable[[str], None]) -> tuple[ServerState, dict[str, Any]] | None:
     """(state, meta) of the newest checkpoint that reads back intact, or None when there is none.
 
-    A corrupted newest checkpoint stops the run with `CheckpointCorrupted`
-    unless `resume_last_good`: then it is moved to `corrupted_checkpoints/`
-    (kept for inspection) and the next older one is tried.
+    Every byte is checked: the meta's own digest, the state's, the client
+    index's and each client-state file's (`RunCheckpointer`), and a DP run's
+    privacy ledger must reproduce the epsilon recorded with it
+    (`check_privacy_meta`). A corrupted newest checkpoint stops the run with
+    `CheckpointCorrupted` unless `resume_last_good`: then it is moved to
+    `corrupted_checkpoints/` (kept for inspection), one line says which step,
+    why and where it went, and the next older one is tried. A checkpoint of an
+    older fedstream version (its meta has no digest) is used with a one-line
+    warning.
     """
     while (step := checkpointer.latest_round()) is not None:
         try:
             state, meta = checkpointer.restore(step, like_state)
             if client_store:
                 checkpointer.restore_client_index(step)
+            check_privacy_meta(meta, step, checkpointer.step_path(step) / "meta",
+                               sealed=step not in checkpointer.legacy_steps)
+            if step in checkpointer.legacy_steps:
+                log(f"warning: the checkpoint of round {step} was written by an older fedstream version: its "
+                    "metadata has no digest and is trusted unchecked (the state's digest is checked)")
             return state, meta
         except CheckpointCorrupted as e:
             if not resume_last_good:
@@ -193,6 +205,38 @@ def restore_intact(checkpointer: RunCheckpointer, like_state: ServerState, *, cl
                                   "into corrupted_checkpoints/) and relaunch") from None
             log(f"{e}; moved to {checkpointer.quarantine(step)}; trying the previous checkpoint")
     return None
+
+
+def check_privacy_meta(meta: Mapping[str, Any], step: int, path: pathlib.Path, *, sealed: bool = True) -> None:
+    """Refuses (`CheckpointCorrupted`) a checkpoint whose privacy ledger does not give the epsilon saved with it.
+
+    The ledger's epsilon is recomputed from its events (mechanisms and round
+    counts) and must equal `meta["privacy"]["epsilon"]`, so a ledger whose
+    noise or rounds were altered cannot lower the reported epsilon. Meta items
+    without a ledger pass; `sealed=False` (an older version's checkpoint)
+    accepts a ledger saved without its epsilon.
+    """
+    saved = meta.get("privacy")
+    if saved is None:
+        return
+    try:
+        if not isinstance(saved, Mapping):
+            raise ValueError("it is not a JSON object")
+        epsilon = PrivacyLedger.from_json(saved).epsilon()
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointCorrupted(step, path, f"its privacy ledger is unreadable: {e}") from None
+    recorded = saved.get("epsilon")
+    if recorded is None and not sealed:
+        return
+    if (not isinstance(recorded, (int, float)) or isinstance(recorded, bool)
+            or not _same_epsilon(epsilon, float(recorded))):
+        raise CheckpointCorrupted(step, path, f"its privacy ledger gives epsilon {epsilon!r}, but {recorded!r} was "
+                                              "recorded with it (the ledger was altered)")
+
+
+def _same_epsilon(a: float, b: float) -> bool:
+    """Equal epsilons (both infinite, or within float rounding)."""
+    return a == b or (math.isfinite(a) and math.isfinite(b) and abs(a - b) <= 1e-9 * max(abs(a), abs(b)))
 
 
 def open_privacy_ledger(accounting: Any, saved: Mapping[str, Any] | None = None,
@@ -370,6 +414,7 @@ class Simulation:
         self._store: ClientStateStore | None = None
         self._store_tmp: tempfile.TemporaryDirectory | None = None
         self._ledger = None
+        self._epsilon = 0.0  # the ledger's epsilon after the latest round (it may never decrease)
         self._iterator: Any = None
         self._iterator_rounds = (0, 0)  # (first, end) rounds of the open iterator
         self._metrics_log: MetricsLog | None = None
@@ -525,6 +570,9 @@ class Simulation:
                         self.log(f"resumed {self.workdir} from the checkpoint after round {start}")
             accounting = algorithm.privacy_accounting()  # None unless the algorithm is DP
             self._ledger = open_privacy_ledger(accounting, saved_privacy, start)
+            if self._ledger is not None and saved_privacy is not None:  # as saved (`restore_intact` checked it)
+                saved_epsilon = saved_privacy.get("epsilon")
+                self._epsilon = float(saved_epsilon) if saved_epsilon is not None else self._ledger.epsilon()
             if self._ledger is not None and start == 0 and accounting.description:
                 self.log(accounting.description)
             if self.workdir is not None:
@@ -554,10 +602,12 @@ class Simulation:
         if start == 0 or checkpointer is None:
             store.restore(store.index(), 0)  # a fresh run: drop files of a run killed before its first checkpoint
         else:
-            store.restore(checkpointer.restore_client_index(start), start)
-            for step in checkpointer.all_steps():  # `start` was verified; an older bad index is refused if used
+            # `start` was verified with its files by `restore_intact`; an older bad index is refused if used
+            store.restore(checkpointer.restore_client_index(start, check_files=False), start,
+                          checkpointer.client_files(start))
+            for step in checkpointer.all_steps():
                 try:
-                    store.note_committed(step, checkpointer.restore_client_index(step))
+                    store.note_committed(step, checkpointer.restore_client_index(step, check_files=False))
                 except CheckpointCorrupted:
                     continue
         return store
@@ -660,10 +710,22 @@ class Simulation:
                                    f"({nonfinite} such clients); stopping as config nonfinite='stop' asks "
                                    f"({_last_good(self._checkpointer)}); nonfinite='skip' leaves such clients "
                                    "out instead")
+        trained = int(element["num_clients_trained"])
+        if nonfinite and nonfinite >= trained:  # nonfinite='skip', and nothing was left: the round changed nothing
+            raise TrainingDiverged(f"round {r + 1}: all {trained} clients sent non-finite (NaN/Inf) updates and were "
+                                   f"skipped, so the round trained nothing; stopping "
+                                   f"({_last_good(self._checkpointer)}); lower the learning rates and start a new "
+                                   "workdir")
         transform_log = self.algorithm.log_values(jax.device_get(stats["logs"]))  # its metrics: bits sent, clipped, ...
         if self._ledger is not None:
             self._ledger.record_round()
-            transform_log.update(dp_epsilon=self._ledger.epsilon(), dp_delta=self._ledger.target_delta)
+            epsilon = self._ledger.epsilon()
+            if epsilon < self._epsilon and not _same_epsilon(epsilon, self._epsilon):
+                raise PrivacyLedgerError(f"round {r + 1}: the privacy ledger's epsilon fell from {self._epsilon!r} "
+                                         f"to {epsilon!r}; epsilon can only grow, so the ledger is wrong; stopping "
+                                         f"({_last_good(self._checkpointer)})")
+            self._epsilon = epsilon
+            transform_log.update(dp_epsilon=epsilon, dp_delta=self._ledger.target_delta)
         # With pipelining a round's span overlaps the previous one's end; count it from the later of its start and
         # the previous round's end, so that round seconds add up to the loop's time.
         now = time.perf_counter()
@@ -673,7 +735,7 @@ class Simulation:
             **transform_log,
             "cohort_size": element["cohort_size"],
             **train_metrics,
-            "clients": element["num_clients_trained"],
+            "clients": trained - nonfinite,  # whose updates were used; the skipped ones are counted below
             "empty_clients_skipped": element["num_clients_empty"],
             "examples": element["num_examples"],
             "steps": element["num_steps"],
@@ -696,10 +758,11 @@ class Simulation:
             meta = {"config": self.run_config, "round": done, "seed": int(s.seed),
                     "data_iterator": {"next_round": done}}
             if self._ledger is not None:
-                meta["privacy"] = self._ledger.to_json()
+                meta["privacy"] = {**self._ledger.to_json(), "epsilon": self._epsilon}  # checked on resume
             client_index = self._store.index() if self._store is not None else None
+            client_files = self._store.file_digests(client_index) if self._store is not None else None
             saved = self._checkpointer.save(done, round_.state, meta, force=done == num_rounds,
-                                            client_index=client_index)
+                                            client_index=client_index, client_files=client_files)
             if self._store is not None:
                 if saved:
                     self._store.note_committed(done, client_index)
