@@ -1,7 +1,7 @@
 """The `fedstream` command: preprocess, inspect, train, eval, config, plot, list.
 
     fedstream preprocess RECIPE --output DIR [--force] [--config.key=value ...]
-    fedstream inspect DIR [--verify]
+    fedstream inspect DIR [--verify] [--digest] [--labels | --no-labels] [--label-key FEATURE] [--label-sample N]
     fedstream train [PIPELINE] --workdir DIR [--config.key=value ...]
     fedstream eval [PIPELINE] --workdir DIR [--split SPLIT] [--step N] [--config.key=value ...]
     fedstream config [PIPELINE] [--workdir DIR] [--json] [--config.key=value ...]
@@ -165,10 +165,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--x", choices=("round", "time"), default="round",
                    help="x axis: round, or training time (cumulative round_seconds)")
     i = _sub(sub, "inspect", "summarise a preprocessed dataset",
-             "Print a dataset's splits, clients, examples, features, client-size quantiles and disk size.",
-             "  fedstream inspect data/digits\n  fedstream inspect data/digits --verify")
+             "Print a dataset's splits, clients, examples, features, client-size quantiles and disk size, and "
+             "how its labels are spread over clients: classes per client and a skew measure, the mean "
+             "total-variation distance of a client's label distribution from its split's, next to the same "
+             "measure for an IID split of the same client sizes. Labels are read for splits of up to 512 MiB "
+             "of shards unless --labels or --no-labels says otherwise. --digest prints a per-split content "
+             "digest that does not depend on shard sizes, chunking or compression.",
+             "  fedstream inspect data/digits\n  fedstream inspect data/digits --verify --digest\n"
+             "  fedstream inspect data/emnist --labels --label-sample 1000")
     i.add_argument("path", help="dataset directory")
     i.add_argument("--verify", action="store_true", help="also check every shard's sha256")
+    i.add_argument("--labels", action=argparse.BooleanOptionalAction, default=None,
+                   help="read the labels of every split (--no-labels: of none; default: of splits of at most "
+                        "512 MiB)")
+    i.add_argument("--label-key", metavar="FEATURE",
+                   help="the integer label feature (default: the recipe's label_key, else y)")
+    i.add_argument("--label-sample", type=int, metavar="N",
+                   help="summarise the labels of N clients per split, drawn at random (seed 0), instead of all")
+    i.add_argument("--digest", action="store_true",
+                   help="print each split's content digest (sha256 over clients sorted by id; reads all data)")
     c = _sub(sub, "config", "print the resolved config of a pipeline or a run",
              "Print the full config that 'fedstream train' would run: the pipeline's get_config() with the "
              "--config overrides applied (or, with --workdir of an existing run, the run's stored config plus the "
@@ -512,7 +527,11 @@ def run_command(args: argparse.Namespace, overrides: list[str]) -> int:
         from fedstream.data.inspect import describe_dataset
         from fedstream.data.reader import FederatedDataset
 
-        print(describe_dataset(args.path))
+        if args.label_sample is not None and args.label_sample < 1:
+            raise ConfigError(f"--label-sample must be >= 1, got {args.label_sample}")
+        labels = True if args.labels is None and args.label_sample is not None else args.labels
+        print(describe_dataset(args.path, labels=labels, label_key=args.label_key, label_sample=args.label_sample,
+                               digest=args.digest))
         if args.verify:
             FederatedDataset(args.path).verify()
             print("verify: all shard checksums match")
