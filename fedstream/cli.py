@@ -5,7 +5,8 @@
     fedstream train [PIPELINE] --workdir DIR [--config.key=value ...]
     fedstream eval [PIPELINE] --workdir DIR [--split SPLIT] [--step N] [--config.key=value ...]
     fedstream config [PIPELINE] [--workdir DIR] [--json] [--config.key=value ...]
-    fedstream plot WORKDIR [WORKDIR ...] --output PNG [--metric NAME ...] [--x round|time]
+    fedstream plot WORKDIR [WORKDIR ...] --output FILE.png|.svg|.pdf [--metric NAME ...] [--x round|time]
+    fedstream plot --data DIR --output FILE.png|.svg|.pdf [--split SPLIT] [--max-clients N] [--label-key FEATURE]
     fedstream list [recipes|pipelines|models|algorithms|optimizers ...] [--algorithm NAME]
 
 RECIPE and PIPELINE are names (resolved in `preprocess/` and `pipelines/`)
@@ -151,14 +152,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", help="split to evaluate (default: config.data.test_split)")
     e.add_argument("--step", type=int, help="checkpoint step = rounds completed (default: the latest kept)")
     e.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    g = _sub(sub, "plot", "plot metrics of runs (PNG) to compare them",
-             "Plot train/eval metrics from the metrics.jsonl of one or more workdirs into one PNG: a panel per "
-             "metric, a line per run (labelled with the workdir name). Needs matplotlib "
-             "(pip install 'fedstream[plot]').",
+    g = _sub(sub, "plot", "plot metrics of runs to compare them, or a dataset's labels over clients",
+             "Plot train/eval metrics from the metrics.jsonl of one or more workdirs into one file: a panel per "
+             "metric, a line per run (labelled with the workdir name), eval points marked with their round. Or, "
+             "with --data DIR, a dataset's label distribution over clients (stacked bars of each client's label "
+             "counts, clients sorted by size) and a histogram of examples per client. The --output extension "
+             "picks the format: .png, .svg or .pdf. Needs matplotlib (pip install 'fedstream[plot]').",
              "  fedstream plot checkpoints/sgd checkpoints/adam --output compare.png\n"
-             "  fedstream plot checkpoints/sgd checkpoints/adam --output time.png --metric eval/accuracy --x time")
-    g.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="run directories holding metrics.jsonl")
-    g.add_argument("--output", required=True, help="PNG file to write")
+             "  fedstream plot checkpoints/sgd checkpoints/adam --output time.pdf --metric eval/accuracy --x time\n"
+             "  fedstream plot --data data/digits --output labels.svg --split train")
+    g.add_argument("workdirs", nargs="*", metavar="WORKDIR", help="run directories holding metrics.jsonl")
+    g.add_argument("--output", required=True, help="file to write: .png, .svg or .pdf")
+    g.add_argument("--data", metavar="DIR", help="plot this dataset's label distribution and client sizes instead "
+                                                 "of runs")
+    g.add_argument("--split", help="with --data: the split (default: train, else the first)")
+    g.add_argument("--max-clients", type=int, metavar="N",
+                   help="with --data: at most N client bars, evenly spaced in size order (default: 100)")
+    g.add_argument("--label-key", metavar="FEATURE",
+                   help="with --data: the integer label feature (default: the recipe's label_key, else y)")
     g.add_argument("--metric", action="append", default=[],
                    help="KIND/NAME (train/loss, eval/accuracy, train/examples_per_second, ...) or a bare NAME for "
                         "every kind that has it; repeatable (default: train and eval loss and accuracy)")
@@ -508,9 +519,21 @@ def run_command(args: argparse.Namespace, overrides: list[str]) -> int:
         config, _ = run_config(args.pipeline, args.workdir, overrides)
         print(json.dumps(config.to_dict(), indent=2, default=list) if args.json else str(config).rstrip())
     elif args.command == "plot":
-        from fedstream.training.plot import plot_runs
+        from fedstream.training.plot import plot_data, plot_runs
 
-        print(f"wrote {plot_runs(args.workdirs, args.output, metrics=args.metric, x=args.x)}")
+        if args.data is not None:
+            if args.workdirs or args.metric or args.x != "round":
+                raise ConfigError("fedstream plot --data DIR plots a dataset; give no WORKDIR, --metric or --x "
+                                  "with it")
+            written, notes = plot_data(args.data, args.output, split=args.split, label_key=args.label_key,
+                                       **({} if args.max_clients is None else {"max_clients": args.max_clients}))
+            for note in notes:
+                print(f"fedstream: {note}")
+            print(f"wrote {written}")
+        else:
+            if args.split is not None or args.label_key is not None or args.max_clients is not None:
+                raise ConfigError("--split, --max-clients and --label-key go with --data DIR")
+            print(f"wrote {plot_runs(args.workdirs, args.output, metrics=args.metric, x=args.x)}")
     elif args.command == "list":
         from fedstream.catalog import SECTIONS, algorithm_options_text, catalog
 

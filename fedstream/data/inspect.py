@@ -139,14 +139,20 @@ class LabelCounts:
 
 
 def label_counts(ds: FederatedDataset, split: str, key: str, max_clients: int | None = None,
-                 seed: int = 0) -> LabelCounts:
+                 seed: int = 0, positions: np.ndarray | None = None) -> LabelCounts:
     """Counts the labels `key` of every client of `split` (one sequential pass over its shards), or of
-    `max_clients` clients drawn uniformly without replacement (seed `seed`) when the split has more."""
+    `max_clients` clients drawn uniformly without replacement (seed `seed`) when the split has more,
+    or of the clients at index `positions`."""
     sizes_all = np.asarray(ds.client_sizes(split), np.int64)
     n = len(sizes_all)
-    positions = np.arange(n)
-    if max_clients is not None and n > max_clients:
+    if positions is not None:
+        positions = np.unique(np.asarray(positions, np.int64))
+        if len(positions) and (positions[0] < 0 or positions[-1] >= n):
+            raise ValueError(f"client positions outside 0..{n - 1} of split {split!r}")
+    elif max_clients is not None and n > max_clients:
         positions = np.sort(np.random.default_rng(seed).choice(n, int(max_clients), replace=False))
+    else:
+        positions = np.arange(n)
     row_of = np.full(n, -1, np.int64)
     row_of[positions] = np.arange(len(positions))
     labels: list[np.ndarray] = []
