@@ -449,6 +449,55 @@ def interrupted_line(args: argparse.Namespace) -> str:
     return f"fedstream: interrupted after round {done}; rerun the same command to resume from round {done}"
 
 
+def _own_source_dirs() -> tuple[str, ...]:
+    """Directories whose code's warnings are fedstream's own: the package, its recipes and pipelines."""
+    import importlib.util
+
+    dirs = []
+    for name in ("fedstream", "fedstream.recipes", "fedstream.pipelines"):
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            dirs.append(os.path.join(os.path.realpath(location), ""))
+    return tuple(dirs)
+
+
+@contextlib.contextmanager
+def fedstream_warnings(stream: Any = None) -> Iterator[None]:
+    """While the command runs, fedstream's own warnings print as one line, `fedstream: warning: <message>`,
+    each distinct message once; other libraries' warnings keep Python's format.
+
+    "Own" is by the file the warning is attributed to (`warnings.warn`'s stacklevel): code in the
+    fedstream package, its recipes or its pipelines. The previous `warnings.showwarning` is restored
+    on exit, so the Python API (and test runners' capture) sees ordinary warnings.
+    """
+    import warnings
+
+    own = _own_source_dirs()
+    previous = warnings.showwarning
+    seen: set[str] = set()
+
+    def show(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        if not own or not os.path.realpath(filename).startswith(own):
+            previous(message, category, filename, lineno, file, line)
+            return
+        text = f"fedstream: warning: {message}"
+        if text in seen:
+            return
+        seen.add(text)
+        print(text, file=file or stream or sys.stderr, flush=True)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        if warnings.showwarning is show:
+            warnings.showwarning = previous
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `fedstream` console script.
 
@@ -465,7 +514,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if overrides and args.command in ("inspect", "plot", "list"):
         raise SystemExit(f"fedstream {args.command} takes no --config overrides")
     try:
-        return run_command(args, overrides)
+        with fedstream_warnings():
+            return run_command(args, overrides)
     except KeyboardInterrupt:
         if debug:
             raise

@@ -351,3 +351,22 @@ def test_sqlite_download_needs_a_sha256(tmp_path, capsys, recipe):
     assert rc == 2
     assert re.search(rf"no sha256 is pinned for \S+/{recipe}.sqlite.lzma: pass --config.sha256", err), err
     assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("recipe", ["stackoverflow", "shakespeare"])
+def test_count_warnings_are_one_line_each_once(tmp_path, capsys, recipe):
+    """check_counts=False on a small file: one `fedstream: warning:` line per split, no Python warning lines."""
+    if recipe == "stackoverflow":
+        source = write_tff_sqlite(tmp_path / "so.sqlite", STACKOVERFLOW)
+        extra = [f"--config.word_counts={word_counts_archive(tmp_path / 'wc.tar.bz2')}", "--config.vocab_size=6"]
+        splits = ("train", "heldout", "test")
+    else:
+        source = shakespeare_file(tmp_path / "shakespeare.sqlite")
+        extra, splits = [], ("train", "test")
+    rc = cli_main(["preprocess", recipe, "--output", str(tmp_path / "out"), "--source", str(source),
+                   f"--config.cache_dir={tmp_path / 'cache'}", "--config.check_counts=False", *extra])
+    assert rc == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "warning" in line.lower()]
+    assert len(lines) == len(splits), lines
+    assert all(line.startswith("fedstream: warning: ") and "UserWarning" not in line for line in lines), lines
+    assert sorted(re.search(r"split '(\w+)'", line).group(1) for line in lines) == sorted(splits)
