@@ -603,10 +603,11 @@ def run_command(args: argparse.Namespace, overrides: list[str]) -> int:
         if args.label_sample is not None and args.label_sample < 1:
             raise ConfigError(f"--label-sample must be >= 1, got {args.label_sample}")
         labels = True if args.labels is None and args.label_sample is not None else args.labels
+        if args.verify:  # first: the summary reads records, and a damaged shard is best named by its sha256
+            FederatedDataset(args.path).verify()
         print(describe_dataset(args.path, labels=labels, label_key=args.label_key, label_sample=args.label_sample,
                                digest=args.digest))
         if args.verify:
-            FederatedDataset(args.path).verify()
             print("verify: all shard checksums match")
     return 0
 

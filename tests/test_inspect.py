@@ -1,5 +1,7 @@
 """`fedstream inspect`: label-distribution summaries, the layout-independent content digest, split names."""
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -145,3 +147,18 @@ def test_content_digest_ignores_layout_and_sees_every_change(tmp_path):
     for name, variant in (("changed", changed), ("renamed", renamed), ("moved", moved)):
         other = FederatedDataset(write(tmp_path / name, variant)).content_digest("train")
         assert other != digest, name
+
+
+def test_damaged_shard_still_prints_the_summary(tmp_path, digits):
+    path = tmp_path / "digits"
+    shutil.copytree(digits, path)
+    shard = max((path / "train").glob("shard-*.array_record"), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    data[int(len(data) * 0.3)] ^= 0x01  # inside a chunk: ArrayRecord's chunk hash catches it on reading
+    shard.write_bytes(bytes(data))
+    result = run_cli("inspect", path)
+    assert result.returncode == 0, result.stderr
+    assert "split train " in result.stdout and "labels train not read: " in result.stdout
+    assert "--verify checks every shard" in result.stdout
+    verify = run_cli("inspect", path, "--verify")
+    assert verify.returncode == 2 and "sha256 does not match" in verify.stderr

@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from fedstream.data.format import decode_examples
+from fedstream.data.format import DatasetFormatError, decode_examples
 from fedstream.data.reader import FederatedDataset
 
 DEFAULT_LABEL_KEY = "y"
@@ -207,7 +207,11 @@ def describe_labels(ds: FederatedDataset, splits: Sequence[str], width: int, *, 
             lines.append(f"{head}not read: {_human_bytes(size)} of shards (--labels reads them, --label-sample N "
                          "reads N clients)")
             continue
-        counts = label_counts(ds, split, key, max_clients)
+        try:
+            counts = label_counts(ds, split, key, max_clients)
+        except DatasetFormatError as e:  # a damaged shard: the summary still prints; --verify names the file
+            lines.append(f"{head}not read: {str(e).splitlines()[0][:300]} (--verify checks every shard)")
+            continue
         per_client = counts.classes_per_client()
         if not len(per_client):
             lines.append(f"{head}no examples")
