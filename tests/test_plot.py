@@ -154,7 +154,7 @@ def test_data_plot_stacks_labels_of_clients_sorted_by_size(tmp_path, saved_figur
     assert bars_ax.get_ylabel() == "examples" and hist_ax.get_ylabel() == "clients"
     heights = np.zeros(12)
     for patch in bars_ax.patches:
-        heights[int(round(patch.get_x() + patch.get_width() / 2))] += patch.get_height()
+        heights[round(patch.get_x() + patch.get_width() / 2)] += patch.get_height()
     assert list(heights) == sorted(sizes.values(), reverse=True)  # stacked label counts = client sizes, sorted
     assert [t.get_text() for t in bars_ax.get_legend().get_texts()] == ["0", "1", "2"]
     ticks = [t.get_text() for t in bars_ax.get_xticklabels()]
@@ -169,11 +169,11 @@ def test_data_plot_caps_the_clients_shown(tmp_path, saved_figures, capsys):
     assert "40 of 250 clients of split 'train' shown, evenly spaced in size order" in printed
     assert out.read_bytes().startswith(b"<?xml")
     bars_ax = saved_figures[-1].axes[0]
-    xs = {int(round(p.get_x() + p.get_width() / 2)) for p in bars_ax.patches}
+    xs = {round(p.get_x() + p.get_width() / 2) for p in bars_ax.patches}
     assert xs == set(range(40)) and bars_ax.get_legend() is None  # 25 classes: a note instead of a legend
     heights = np.zeros(40)
     for patch in bars_ax.patches:
-        heights[int(round(patch.get_x() + patch.get_width() / 2))] += patch.get_height()
+        heights[round(patch.get_x() + patch.get_width() / 2)] += patch.get_height()
     ordered = sorted(sizes.values(), reverse=True)
     assert heights[0] == ordered[0] and heights[-1] == ordered[-1] and list(heights) == sorted(heights, reverse=True)
 

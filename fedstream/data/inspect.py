@@ -198,8 +198,8 @@ def describe_labels(ds: FederatedDataset, splits: Sequence[str], width: int, *, 
     key, why = find_label_key(ds, label_key)
     if key is None:
         return [f"{'labels':<{width + 6}} none: {why}"]
-    lines = [f"{'labels':<{width + 6}} feature {key}; skew = mean total-variation distance of a client's label "
-             "distribution from its split's (0: IID mix, 1: disjoint classes)"]
+    lines = [(f"{'labels':<{width + 6}} feature {key}; skew = mean total-variation distance of a client's label "
+              "distribution from its split's (0: IID mix, 1: disjoint classes)")]
     for split in splits:
         head = f"{'labels ' + split:<{width + 6}} "
         size = _split_bytes(ds, split)

@@ -398,7 +398,8 @@ class FederatedDataset:
             client_hashes[pos] = hashlib.sha256(b"".join(records)).digest()
         ids = index["client_ids"].tolist()
         digest = hashlib.sha256(DIGEST_VERSION.encode("ascii") + b"\n")
-        digest.update(json.dumps(schema_to_json(self.schema), separators=(",", ":"), sort_keys=True).encode("utf-8") + b"\n")
+        schema = json.dumps(schema_to_json(self.schema), separators=(",", ":"), sort_keys=True)
+        digest.update(schema.encode("utf-8") + b"\n")
         for pos in sorted(range(len(ids)), key=ids.__getitem__):
             name = ids[pos].encode("utf-8")
             digest.update(struct.pack("<I", len(name)) + name + struct.pack("<Q", int(index["count"][pos]))
