@@ -1,11 +1,12 @@
 """The `fedstream` command: preprocess, inspect, train, eval, config, plot, list.
 
     fedstream preprocess RECIPE --output DIR [--force] [--config.key=value ...]
-    fedstream inspect DIR [--verify]
+    fedstream inspect DIR [--verify] [--digest] [--labels | --no-labels] [--label-key FEATURE] [--label-sample N]
     fedstream train [PIPELINE] --workdir DIR [--config.key=value ...]
     fedstream eval [PIPELINE] --workdir DIR [--split SPLIT] [--step N] [--config.key=value ...]
     fedstream config [PIPELINE] [--workdir DIR] [--json] [--config.key=value ...]
-    fedstream plot WORKDIR [WORKDIR ...] --output PNG [--metric NAME ...] [--x round|time]
+    fedstream plot WORKDIR [WORKDIR ...] --output FILE.png|.svg|.pdf [--metric NAME ...] [--x round|time]
+    fedstream plot --data DIR --output FILE.png|.svg|.pdf [--split SPLIT] [--max-clients N] [--label-key FEATURE]
     fedstream list [recipes|pipelines|models|algorithms|optimizers ...] [--algorithm NAME]
 
 RECIPE and PIPELINE are names (resolved in `preprocess/` and `pipelines/`)
@@ -151,24 +152,49 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", help="split to evaluate (default: config.data.test_split)")
     e.add_argument("--step", type=int, help="checkpoint step = rounds completed (default: the latest kept)")
     e.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    g = _sub(sub, "plot", "plot metrics of runs (PNG) to compare them",
-             "Plot train/eval metrics from the metrics.jsonl of one or more workdirs into one PNG: a panel per "
-             "metric, a line per run (labelled with the workdir name). Needs matplotlib "
-             "(pip install 'fedstream[plot]').",
+    g = _sub(sub, "plot", "plot metrics of runs to compare them, or a dataset's labels over clients",
+             "Plot train/eval metrics from the metrics.jsonl of one or more workdirs into one file: a panel per "
+             "metric, a line per run (labelled with the workdir name), eval points marked with their round. Or, "
+             "with --data DIR, a dataset's label distribution over clients (stacked bars of each client's label "
+             "counts, clients sorted by size) and a histogram of examples per client. The --output extension "
+             "picks the format: .png, .svg or .pdf. Needs matplotlib (pip install 'fedstream[plot]').",
              "  fedstream plot checkpoints/sgd checkpoints/adam --output compare.png\n"
-             "  fedstream plot checkpoints/sgd checkpoints/adam --output time.png --metric eval/accuracy --x time")
-    g.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="run directories holding metrics.jsonl")
-    g.add_argument("--output", required=True, help="PNG file to write")
+             "  fedstream plot checkpoints/sgd checkpoints/adam --output time.pdf --metric eval/accuracy --x time\n"
+             "  fedstream plot --data data/digits --output labels.svg --split train")
+    g.add_argument("workdirs", nargs="*", metavar="WORKDIR", help="run directories holding metrics.jsonl")
+    g.add_argument("--output", required=True, help="file to write: .png, .svg or .pdf")
+    g.add_argument("--data", metavar="DIR", help="plot this dataset's label distribution and client sizes instead "
+                                                 "of runs")
+    g.add_argument("--split", help="with --data: the split (default: train, else the first)")
+    g.add_argument("--max-clients", type=int, metavar="N",
+                   help="with --data: at most N client bars, evenly spaced in size order (default: 100)")
+    g.add_argument("--label-key", metavar="FEATURE",
+                   help="with --data: the integer label feature (default: the recipe's label_key, else y)")
     g.add_argument("--metric", action="append", default=[],
                    help="KIND/NAME (train/loss, eval/accuracy, train/examples_per_second, ...) or a bare NAME for "
                         "every kind that has it; repeatable (default: train and eval loss and accuracy)")
     g.add_argument("--x", choices=("round", "time"), default="round",
                    help="x axis: round, or training time (cumulative round_seconds)")
     i = _sub(sub, "inspect", "summarise a preprocessed dataset",
-             "Print a dataset's splits, clients, examples, features, client-size quantiles and disk size.",
-             "  fedstream inspect data/digits\n  fedstream inspect data/digits --verify")
+             "Print a dataset's splits, clients, examples, features, client-size quantiles and disk size, and "
+             "how its labels are spread over clients: classes per client and a skew measure, the mean "
+             "total-variation distance of a client's label distribution from its split's, next to the same "
+             "measure for an IID split of the same client sizes. Labels are read for splits of up to 512 MiB "
+             "of shards unless --labels or --no-labels says otherwise. --digest prints a per-split content "
+             "digest that does not depend on shard sizes, chunking or compression.",
+             "  fedstream inspect data/digits\n  fedstream inspect data/digits --verify --digest\n"
+             "  fedstream inspect data/emnist --labels --label-sample 1000")
     i.add_argument("path", help="dataset directory")
     i.add_argument("--verify", action="store_true", help="also check every shard's sha256")
+    i.add_argument("--labels", action=argparse.BooleanOptionalAction, default=None,
+                   help="read the labels of every split (--no-labels: of none; default: of splits of at most "
+                        "512 MiB)")
+    i.add_argument("--label-key", metavar="FEATURE",
+                   help="the integer label feature (default: the recipe's label_key, else y)")
+    i.add_argument("--label-sample", type=int, metavar="N",
+                   help="summarise the labels of N clients per split, drawn at random (seed 0), instead of all")
+    i.add_argument("--digest", action="store_true",
+                   help="print each split's content digest (sha256 over clients sorted by id; reads all data)")
     c = _sub(sub, "config", "print the resolved config of a pipeline or a run",
              "Print the full config that 'fedstream train' would run: the pipeline's get_config() with the "
              "--config overrides applied (or, with --workdir of an existing run, the run's stored config plus the "
@@ -430,6 +456,55 @@ def interrupted_line(args: argparse.Namespace) -> str:
     return f"fedstream: interrupted after round {done}; rerun the same command to resume from round {done}"
 
 
+def _own_source_dirs() -> tuple[str, ...]:
+    """Directories whose code's warnings are fedstream's own: the package, its recipes and pipelines."""
+    import importlib.util
+
+    dirs = []
+    for name in ("fedstream", "fedstream.recipes", "fedstream.pipelines"):
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            dirs.append(os.path.join(os.path.realpath(location), ""))
+    return tuple(dirs)
+
+
+@contextlib.contextmanager
+def fedstream_warnings(stream: Any = None) -> Iterator[None]:
+    """While the command runs, fedstream's own warnings print as one line, `fedstream: warning: <message>`,
+    each distinct message once; other libraries' warnings keep Python's format.
+
+    "Own" is by the file the warning is attributed to (`warnings.warn`'s stacklevel): code in the
+    fedstream package, its recipes or its pipelines. The previous `warnings.showwarning` is restored
+    on exit, so the Python API (and test runners' capture) sees ordinary warnings.
+    """
+    import warnings
+
+    own = _own_source_dirs()
+    previous = warnings.showwarning
+    seen: set[str] = set()
+
+    def show(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        if not own or not os.path.realpath(filename).startswith(own):
+            previous(message, category, filename, lineno, file, line)
+            return
+        text = f"fedstream: warning: {message}"
+        if text in seen:
+            return
+        seen.add(text)
+        print(text, file=file or stream or sys.stderr, flush=True)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        if warnings.showwarning is show:
+            warnings.showwarning = previous
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `fedstream` console script.
 
@@ -446,7 +521,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if overrides and args.command in ("inspect", "plot", "list"):
         raise SystemExit(f"fedstream {args.command} takes no --config overrides")
     try:
-        return run_command(args, overrides)
+        with fedstream_warnings():
+            return run_command(args, overrides)
     except KeyboardInterrupt:
         if debug:
             raise
@@ -500,9 +576,21 @@ def run_command(args: argparse.Namespace, overrides: list[str]) -> int:
         config, _ = run_config(args.pipeline, args.workdir, overrides)
         print(json.dumps(config.to_dict(), indent=2, default=list) if args.json else str(config).rstrip())
     elif args.command == "plot":
-        from fedstream.training.plot import plot_runs
+        from fedstream.training.plot import plot_data, plot_runs
 
-        print(f"wrote {plot_runs(args.workdirs, args.output, metrics=args.metric, x=args.x)}")
+        if args.data is not None:
+            if args.workdirs or args.metric or args.x != "round":
+                raise ConfigError("fedstream plot --data DIR plots a dataset; give no WORKDIR, --metric or --x "
+                                  "with it")
+            written, notes = plot_data(args.data, args.output, split=args.split, label_key=args.label_key,
+                                       **({} if args.max_clients is None else {"max_clients": args.max_clients}))
+            for note in notes:
+                print(f"fedstream: {note}")
+            print(f"wrote {written}")
+        else:
+            if args.split is not None or args.label_key is not None or args.max_clients is not None:
+                raise ConfigError("--split, --max-clients and --label-key go with --data DIR")
+            print(f"wrote {plot_runs(args.workdirs, args.output, metrics=args.metric, x=args.x)}")
     elif args.command == "list":
         from fedstream.catalog import SECTIONS, algorithm_options_text, catalog
 
@@ -519,9 +607,14 @@ def run_command(args: argparse.Namespace, overrides: list[str]) -> int:
         from fedstream.data.inspect import describe_dataset
         from fedstream.data.reader import FederatedDataset
 
-        print(describe_dataset(args.path))
-        if args.verify:
+        if args.label_sample is not None and args.label_sample < 1:
+            raise ConfigError(f"--label-sample must be >= 1, got {args.label_sample}")
+        labels = True if args.labels is None and args.label_sample is not None else args.labels
+        if args.verify:  # first: the summary reads records, and a damaged shard is best named by its sha256
             FederatedDataset(args.path).verify()
+        print(describe_dataset(args.path, labels=labels, label_key=args.label_key, label_sample=args.label_sample,
+                               digest=args.digest))
+        if args.verify:
             print("verify: all shard checksums match")
     return 0
 

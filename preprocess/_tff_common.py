@@ -99,14 +99,17 @@ def fingerprint(config: ml_collections.ConfigDict, remotes: Mapping[str, Remote]
 
 @contextlib.contextmanager
 def open_source(path: pathlib.Path, config: ml_collections.ConfigDict,
-                h5_counts: dict[str, tuple[int, int]] | None = None,
-                count_feature: str = "") -> Iterator[Reader]:
+                h5_counts: dict[str, tuple[int, int]] | None = None, count_feature: str = "",
+                hints: Mapping[str, tuple[str, str]] | None = None) -> Iterator[Reader]:
     """Yields `read(sqlite_split, h5_file_name, features)`, an iterator of (client_id, data) of one split.
 
     A `.sqlite.lzma` is decompressed and an archive extracted once, into the
     cache directory, and deleted on exit. For the HDF5 layouts, `h5_counts`
     (a dict, filled before yielding) gets {h5 file name: (clients, examples)}
     of every .h5 file, from the shapes of `count_feature` (no data read).
+    `hints` maps an .h5 name to (another name, advice): when the first is
+    missing and the second is there (the other variant of the dataset), the
+    error ends with the advice.
     """
     kind = source_kind(path)
     tmp = cache_dir(config.cache_dir)
@@ -129,7 +132,10 @@ def open_source(path: pathlib.Path, config: ml_collections.ConfigDict,
 
         def read(_split: str, h5_name: str, features: tff.Features) -> Iterator[tuple[str, tff.ClientData]]:
             if h5_name not in members:
-                raise tff.TFFFormatError(f"{path}: no {h5_name} (has: {', '.join(sorted(members)) or 'no .h5 files'})")
+                other, advice = (hints or {}).get(h5_name, ("", ""))
+                hint = f"; {advice}" if other in members else ""
+                raise tff.TFFFormatError(f"{path}: no {h5_name} (has: {', '.join(sorted(members)) or 'no .h5 files'})"
+                                         f"{hint}")
             return tff.iter_h5_clients(members[h5_name], features, name=label(h5_name))
 
         yield read

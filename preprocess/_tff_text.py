@@ -120,14 +120,15 @@ def open_with_counts(path: pathlib.Path, config: ml_collections.ConfigDict,
 
 @contextlib.contextmanager
 def open_counted(path: pathlib.Path, config: ml_collections.ConfigDict, splits: Mapping[str, tuple[str, str]],
-                 feature: str) -> Iterator[tuple[common.Reader, dict[str, tuple[int, int]]]]:
+                 feature: str, hints: Mapping[str, tuple[str, str]] | None = None,
+                 ) -> Iterator[tuple[common.Reader, dict[str, tuple[int, int]]]]:
     """`open_with_counts` for TFF layouts, with counts for the HDF5 layouts too.
 
     `splits` maps output split -> (SQLite split, .h5 file name); the counts
     come back keyed by output split: from `client_metadata` (SQLite) or from
     the .h5 files' shapes of `feature` (HDF5), before any client is read;
     a split whose file or metadata is missing has none (reading it then
-    fails with its own error).
+    fails with its own error). `hints` as in `common.open_source`.
     """
     if common.source_kind(path) == "sqlite":
         with open_with_counts(path, config) as (read, counts):
@@ -135,7 +136,7 @@ def open_counted(path: pathlib.Path, config: ml_collections.ConfigDict, splits: 
                 if counts else {}
         return
     h5: dict[str, tuple[int, int]] = {}
-    with common.open_source(path, config, h5, feature) as read:
+    with common.open_source(path, config, h5, feature, hints=hints) as read:
         yield read, {split: h5[name] for split, (_, name) in splits.items() if name in h5}
 
 
@@ -153,11 +154,14 @@ def check_published(config: ml_collections.ConfigDict, source: pathlib.Path, spl
 
 def check_metadata(config: ml_collections.ConfigDict, source: pathlib.Path, counts: Mapping[str, tuple[int, int]],
                    published: Mapping[str, tuple[int, int]], splits: Mapping[str, str], what: str) -> None:
-    """Compares a SQLite file's client_metadata counts with the published ones, before reading clients.
+    """Compares a SQLite file's client_metadata counts with the published ones, before reading clients, so
+    a wrong file fails at once.
 
-    `splits` maps output split -> upstream SQLite split name. No-op without counts (HDF5).
+    `splits` maps output split -> upstream SQLite split name. No-op without counts (HDF5), and with
+    check_counts=False: a mismatch is then one warning per split, from the check of what was
+    read or written (a warning here too would say the same thing twice).
     """
-    if not counts:
+    if not counts or not config.check_counts:
         return
     for split, upstream in splits.items():
         check_published(config, source, split, what, counts.get(upstream, (0, 0)), published[split])

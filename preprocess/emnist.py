@@ -113,16 +113,41 @@ def upstream_names(config: ml_collections.ConfigDict, split: str) -> tuple[str, 
     return f"all_{split}", f"fed_emnist_{split}.h5"
 
 
+def variant_hints() -> dict[str, tuple[str, str]]:
+    """For `open_source`: a legacy .h5 file of one variant missing while the other variant's is there
+    (the digits-only archive read without only_digits, or the reverse) names the flag to set."""
+    hints = {}
+    for split in ("train", "test"):
+        digits, full = f"fed_emnist_digitsonly_{split}.h5", f"fed_emnist_{split}.h5"
+        hints[full] = (digits, "this is the digits-only file: set only_digits=True (--config.only_digits=True)")
+        hints[digits] = (full, "this is the 62-class file: set only_digits=False, or use the digits-only archive")
+    return hints
+
+
+def counts_hint(config: ml_collections.ConfigDict, counts: dict[str, tuple[int, int]]) -> str:
+    """Advice when the written (clients, examples) per split are those of the other variant."""
+    other = not bool(config.only_digits)
+    if {split: tuple(c) for split, c in counts.items()} == COUNTS[other]:
+        return (f"; these are the counts of the {'digits-only' if other else '62-class'} file: set "
+                f"only_digits={other} (--config.only_digits={other})")
+    return ""
+
+
 def generate(config: ml_collections.ConfigDict) -> Iterator[tuple[str, str, dict[str, np.ndarray]]]:
     """Yields every `train` client, then every `test` client, in client id order."""
     path = common.resolve_source(config, REMOTES[bool(config.only_digits)])
     classes = num_classes(config)
     splits = {split: upstream_names(config, split) for split in ("train", "test")}
-    with _tff_text.open_counted(path, config, splits, "label") as (read, counts):
+    with _tff_text.open_counted(path, config, splits, "label", hints=variant_hints()) as (read, counts):
         # Before converting, so a wrong or partial file fails at once (with check_counts=False, the check
         # after writing warns once).
+        hint = counts_hint(config, counts) if len(counts) == len(splits) else ""
         for split, got in counts.items() if config.check_counts else ():
-            _tff_text.check_published(config, path, split, "examples", got, COUNTS[bool(config.only_digits)][split])
+            try:
+                _tff_text.check_published(config, path, split, "examples", got,
+                                          COUNTS[bool(config.only_digits)][split])
+            except ValueError as e:
+                raise ValueError(f"{e}{hint}") from None
         for split in ("train", "test"):
             sqlite_split, h5_name = upstream_names(config, split)
             for client_id, data in read(sqlite_split, h5_name, FEATURES):

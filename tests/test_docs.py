@@ -157,6 +157,8 @@ def test_tutorial_runs_as_written(tmp_path, monkeypatch, capsys):
         assert cli.main(shlex.split(command)[1:]) == 0, command
         outputs.append(capsys.readouterr().out)
     assert "resumed runs/fedadam from the checkpoint after round 10" in outputs[4]
+    example = next(line for line in (DOCS / "tutorial.md").read_text().splitlines() if line.startswith("labels train"))
+    assert example in outputs[1].splitlines()  # the inspect line the page shows
     for run in ("fedavg", "fedadam"):
         lines = [json.loads(x) for x in (tmp_path / "runs" / run / "metrics.jsonl").read_text().splitlines()]
         assert [x["round"] for x in lines if x["kind"] == "train"] == list(range(1, 21))

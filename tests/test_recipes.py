@@ -312,3 +312,31 @@ def test_progress_lines(tmp_path, monkeypatch):
     assert messages[0].startswith("preprocessing synthetic into")
     assert any("clients written" in m and "ex/s" in m for m in messages[1:-1])
     assert messages[-1].startswith("wrote train: 3 clients") and "test: 3 clients" in messages[-1]
+
+
+def test_missing_test_split_is_one_line_before_any_model_is_built(tmp_path, monkeypatch):
+    """The arrays recipe writes only 'train' by default; training says so at once, naming the config keys."""
+    from fedstream.training import train as train_module
+    from tests.support import run_cli
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "mine.npz", x=rng.normal(size=(60, 8, 8, 1)).astype(np.float32),
+             y=rng.integers(0, 10, 60).astype(np.int32))
+    data = run_preprocess("arrays", tmp_path / "arr", [f"path={tmp_path / 'mine.npz'}"], progress=None)
+    assert FederatedDataset(data).splits == ["train"]
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the split check must come before the model is built")
+
+    monkeypatch.setattr(train_module, "build_algorithm", no_model)
+    result = run_cli("train", "digits_fedavg", "--workdir", tmp_path / "run", f"--config.data.path={data}",
+                     "--config.clients_per_round=5")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert (f"fedstream: error: {data} has no split 'test' to evaluate on (splits: train); the run evaluates "
+            "data.test_split every eval.every rounds") in result.stderr
+    assert "--config.test_fraction=0.2" in result.stderr
+    config = load_config("digits_fedavg", "fedstream.pipelines", [f"data.path={data}", "data.train_split=training"])
+    with pytest.raises(ConfigError, match=r"no split 'training' to train on \(splits: train\); set data.train_split"):
+        train_module.open_dataset(config, log=lambda _: None)
+    config.data.train_split, config.data.test_split = "train", "train"  # evaluating on the train split is allowed
+    assert train_module.open_dataset(config, log=lambda _: None).splits == ["train"]

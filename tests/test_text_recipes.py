@@ -524,3 +524,21 @@ def test_fedjax_text_bad_input_one_line(tmp_path, capsys, case):
     assert rc == 2
     assert re.search(message, err), err
     assert not (tmp_path / "out").exists()
+
+@pytest.mark.parametrize("recipe", ["stackoverflow", "shakespeare"])
+def test_count_warnings_are_one_line_each_once(tmp_path, capsys, recipe):
+    """check_counts=False on a small file: one `fedstream: warning:` line per split, no Python warning lines."""
+    if recipe == "stackoverflow":
+        source = write_tff_sqlite(tmp_path / "so.sqlite", STACKOVERFLOW)
+        extra = [f"--config.word_counts={word_counts_archive(tmp_path / 'wc.tar.bz2')}", "--config.vocab_size=6"]
+        splits = ("train", "heldout", "test")
+    else:
+        source = shakespeare_file(tmp_path / "shakespeare.sqlite")
+        extra, splits = [], ("train", "test")
+    rc = cli_main(["preprocess", recipe, "--output", str(tmp_path / "out"), "--source", str(source),
+                   f"--config.cache_dir={tmp_path / 'cache'}", "--config.check_counts=False", *extra])
+    assert rc == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "warning" in line.lower()]
+    assert len(lines) == len(splits), lines
+    assert all(line.startswith("fedstream: warning: ") and "UserWarning" not in line for line in lines), lines
+    assert sorted(re.search(r"split '(\w+)'", line).group(1) for line in lines) == sorted(splits)

@@ -250,6 +250,27 @@ def test_emnist_h5_directory_and_wrong_archive(emnist_data, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+@needs_h5py
+def test_emnist_digits_only_archive_without_the_flag_names_it(emnist_data, tmp_path):
+    stem = "fed_emnist_digitsonly"
+    archive = write_tff_h5_archive(tmp_path / f"{stem}.tar.bz2", {
+        f"{stem}_train.h5": emnist_data["digits_only_train"], f"{stem}_test.h5": emnist_data["digits_only_test"]})
+    with pytest.raises(tff.TFFFormatError, match=r"no fed_emnist_train.h5 \(has: fed_emnist_digitsonly_test.h5, "
+                                                 r"fed_emnist_digitsonly_train.h5\); this is the digits-only file: "
+                                                 r"set only_digits=True \(--config.only_digits=True\)"):
+        run_preprocess("emnist", tmp_path / "bad", [f"source={archive}", f"cache_dir={tmp_path / 'cache'}"],
+                       progress=None)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_emnist_counts_of_the_other_variant_name_the_flag():
+    config = emnist.get_config()
+    assert "set only_digits=True" in emnist.counts_hint(config, dict(emnist.COUNTS[True]))
+    assert emnist.counts_hint(config, {"train": (4, 23), "test": (4, 7)}) == ""
+    config.only_digits = True
+    assert "62-class file: set only_digits=False" in emnist.counts_hint(config, dict(emnist.COUNTS[False]))
+
+
 def _assert_cifar_output(out, data):
     ds = FederatedDataset(out)
     assert {k: (v.dtype, v.shape) for k, v in ds.schema.items()} == {

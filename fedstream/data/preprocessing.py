@@ -8,6 +8,7 @@ any `.py` file; see preprocess/README.md) with:
     generate(config) -> Iterator[(split, client_id, {feature: array[n, ...]})]
     SOURCE: str                                     # provenance and license
     expected_counts(config) -> {split: (clients, examples)}   # optional check
+    counts_hint(config, counts) -> str                        # optional: explains a count mismatch
     fingerprint(config) -> str                      # optional: identity of the inputs
 
 The output is streamed through `DatasetWriter` (temporary directory renamed
@@ -138,9 +139,13 @@ def run_preprocess(
             for asset_name, data in module.assets(config).items():
                 writer.add_asset(asset_name, data)
         if callable(getattr(module, "expected_counts", None)):
-            # A recipe's `check_counts` config key set to False turns a mismatch into a warning.
+            # A recipe's `check_counts` config key set to False turns a mismatch into a warning; its optional
+            # `counts_hint(config, counts)` explains a mismatch (e.g. the other variant of a dataset).
+            advice = (module.counts_hint(config, {k: tuple(v) for k, v in counts.items()})
+                      if callable(getattr(module, "counts_hint", None)) else "")
             _check_counts(counts, module.expected_counts(config), name, strict=bool(config.get("check_counts", True)),
-                          hint=" (--config.check_counts=False accepts other counts)" if "check_counts" in config else "")
+                          hint=advice + (" (--config.check_counts=False accepts other counts)"
+                                         if "check_counts" in config else ""))
     summary = "; ".join(f"{split}: {c:,} clients / {n:,} examples" for split, (c, n) in counts.items())
     say(f"wrote {summary or 'no clients'} to {output} in {time.perf_counter() - start:.1f} s")
     return output

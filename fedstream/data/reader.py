@@ -20,21 +20,22 @@ import tokenize
 import warnings
 import zipfile
 import zlib
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader
 
 from fedstream.data.format import (FORMAT_VERSION, INDEX_FILE, METADATA_FILE, SUCCESS_FILE, DatasetFormatError,
                                    Schema, check_success_marker, decode_examples, file_sha256, fixed_record_size,
-                                   record_layout, schema_from_json)
+                                   record_layout, schema_from_json, schema_to_json)
 from fedstream.data.writer import ASSETS_DIR, is_safe_split_name, recover_interrupted_swap
 
 # Random-access reader options: no readahead fill per seek (see docs/notes.md, 'ArrayRecord random access').
 READER_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"
 _SHARD_NAME = re.compile(r"^shard-[0-9]{5}\.array_record$")
 _MAX_MARKER_BYTES = 4096  # `_SUCCESS` holds one line
-_VERIFY_BATCH = 4096  # records read at once by `verify()`
+_VERIFY_BATCH = 4096  # records read at once by `verify()` and `iter_client_records()`
+DIGEST_VERSION = "fedstream-content-digest-v1"
 
 
 def _count_ok(value: Any) -> bool:
@@ -339,6 +340,71 @@ class FederatedDataset:
         # The source string is built with plain formatting: pathlib's `/` costs ~10 µs, paid per client.
         return decode_examples(self.schema, records,
                                source=f"{os.path.join(self.path, file)} (split {split!r}, client {client_id!r})")
+
+    def iter_client_records(self, split: str, positions: np.ndarray | None = None) -> Iterator[tuple[int, list[bytes]]]:
+        """Every client's raw records (the encoded examples, see docs/format.md), as `(position, records)`.
+
+        Clients come in storage order (shard, then first record), not index order, so each shard is
+        read front to back in batches of up to 4096 records: one pass over the split, without a seek
+        per client. `positions` (index positions) restricts the walk to those clients, each then read
+        on its own. Memory is one batch plus one client.
+        """
+        index = self._split_index(split)
+        chosen = np.arange(len(index["count"])) if positions is None else np.asarray(positions, np.int64)
+        order = chosen[np.lexsort((index["start"][chosen], index["shard"][chosen]))]
+        batch_shard, batch_begin, batch = -1, 0, []
+        for pos in order.tolist():
+            shard, start, count = int(index["shard"][pos]), int(index["start"][pos]), int(index["count"][pos])
+            records: list[bytes] = []
+            at, end = start, start + count
+            while at < end:
+                if shard != batch_shard or not batch_begin <= at < batch_begin + len(batch):
+                    # Every client: read ahead a whole batch (the next clients follow). Some clients: read
+                    # only this one's records (the next chosen one may lie far ahead).
+                    ahead = _VERIFY_BATCH if positions is None else min(end - at, _VERIFY_BATCH)
+                    last = min(at + ahead, self._shards[split][shard]["num_records"])
+                    try:
+                        batch = self._reader(split, shard).read(at, last)
+                    except (RuntimeError, OSError, IndexError) as e:
+                        raise DatasetFormatError(f"{self.path / self._shards[split][shard]['file']}: cannot read "
+                                                 f"records {at}..{last - 1} ({e})") from None
+                    batch_shard, batch_begin = shard, at
+                take = batch[at - batch_begin:min(end, batch_begin + len(batch)) - batch_begin]
+                records += take
+                at += len(take)
+            yield pos, records
+
+    def content_digest(self, split: str) -> str:
+        """A sha256 (hex) of a split's content that does not depend on how it is stored.
+
+        Shard sizes, chunking (group_size), compression, the order clients were written in and
+        the provenance metadata do not enter it; the schema, the client ids and every client's
+        examples in order do. Definition (version `fedstream-content-digest-v1`):
+
+            client_hash(c) = sha256(record_0 || record_1 || ...)       # c's encoded examples, in order
+            digest = sha256("fedstream-content-digest-v1\\n"
+                            || json(schema) || "\\n"                  # compact, keys sorted, feature order kept
+                            || for each client c in sorted(ids):      # Python str order (code points)
+                                 u32le(len(utf8(c))) || utf8(c) || u64le(count(c)) || client_hash(c))
+
+        A record is one example's features in schema order, little-endian C-order bytes (a
+        variable-length feature preceded by its u32le length), exactly as docs/format.md defines
+        it, so two datasets with the same digest decode to the same arrays. Reads the whole split
+        once (`iter_client_records`).
+        """
+        index = self._split_index(split)
+        client_hashes: list[bytes] = [b""] * len(index["count"])
+        for pos, records in self.iter_client_records(split):
+            client_hashes[pos] = hashlib.sha256(b"".join(records)).digest()
+        ids = index["client_ids"].tolist()
+        digest = hashlib.sha256(DIGEST_VERSION.encode("ascii") + b"\n")
+        schema = json.dumps(schema_to_json(self.schema), separators=(",", ":"), sort_keys=True)
+        digest.update(schema.encode("utf-8") + b"\n")
+        for pos in sorted(range(len(ids)), key=ids.__getitem__):
+            name = ids[pos].encode("utf-8")
+            digest.update(struct.pack("<I", len(name)) + name + struct.pack("<Q", int(index["count"][pos]))
+                          + client_hashes[pos])
+        return digest.hexdigest()
 
     def asset(self, name: str) -> bytes:
         """A file stored with the dataset (e.g. `vocab.json`), checked against its size and sha256."""

@@ -150,7 +150,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict | None, workdir: str |
         same_data = {**saved, "data": {**saved.get("data", {}), "path": config.data.path}}
         check_config_unchanged(same_data, config.to_dict(), workdir, hint=EVAL_HINT)
 
-        dataset = open_dataset(config, log)
+        dataset = open_dataset(config, log, for_training=False)
         split = split or str(config.data.test_split)
         if split not in dataset.splits:
             raise ConfigError(f"dataset {config.data.path} has no split {split!r} (splits: {', '.join(dataset.splits)})")

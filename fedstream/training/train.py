@@ -39,11 +39,13 @@ FAULT_ENV = "FEDSTREAM_FAULT"
 FAULT_KINDS = ("kill_in_data", "kill_in_round", "kill_during_save", "kill_after_round")
 
 
-def open_dataset(config: ml_collections.ConfigDict, log: Callable[[str], None] = print_line) -> Any:
+def open_dataset(config: ml_collections.ConfigDict, log: Callable[[str], None] = print_line, *,
+                 for_training: bool = True) -> Any:
     """Opens `config.data.path`, preprocessing it first with `config.data.recipe` if missing.
 
-    Then checks `clients_per_round` against the train split's population
-    (`check_clients_per_round`, naming the dataset's path).
+    For training (`for_training`), then checks that it has the train and test
+    splits (`check_splits`) and `clients_per_round` against the train split's
+    population (`check_clients_per_round`, naming the dataset's path).
     """
     from fedstream.config import check_clients_per_round
     from fedstream.data.reader import FederatedDataset
@@ -55,9 +57,31 @@ def open_dataset(config: ml_collections.ConfigDict, log: Callable[[str], None] =
         log(f"dataset {path} not found: preprocessing recipe {config.data.recipe!r} into it")
         run_preprocess(config.data.recipe, path, progress=log)
     dataset = FederatedDataset(path)
-    if str(config.data.train_split) in dataset.splits:
+    if for_training:
+        check_splits(config, dataset)
+        check_clients_per_round(config, num_train_clients=dataset.num_clients(str(config.data.train_split)))
+    elif str(config.data.train_split) in dataset.splits:
         check_clients_per_round(config, num_train_clients=dataset.num_clients(str(config.data.train_split)))
     return dataset
+
+
+def check_splits(config: ml_collections.ConfigDict, dataset: Any) -> None:
+    """Raises a one-line ConfigError if the dataset lacks the train split or the test split the run
+    evaluates on (every `eval.every` rounds and after the last one), naming the config key and the
+    dataset's splits. Called as soon as the dataset is open, before any model is built.
+    """
+    have = ", ".join(dataset.splits)
+    train_split, test_split = str(config.data.train_split), str(config.data.test_split)
+    if train_split not in dataset.splits:
+        raise ConfigError(f"{dataset.path} has no split {train_split!r} to train on (splits: {have}); set "
+                          "data.train_split to one of them")
+    if test_split not in dataset.splits:
+        recipe = dataset.metadata.get("recipe")
+        how = (" or preprocess it again with --config.test_fraction=0.2 (the arrays recipe writes only 'train' by "
+               "default)" if recipe == "arrays" else "")
+        raise ConfigError(f"{dataset.path} has no split {test_split!r} to evaluate on (splits: {have}); the run "
+                          f"evaluates data.test_split every eval.every rounds and after the last: set "
+                          f"data.test_split to one of the splits{how}")
 
 
 def build_algorithm(config: ml_collections.ConfigDict, dataset: Any) -> Algorithm:
