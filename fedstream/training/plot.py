@@ -125,6 +125,24 @@ def plot_runs(workdirs: Sequence[str | os.PathLike], output: str | os.PathLike, 
     output = pathlib.Path(output)
     if output.suffix.lower() != ".png":
         raise ConfigError(f"--output {output}: the plot is written as PNG, use a .png name")
+    figure = _figure(workdirs, metrics=metrics, x=x, dpi=dpi)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(output, format="png")
+    return output
+
+
+def plot_image(workdir: str | os.PathLike, *, metrics: Sequence[str] = (), dpi: int = 80) -> Any:
+    """The plot of one run (as `fedstream plot WORKDIR` draws it) as an RGB uint8 array [H, W, 3],
+    for TensorBoard's image dashboard. Raises MissingExtraError without matplotlib."""
+    import numpy as np
+
+    figure = _figure([workdir], metrics=metrics, x="round", dpi=dpi)
+    figure.canvas.draw()
+    return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+
+
+def _figure(workdirs: Sequence[str | os.PathLike], *, metrics: Sequence[str], x: str, dpi: int) -> Any:
+    """The matplotlib Figure of `plot_runs`."""
     runs = [read_metrics(w) for w in workdirs]
     chosen = resolve_metrics(metrics, {m for series, _ in runs for m in series})
     labels = run_labels(workdirs)
@@ -159,6 +177,4 @@ def plot_runs(workdirs: Sequence[str | os.PathLike], output: str | os.PathLike, 
     for panel in range(len(chosen), rows * columns):
         axes[panel // columns][panel % columns].set_visible(False)
     figure.tight_layout()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(output, format="png")
-    return output
+    return figure
