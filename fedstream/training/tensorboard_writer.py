@@ -239,6 +239,12 @@ def encode_png(image: np.ndarray) -> bytes:
 def read_records(path: str | os.PathLike) -> Iterator[bytes]:
     """The records of a TFRecord/event file in order; stops at a record cut short (a killed writer)
     or one whose length does not match its checksum. Never opens through a symbolic link."""
+    for payload, _ in _framed_records(path):
+        yield payload
+
+
+def _framed_records(path: str | os.PathLike) -> Iterator[tuple[bytes, bytes]]:
+    """(payload, the whole framed record as stored) of each record of `read_records`."""
     from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
     with open_no_follow(path, "rb") as f:
@@ -251,7 +257,7 @@ def read_records(path: str | os.PathLike) -> Iterator[bytes]:
         end = offset + 12 + length + 4
         if header_crc != masked_crc32c(header) or end > len(data):
             return
-        yield data[offset + 12:offset + 12 + length]
+        yield data[offset + 12:offset + 12 + length], data[offset:end]
         offset = end
 
 
@@ -266,7 +272,7 @@ def event_files(logdir: str | os.PathLike) -> list[pathlib.Path]:
 
 def purge_after(logdir: str | os.PathLike, last_step: int) -> int:
     """Rewrites the event files in `logdir` without the events of steps after `last_step`; returns how many
-    events were dropped.
+    events were dropped from the files that are kept.
 
     Events without a step (the file-version header) are kept. With `last_step <= 0` the files are removed
     altogether: nothing of a run that never reached a checkpoint is kept, and the restarted run writes
@@ -274,7 +280,6 @@ def purge_after(logdir: str | os.PathLike, last_step: int) -> int:
     crash leaves either the old or the new file; a file left without summaries is deleted.
     """
     from tensorboard.compat.proto import event_pb2
-    from tensorboard.summary.writer.record_writer import RecordWriter
 
     dropped = 0
     for path in event_files(logdir):
@@ -283,7 +288,7 @@ def purge_after(logdir: str | os.PathLike, last_step: int) -> int:
             continue
         kept: list[bytes] = []
         changed, has_summaries = False, False
-        for record in read_records(path):
+        for record, framed in _framed_records(path):
             try:
                 event = event_pb2.Event.FromString(record)
             except Exception:  # noqa: BLE001 - a damaged record: drop it with the rest of the file
@@ -294,16 +299,14 @@ def purge_after(logdir: str | os.PathLike, last_step: int) -> int:
                 dropped += 1
                 continue
             has_summaries = has_summaries or event.HasField("summary")
-            kept.append(record)
-        if not changed and path.stat().st_size == sum(len(r) + 16 for r in kept):
+            kept.append(framed)  # copied as stored, checksums included
+        if not changed and path.stat().st_size == sum(len(r) for r in kept):
             continue
         if not has_summaries:
             path.unlink()
             continue
         tmp = path.with_name(_PURGE_TMP)  # no "tfevents" in the name: TensorBoard never reads a leftover
         with create_exclusive(tmp, "wb") as f:
-            writer = RecordWriter(f)
-            for record in kept:
-                writer.write(record)
+            f.write(b"".join(kept))
         os.replace(tmp, path)
     return dropped
