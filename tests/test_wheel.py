@@ -1,7 +1,7 @@
 """The package as users install it: `python -m build` makes a wheel and an sdist, the wheel installs into a
 fresh virtual environment, and its `fedstream` command trains from an empty directory.
 
-No network: the build runs without isolation (`build` and setuptools >= 70.1 come with the test extra),
+No network: the build runs without isolation (`build` and setuptools >= 77 come with the test extra),
 the wheel is installed with `--no-deps --no-index`, and the fresh environment sees this interpreter's
 site-packages (jax, flax, ...) through a `.pth` file, after its own: the `fedstream` it imports is the
 installed wheel's, not the checkout's.
