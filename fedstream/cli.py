@@ -86,6 +86,13 @@ def _sub(sub: Any, name: str, help_text: str, description: str, examples: str) -
     return parser
 
 
+def _version() -> str:
+    """The installed version of fedstream (its `__version__`, the single source of the package's version)."""
+    from fedstream import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `fedstream` command."""
     parser = argparse.ArgumentParser(
@@ -94,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                "status 2 (130 for Ctrl-C); --traceback prints the full traceback instead, and FEDSTREAM_DEBUG=1 lets "
                "the exception propagate.")
     parser.add_argument("--traceback", action="store_true", help=_TRACEBACK_HELP)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = _sub(sub, "preprocess", "convert a dataset into the fedstream format, once",
              "Run a recipe once into a dataset directory (client-contiguous ArrayRecord shards, index, metadata). "
@@ -517,7 +525,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not debug:
         _quiet_checkpoint_thread_errors()
     args_list, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(args_list)
+    parser = build_parser()
+    if not overrides and all(a == "--traceback" for a in args_list):
+        # A bare `fedstream`: the whole help rather than argparse's one-line usage error; still a usage
+        # error (no COMMAND), so on stderr with argparse's status 2.
+        parser.print_help(sys.stderr)
+        return 2
+    args = parser.parse_args(args_list)
     if overrides and args.command in ("inspect", "plot", "list"):
         raise SystemExit(f"fedstream {args.command} takes no --config overrides")
     try:

@@ -19,6 +19,26 @@ def test_top_level_help_lists_every_command(capsys):
         assert f"    {command}" in out or f"  {command}  " in out, command
 
 
+def test_version_prints_the_package_version(capsys):
+    import fedstream
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fedstream {fedstream.__version__}"
+
+
+@pytest.mark.parametrize("argv", [[], ["--traceback"]])
+def test_bare_command_prints_the_whole_help_as_a_usage_error(argv, capsys):
+    """No COMMAND: the full help (not argparse's one-line error), on stderr, with argparse's usage-error status 2."""
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("usage: fedstream")
+    for command in COMMANDS:
+        assert f"    {command}" in captured.err, command
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_has_useful_help(command, capsys):
     with pytest.raises(SystemExit) as e:

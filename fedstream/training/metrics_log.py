@@ -5,9 +5,18 @@
 before the crash, not covered by a checkpoint) are dropped, so the file always
 matches the restored state.
 
-TensorBoard scalars are written through `clu.metric_writers`, which imports
-TensorFlow; that is the optional extra `fedstream[tensorboard]`. Without it
-the JSONL file is the record and a one-line note says so.
+TensorBoard event files (`<workdir>/tensorboard/`) are written by
+`fedstream.training.tensorboard_writer.EventWriter`, a `clu.metric_writers`
+writer on the `tensorboard` package alone (no TensorFlow): the optional extra
+`fedstream[tensorboard]`. They hold every number of `metrics.jsonl` as the
+scalar `kind/name` at step = round, the run's config as hparams (once, when
+the run starts from round 0) and, when a `Simulation.run` finishes and
+matplotlib is installed, the run's plot (`fedstream plot`) as the image
+`plots/metrics` at the last round. On resume from round k the events of later
+rounds are cut from the existing event files, as from `metrics.jsonl`, and
+the new segment's file starts with a `SessionLog.START` at step k + 1 (see
+`tensorboard_writer`), so each step appears once. Without the extra the JSONL
+file is the record and a one-line note says so.
 """
 
 from __future__ import annotations
@@ -23,12 +32,14 @@ from typing import Any, Callable, Mapping, TextIO
 from fedstream.io_safety import create_exclusive, open_no_follow
 
 
-def _tensorboard_writer(logdir: pathlib.Path) -> Any | None:
-    try:
-        from clu import metric_writers
-    except ImportError:
+def _tensorboard_writer(logdir: pathlib.Path, resume_round: int) -> Any | None:
+    """An EventWriter into `logdir` after cutting its files back to `resume_round`; None without the extra."""
+    from fedstream.training import tensorboard_writer
+
+    if not tensorboard_writer.available():
         return None
-    return metric_writers.SummaryWriter(str(logdir))
+    tensorboard_writer.purge_after(logdir, resume_round)
+    return tensorboard_writer.EventWriter(logdir, restart_step=resume_round + 1 if resume_round > 0 else None)
 
 
 def truncate_jsonl(path: pathlib.Path, last_round: int) -> None:
@@ -71,7 +82,7 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         truncate_jsonl(self.path, resume_round)
         self._file: TextIO = open_no_follow(self.path, "a")
-        self._tb = _tensorboard_writer(pathlib.Path(workdir) / "tensorboard") if tensorboard else None
+        self._tb = _tensorboard_writer(pathlib.Path(workdir) / "tensorboard", self.resume_round) if tensorboard else None
         self.tensorboard_enabled = self._tb is not None
 
     def write(self, round_index: int, kind: str, values: Mapping[str, Any]) -> None:
@@ -85,6 +96,7 @@ class MetricsLog:
             scalars = {f"{kind}/{k}": v for k, v in record.items()
                        if k not in ("round", "kind") and isinstance(v, (int, float))}
             self._tb.write_scalars(int(round_index), scalars)
+            self._tb.flush()
 
     def write_hparams(self, flat_config: Mapping[str, Any]) -> bool:
         """Records the run's config as TensorBoard hparams, once per run: only when the run starts
@@ -97,6 +109,24 @@ class MetricsLog:
         if not self.enabled or self._tb is None or self.resume_round > 0:
             return False
         self._tb.write_hparams(hparams_values(flat_config))
+        self._tb.flush()
+        return True
+
+    def write_plot(self, round_index: int) -> bool:
+        """Draws the run's metrics so far (`fedstream plot`) into TensorBoard as the image `plots/metrics`
+        at step `round_index`. Needs TensorBoard and matplotlib (the `plot` extra); returns whether
+        anything was written."""
+        if not self.enabled or self._tb is None or round_index <= 0:
+            return False
+        from fedstream.config import ConfigError
+        from fedstream.training.plot import MissingExtraError, plot_image
+
+        self._file.flush()
+        try:
+            image = plot_image(self.path.parent)
+        except (MissingExtraError, ConfigError):  # no matplotlib, or no metrics records yet
+            return False
+        self._tb.write_images(int(round_index), {"plots/metrics": image})
         self._tb.flush()
         return True
 

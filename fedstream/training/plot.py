@@ -161,6 +161,20 @@ def plot_runs(workdirs: Sequence[str | os.PathLike], output: str | os.PathLike, 
         raise ConfigError(f"--x must be one of {', '.join(X_AXES)}, got {x!r}")
     output = pathlib.Path(output)
     fmt = output_format(output)
+    return _save(_figure(workdirs, metrics=metrics, x=x, dpi=dpi), output, fmt)
+
+
+def plot_image(workdir: str | os.PathLike, *, metrics: Sequence[str] = (), dpi: int = 80) -> Any:
+    """The plot of one run (as `fedstream plot WORKDIR` draws it) as an RGB uint8 array [H, W, 3],
+    for TensorBoard's image dashboard. Raises MissingExtraError without matplotlib."""
+    figure = _figure([workdir], metrics=metrics, x="round", dpi=dpi)
+    figure.tight_layout()
+    figure.canvas.draw()
+    return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+
+
+def _figure(workdirs: Sequence[str | os.PathLike], *, metrics: Sequence[str], x: str, dpi: int) -> Any:
+    """The matplotlib Figure of `plot_runs`."""
     runs = [read_metrics(w) for w in workdirs]
     chosen = resolve_metrics(metrics, {m for series, _ in runs for m in series})
     labels = run_labels(workdirs)
@@ -204,7 +218,7 @@ def plot_runs(workdirs: Sequence[str | os.PathLike], output: str | os.PathLike, 
             ax.legend(fontsize="small")
     for panel in range(len(chosen), rows * columns):
         axes[panel // columns][panel % columns].set_visible(False)
-    return _save(figure, output, fmt)
+    return figure
 
 
 def _class_colors(num: int) -> list[Any]:

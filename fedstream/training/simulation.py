@@ -490,6 +490,8 @@ class Simulation:
             start = self.rounds_done
             for metrics in self.rounds(num_rounds):
                 final_eval = metrics.get("eval", final_eval)
+            if self._metrics_log is not None and self.rounds_done > start:
+                self._metrics_log.write_plot(self.rounds_done)  # TensorBoard's image of the run's curves
             if start >= num_rounds:
                 final_eval = self.evaluate()
                 self.log(f"run already complete ({start} rounds); final evaluation repeated")
