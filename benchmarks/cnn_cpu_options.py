@@ -115,8 +115,9 @@ def child(variant: str, steps: int, repeats: int, out: str) -> None:
     import numpy as np
 
     sys.path.insert(0, str(HERE))
-    from fedstream.algorithms.fedavg import FedAvg, make_optimizer
     from round_efficiency import build_limit
+
+    from fedstream.algorithms.fedavg import FedAvg, make_optimizer
 
     model = make_model(variant)
     algorithm = FedAvg(model, make_optimizer("sgd", 10**-1.5),
@@ -181,7 +182,7 @@ def main() -> None:
             steps, repeats = (args.slow_steps, 1) if slow else (args.steps, args.repeats)
             proc = subprocess.run([sys.executable, __file__, "--child", variant, "--steps", str(steps),
                                    "--repeats", str(repeats), "--out", out],
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                  env=env, capture_output=True, text=True, check=False)
             r: dict[str, Any] = {"flags_name": name, "xla_flags": flags, "variant": variant, "steps": steps,
                                  "load_average": os.getloadavg()[0]}
             if proc.returncode != 0:

@@ -98,7 +98,7 @@ from typing import Any
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from fedjax_compare import Worker, _protocol, export_npz, venv_python  # noqa: E402 (benchmarks/ on sys.path)
+from fedjax_compare import Worker, _protocol, export_npz, venv_python
 
 TORCH = "torch==2.13.0"
 PEERS = {
@@ -138,14 +138,14 @@ def setup_venv(peer: str, venv: pathlib.Path, python: str) -> int:
     for torch in (f"{TORCH}+cpu", TORCH):  # PyTorch's CPU wheel when the index has it (no CUDA libraries)
         cmd = [str(venv_python(venv)), "-m", "pip", "install", *PEERS[peer]["requirements"], torch]
         print(f"{peer}: running <venv>/bin/python " + " ".join(cmd[1:]), flush=True)
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
         if proc.returncode == 0:
             break
     if proc.returncode != 0:
         print(f"{peer} could not be installed; pip said:\n" + "\n".join(proc.stdout.splitlines()[-40:]), flush=True)
         return proc.returncode
     check = subprocess.run([str(venv_python(venv)), "-c", PEERS[peer]["check"]],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
     if check.returncode != 0:
         print(f"{peer} installed but does not import:\n" + check.stdout[-4000:], flush=True)
         return check.returncode
@@ -235,12 +235,12 @@ def pfl_worker(npz: str) -> None:
         def forward(self, x: Any) -> Any:
             return self.net(x)
 
-        def loss(self, x: Any, y: Any, eval: bool = False) -> Any:  # noqa: A002 (pfl's keyword)
+        def loss(self, x: Any, y: Any, eval: bool = False) -> Any:
             self.eval() if eval else self.train()
             return F.cross_entropy(self(x), y.long())
 
         @torch.no_grad()
-        def metrics(self, x: Any, y: Any, eval: bool = True) -> dict[str, Any]:  # noqa: A002
+        def metrics(self, x: Any, y: Any, eval: bool = True) -> dict[str, Any]:
             self.eval() if eval else self.train()
             loss = F.cross_entropy(self(x), y.long(), reduction="sum").item()
             return {"loss": Weighted(loss, len(x))}
@@ -317,7 +317,14 @@ def flower_worker(npy_dir: str, model_name: str, cohort: int, client_cpus: float
     import numpy as np
     import ray
     import torch
-    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.app import (
+        ArrayRecord,
+        ConfigRecord,
+        Context,
+        Message,
+        MetricRecord,
+        RecordDict,
+    )
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid, ServerApp
     from flwr.serverapp.strategy import FedAdam
@@ -328,8 +335,8 @@ def flower_worker(npy_dir: str, model_name: str, cohort: int, client_cpus: float
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
-        import numpy as np  # noqa: F811 (runs in a Ray worker process)
-        import torch  # noqa: F811
+        import numpy as np
+        import torch
         import torch.nn.functional as F
 
         config = msg.content["config"]
@@ -354,7 +361,7 @@ def flower_worker(npy_dir: str, model_name: str, cohort: int, client_cpus: float
     class CohortFedAdam(FedAdam):
         """FedAdam whose sampled nodes each train one given client of the cohort (its id in the ConfigRecord)."""
 
-        cohort: list[int] = []
+        cohort: list[int] = []  # noqa: RUF012 (set before each round)
 
         def _construct_messages(self, record: RecordDict, node_ids: list[int], message_type: str) -> list[Message]:
             if len(node_ids) != len(self.cohort):
@@ -471,8 +478,8 @@ def compare(workers: dict[str, Any], model: str, cohort: int, warmup: int, block
 
 
 def format_result(r: dict[str, Any]) -> str:
-    parts = [f"model={r['model']} clients_per_round={r['clients_per_round']} timed_rounds={r['timed_rounds']} "
-             f"steps/round={r['steps_per_round']:.0f}"]
+    parts = [(f"model={r['model']} clients_per_round={r['clients_per_round']} timed_rounds={r['timed_rounds']} "
+              f"steps/round={r['steps_per_round']:.0f}")]
     for name, f in r["frameworks"].items():
         parts.append(f"{name}_ms/step={f['ms_per_step']:.2f}")
     for name, s in r["speedup"].items():
