@@ -18,7 +18,8 @@ from typing import Any
 
 # Flags whose value is a path on this machine: shown as a placeholder in the recorded command.
 PATH_FLAGS = {"--data-dir": "DIR", "--json": "FILE.jsonl", "--plot": "FILE.png", "--summarize": "FILE.jsonl",
-              "--fedjax-venv": "VENV", "--python": "PYTHON", "--out": "DIR", "--path": "DIR"}
+              "--fedjax-venv": "VENV", "--pfl-venv": "VENV", "--flower-venv": "VENV", "--python": "PYTHON",
+              "--out": "DIR", "--path": "DIR"}
 
 
 def public_command(argv: list[str]) -> str:
