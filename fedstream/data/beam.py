@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import importlib
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -67,6 +68,8 @@ def pipeline_args(runner: str, beam_options: Sequence[str]) -> list[str]:
         if not option.lstrip("-"):
             raise ConfigError(f"--beam-option {option!r}: expected KEY=VALUE (e.g. direct_num_workers=4)")
         args.append(option if option.startswith("--") else f"--{option}")
+    if not any(a.startswith("--default_sdk_harness_log_level") for a in args):
+        args.append("--default_sdk_harness_log_level=WARNING")  # workers log each start and stop at INFO
     return args
 
 
@@ -323,6 +326,8 @@ def run_preprocess_beam(
 
     say = progress or (lambda _: None)
     args = pipeline_args(runner, beam_options)
+    if logging.getLogger("apache_beam").level == logging.NOTSET:  # Beam logs every worker's start at INFO
+        logging.getLogger("apache_beam").setLevel(logging.WARNING)
     module = load_module(recipe, RECIPES_PACKAGE)
     name = recipe_name(recipe)
     if getattr(module, "__name__", "") != _TABULAR:
