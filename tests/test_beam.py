@@ -126,3 +126,6 @@ def test_beam_route_refuses_what_it_does_not_support(tmp_path):
         run_preprocess_beam("tabular", tmp_path / "o", [f"train={tmp_path / 'train.csv'}"], progress=None)
     with pytest.raises(ConfigError, match="supports the recipe 'tabular'"):
         run_preprocess_beam("digits", tmp_path / "o", [], progress=None)
+    with pytest.raises(ConfigError, match="DataflowRunner is not supported yet"):
+        run_preprocess_beam("tabular", tmp_path / "o", [f"train={tmp_path / 'train.csv'}", "client_key=user"],
+                            runner="DataflowRunner", progress=None)

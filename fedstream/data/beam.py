@@ -15,6 +15,7 @@ that no manifest line names (retried bundles), and lets `DatasetWriter.close()` 
 (`FederatedDataset.content_digest`) equals the single-process route's on the same input.
 
 Needs `apache-beam` (`pip install fedstream[beam]`); it is imported only when this route runs.
+DataflowRunner is refused for now (no object-store output yet).
 Supported: recipe `tabular` with `client_key`, formats csv and parquet, numeric labels, no
 `test_fraction`. The output path must be on a filesystem every worker can write (local for the
 DirectRunner, a shared mount for Flink/Spark): see docs/beam.md.
@@ -39,8 +40,17 @@ import numpy as np
 from fedstream import __version__
 from fedstream.config import ConfigError, apply_overrides, load_module, to_json
 from fedstream.data.format import FeatureSpec, Schema, encode_examples
-from fedstream.data.preprocessing import RECIPES_PACKAGE, _existing_metadata, recipe_name
-from fedstream.data.writer import DEFAULT_COMPRESSION, DatasetWriter, _check_array, shard_compression
+from fedstream.data.preprocessing import (
+    RECIPES_PACKAGE,
+    _existing_metadata,
+    recipe_name,
+)
+from fedstream.data.writer import (
+    DEFAULT_COMPRESSION,
+    DatasetWriter,
+    _check_array,
+    shard_compression,
+)
 
 RUNNERS = ("DirectRunner", "FlinkRunner", "SparkRunner", "DataflowRunner", "PortableRunner", "PrismRunner")
 RANGE_BYTES = 64 << 20  # bytes of CSV per read task
@@ -326,6 +336,10 @@ def run_preprocess_beam(
 
     say = progress or (lambda _: None)
     args = pipeline_args(runner, beam_options)
+    if runner == "DataflowRunner":
+        raise ConfigError("DataflowRunner is not supported yet: this route reads and writes with local paths, and "
+                          "Dataflow workers share no filesystem with the driver (object-store output, e.g. gs://, "
+                          "is not implemented; see docs/beam.md)")
     if logging.getLogger("apache_beam").level == logging.NOTSET:  # Beam logs every worker's start at INFO
         logging.getLogger("apache_beam").setLevel(logging.WARNING)
     module = load_module(recipe, RECIPES_PACKAGE)
