@@ -1,6 +1,7 @@
 """The `fedstream` command: preprocess, inspect, train, eval, config, plot, list.
 
     fedstream preprocess RECIPE --output DIR [--force] [--config.key=value ...]
+                         [--runner DirectRunner|FlinkRunner|SparkRunner|DataflowRunner --beam-option KEY=VALUE ...]
     fedstream inspect DIR [--verify] [--digest] [--labels | --no-labels] [--label-key FEATURE] [--label-sample N]
     fedstream train [PIPELINE] --workdir DIR [--config.key=value ...]
     fedstream eval [PIPELINE] --workdir DIR [--split SPLIT] [--step N] [--config.key=value ...]
@@ -116,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(the same as --config.source=...)")
     p.add_argument("--compression", default="uncompressed",
                    help="shard compression: uncompressed (fastest to read, default), snappy, zstd:1, zstd:3, ...")
+    p.add_argument("--runner", choices=("DirectRunner", "FlinkRunner", "SparkRunner", "DataflowRunner",
+                                        "PortableRunner", "PrismRunner"),
+                   help="run on Apache Beam with this runner (pip install 'fedstream[beam]'; recipe tabular with "
+                        "--config.client_key; see docs/beam.md); default: one process")
+    p.add_argument("--beam-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a Beam pipeline option, repeatable (e.g. direct_num_workers=4, "
+                        "flink_master=HOST:8081); needs --runner")
     t = _sub(sub, "train", "run or resume an experiment",
              "Train the experiment PIPELINE in WORKDIR, or resume it from its last checkpoint. A resume starts "
              "from the run's stored config plus this command's overrides (PIPELINE may be left out; if given, it "
@@ -557,7 +565,15 @@ def run_command(args: argparse.Namespace, overrides: list[str]) -> int:
 
         if args.source:
             overrides.append(f"source={args.source}")
-        run_preprocess(args.recipe, args.output, overrides, force=args.force, compression=args.compression)
+        if args.runner:
+            from fedstream.data.beam import run_preprocess_beam
+
+            run_preprocess_beam(args.recipe, args.output, overrides, runner=args.runner,
+                                beam_options=args.beam_option, force=args.force, compression=args.compression)
+        elif args.beam_option:
+            raise ConfigError("--beam-option needs --runner (e.g. --runner DirectRunner)")
+        else:
+            run_preprocess(args.recipe, args.output, overrides, force=args.force, compression=args.compression)
     elif args.command == "train":
         if os.path.lexists(args.workdir) and not os.path.isdir(args.workdir):
             raise ConfigError(f"--workdir {args.workdir} exists and is not a directory")

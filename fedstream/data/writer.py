@@ -319,6 +319,46 @@ class DatasetWriter:
         state.count.append(n)
         state.records_in_shard += n
 
+    @property
+    def options(self) -> str:
+        """The ArrayRecord writer options every shard must be written with (`shard_options`)."""
+        return self._options
+
+    def add_shard(self, split: str, path: str | os.PathLike, clients: list[tuple[str, int]]) -> None:
+        """Moves a shard written elsewhere (e.g. by a Beam worker) into `split` as its next shard.
+
+        `path` must be an ArrayRecord file on the same filesystem as the output, written with
+        `self.options`, holding the records of `clients` (`(client_id, count)` pairs) contiguously
+        in that order. It is renamed into the temporary directory; its size and sha256 are
+        recorded as for a shard written by `add_client`. Client ids are checked as in `add_client`.
+        """
+        if self._closed:
+            raise RuntimeError("the writer is closed")
+        if not is_safe_split_name(split):
+            raise ValueError(f"invalid split name {split!r}")
+        state = self._split(split)
+        for client_id, _ in clients:
+            if not isinstance(client_id, str) or not client_id or "\x00" in client_id:
+                raise ValueError(f"split {split!r}: invalid client id {client_id!r}")
+            if client_id in state.seen:
+                raise ValueError(f"split {split!r}: client {client_id!r} was already added")
+        with self._write_errors():
+            self._finish_shard(state)
+            index = len(state.shards)
+            target = state.shard_path(index)
+            os.replace(path, target)
+            total = 0
+            for client_id, count in clients:
+                state.client_ids.append(client_id)
+                state.seen.add(client_id)
+                state.shard.append(index)
+                state.start.append(total)
+                state.count.append(int(count))
+                total += int(count)
+            state.shards.append({"file": f"{split}/{target.name}", "num_records": total,
+                                 "bytes": target.stat().st_size, "sha256": file_sha256(target)})
+            state.records_in_shard = total
+
     def add_asset(self, name: str, data: bytes) -> None:
         """Stores a file that belongs to the dataset (e.g. `vocab.json`) under `assets/<name>`.
 

@@ -1,0 +1,416 @@
+"""`fedstream preprocess --runner ...`: the `tabular` recipe grouped by a client column on Apache Beam.
+
+The single-process route (`fedstream.data.preprocessing.run_preprocess`) holds a split's table in
+memory. This route streams: the input is cut into byte ranges (CSV) or row groups (Parquet) that
+workers read in parallel; rows are keyed by `(split, client id)` and grouped with `GroupByKey`;
+each client's rows are put back in file order (every row carries its file and byte offset / row
+number) and converted with the recipe's own functions (`tabular._x`, `tabular._y`), so a client's
+examples are the same arrays as on the single-process route; workers encode them with the
+dataset format's record encoding and write ArrayRecord part files into the output's temporary
+directory, one file per bundle and split (a new one every `records_per_shard` records). A manifest
+(JSON lines: part file, split, clients and counts) is the pipeline's only other output. The driver
+then renames the parts listed in the manifest to `<split>/shard-NNNNN.array_record`, deletes parts
+that no manifest line names (retried bundles), and lets `DatasetWriter.close()` write `index.npz`,
+`metadata.json`, `_SUCCESS` and rename the directory into place. The content digest
+(`FederatedDataset.content_digest`) equals the single-process route's on the same input.
+
+Needs `apache-beam` (`pip install fedstream[beam]`); it is imported only when this route runs.
+DataflowRunner is refused for now (no object-store output yet).
+Supported: recipe `tabular` with `client_key`, formats csv and parquet, numeric labels, no
+`test_fraction`. The output path must be on a filesystem every worker can write (local for the
+DirectRunner, a shared mount for Flink/Spark): see docs/beam.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+import logging
+import os
+import pathlib
+import shutil
+import time
+import uuid
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import ml_collections
+import numpy as np
+
+from fedstream import __version__
+from fedstream.config import ConfigError, apply_overrides, load_module, to_json
+from fedstream.data.format import FeatureSpec, Schema, encode_examples
+from fedstream.data.preprocessing import (
+    RECIPES_PACKAGE,
+    _existing_metadata,
+    recipe_name,
+)
+from fedstream.data.writer import (
+    DEFAULT_COMPRESSION,
+    DatasetWriter,
+    _check_array,
+    shard_compression,
+)
+
+RUNNERS = ("DirectRunner", "FlinkRunner", "SparkRunner", "DataflowRunner", "PortableRunner", "PrismRunner")
+RANGE_BYTES = 64 << 20  # bytes of CSV per read task
+PARTS_DIR = "_beam_parts"
+MANIFEST = "_manifest"
+_TABULAR = "fedstream.recipes.tabular"
+
+
+def _beam() -> Any:
+    """The `apache_beam` module, or a ConfigError that says how to install it."""
+    try:
+        import apache_beam
+    except ImportError:
+        raise ConfigError("--runner needs Apache Beam: pip install 'fedstream[beam]'") from None
+    return apache_beam
+
+
+def pipeline_args(runner: str, beam_options: Sequence[str]) -> list[str]:
+    """Beam's command-line options: `--runner=RUNNER` and each `KEY=VALUE` of `beam_options` as `--KEY=VALUE`."""
+    if runner not in RUNNERS:
+        raise ConfigError(f"--runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
+    args = [f"--runner={runner}"]
+    for option in beam_options:
+        option = option.strip()
+        if not option.lstrip("-"):
+            raise ConfigError(f"--beam-option {option!r}: expected KEY=VALUE (e.g. direct_num_workers=4)")
+        args.append(option if option.startswith("--") else f"--{option}")
+    if not any(a.startswith("--default_sdk_harness_log_level") for a in args):
+        args.append("--default_sdk_harness_log_level=WARNING")  # workers log each start and stop at INFO
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- planning
+
+
+def _check_config(config: ml_collections.ConfigDict, tabular: Any) -> dict[str, str]:
+    """The splits' input files; raises ConfigError for what this route does not support."""
+    fmt = tabular._format(config)
+    if fmt not in ("csv", "parquet"):
+        raise ConfigError(f"the Beam route reads csv and parquet files, not format {fmt!r}")
+    if not config.client_key:
+        raise ConfigError("the Beam route groups rows by a client column: set --config.client_key (the partitioners "
+                          "need every label at once; use the single-process route for them)")
+    if config.test_fraction > 0:
+        raise ConfigError("the Beam route does not support config.test_fraction (its random split depends on the "
+                          "order clients are visited); give a test file with --config.test")
+    if not config.input_dtype:
+        raise ConfigError("the Beam route needs a fixed --config.input_dtype (one client's rows cannot tell the "
+                          "dtype that the whole column would infer)")
+    splits = tabular._splits(config)
+    for source in splits.values():
+        if not pathlib.Path(source).is_file():
+            raise ConfigError(f"{source}: no such file")
+    return splits
+
+
+def _csv_header(path: pathlib.Path, delimiter: str) -> tuple[list[str], int]:
+    """The header's fields and the byte offset of the first row."""
+    with open(path, "rb") as f:
+        line = f.readline()
+    text = line.decode("utf-8-sig")
+    header = next(csv.reader([text], delimiter=delimiter, strict=True), None)
+    if not header:
+        raise ValueError(f"{path}: empty file (a CSV needs a header row)")
+    if len(set(header)) != len(header):
+        raise ValueError(f"{path}: a column appears twice in the header")
+    return header, len(line)
+
+
+def _tasks(splits: dict[str, str], fmt: str, delimiter: str, range_bytes: int) -> list[dict[str, Any]]:
+    """One read task per byte range (csv) or row group (parquet) of every input file."""
+    tasks: list[dict[str, Any]] = []
+    for file_index, (split, source) in enumerate(splits.items()):
+        path = pathlib.Path(source).absolute()
+        if fmt == "csv":
+            header, first = _csv_header(path, delimiter)
+            size = path.stat().st_size
+            for start in range(first, max(size, first + 1), range_bytes):
+                tasks.append({"split": split, "file": file_index, "path": str(path), "start": start,
+                              "end": min(start + range_bytes, size), "header": header})
+        else:
+            import pyarrow.parquet as pq
+
+            offset = 0
+            metadata = pq.ParquetFile(path).metadata
+            for group in range(metadata.num_row_groups):
+                tasks.append({"split": split, "file": file_index, "path": str(path), "row_group": group,
+                              "first_row": offset})
+                offset += metadata.row_group(group).num_rows
+    return tasks
+
+
+def _head_table(tabular: Any, config: ml_collections.ConfigDict, source: str, rows: int = 1000) -> Any:
+    """The first rows of `source` as the recipe's `_Table` (to derive the schema on the driver)."""
+    path = pathlib.Path(source)
+    if tabular._format(config) == "csv":
+        header, first = _csv_header(path, config.csv_delimiter)
+        lines = []
+        with open(path, "rb") as f:
+            f.seek(first)
+            while len(lines) < rows:
+                line = f.readline()
+                if not line:
+                    break
+                if line.strip(b"\r\n"):
+                    lines.append(_csv_fields(line, header, config.csv_delimiter, str(path), first))
+        return _csv_table(str(path), header, lines)
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    table = parquet.read_row_group(0) if parquet.metadata.num_row_groups else parquet.schema_arrow.empty_table()
+    return tabular._arrow_table(str(path), table.slice(0, rows))
+
+
+def _schema(tabular: Any, config: ml_collections.ConfigDict, splits: dict[str, str]) -> Schema:
+    """x and y as `tabular.schema` derives them, from the head of the train file."""
+    table = _head_table(tabular, config, splits["train"])
+    ids = tabular._client_ids(table, config.client_key)
+    features = {"x": tabular._x(config, table, ids)}
+    if config.label_key:
+        if tabular._raw_labels(config, table, ids).dtype.kind == "U":
+            raise ConfigError("the Beam route supports numeric labels only (string labels need one vocabulary over "
+                              "all rows; use the single-process route)")
+        features["y"] = tabular._y(config, table, ids, None)
+    return {k: FeatureSpec(v.dtype.name, v.shape[1:]) for k, v in features.items()}
+
+
+# ---------------------------------------------------------------------------------------------- workers
+
+
+def _csv_fields(line: bytes, header: list[str], delimiter: str, name: str, offset: int) -> list[str]:
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{name} byte {offset}: not UTF-8 ({e.reason})") from None
+    try:
+        row = next(csv.reader([text], delimiter=delimiter, strict=True))
+    except csv.Error as e:
+        raise ValueError(f"{name} byte {offset}: not valid CSV ({e}); a quoted field with a line break is not "
+                         "supported on the Beam route") from None
+    if len(row) != len(header):
+        raise ValueError(f"{name} byte {offset}: {len(row)} fields but the header has {len(header)} (truncated "
+                         "file, wrong delimiter, or a quoted line break?)")
+    return row
+
+
+def _csv_table(name: str, header: list[str], rows: list[list[str]]) -> Any:
+    tabular = importlib.import_module(_TABULAR)
+    table = np.array(rows, dtype=str).reshape(len(rows), len(header))
+    return tabular._Table(name, {key: table[:, j] for j, key in enumerate(header)}, len(rows))
+
+
+def read_task(task: dict[str, Any], client_key: str, delimiter: str) -> Iterator[tuple[tuple[str, str], tuple]]:
+    """Rows of one read task as `((split, client id), (file, position, row))`; position orders rows in a file."""
+    split, name = task["split"], task["path"]
+    if "row_group" in task:
+        import pyarrow.parquet as pq
+
+        table = pq.ParquetFile(name).read_row_group(task["row_group"])
+        tabular = importlib.import_module(_TABULAR)
+        ids = tabular._client_ids(tabular._arrow_table(name, table), client_key)
+        for i, row in enumerate(table.to_pylist()):
+            yield (split, str(ids[i])), (task["file"], task["first_row"] + i, row)
+        return
+    header, start, end = task["header"], task["start"], task["end"]
+    key = header.index(client_key) if client_key in header else None
+    if key is None:
+        raise ValueError(f"{name}: no column {client_key!r} (columns: {', '.join(header)})")
+    with open(name, "rb") as f:
+        f.seek(start - 1)
+        if f.read(1) != b"\n":
+            f.readline()  # the line that starts before `start` belongs to the previous task
+        position = f.tell()
+        while position < end:  # a line belongs to the task that holds its first byte
+            line = f.readline()
+            if not line:
+                break
+            if line.strip(b"\r\n"):
+                row = _csv_fields(line, header, delimiter, name, position)
+                if not row[key]:
+                    raise ValueError(f"{name} byte {position}: empty client id")
+                yield (split, row[key]), (task["file"], position, row)
+            position += len(line)
+
+
+def convert_client(element: tuple[tuple[str, str], Iterable[tuple]], config_dict: dict[str, Any],
+                   headers: dict[int, Any], schema_json: dict[str, Any]) -> tuple[str, str, int, list[bytes]]:
+    """One client's rows (any order) -> `(split, client id, n, encoded records)`, rows in file order."""
+    from fedstream.data.format import schema_from_json
+
+    (split, client_id), rows = element
+    rows = sorted(rows, key=lambda r: (r[0], r[1]))
+    tabular = importlib.import_module(_TABULAR)
+    config = ml_collections.ConfigDict(config_dict)
+    schema = schema_from_json(schema_json)
+    header = headers[rows[0][0]]
+    name = f"{header['path']} (client {client_id!r})"
+    if header["kind"] == "csv":
+        table = _csv_table(name, header["columns"], [r[2] for r in rows])
+    else:
+        import pyarrow as pa
+
+        arrow_schema = pa.ipc.read_schema(pa.py_buffer(header["arrow_schema"]))
+        table = tabular._arrow_table(name, pa.Table.from_pylist([r[2] for r in rows], schema=arrow_schema))
+    ids = np.array([client_id] * len(rows), dtype=str)
+    features = {"x": tabular._x(config, table, ids)}
+    if config.label_key:
+        if tabular._raw_labels(config, table, ids).dtype.kind == "U":
+            raise ValueError(f"{name}: string labels are not supported on the Beam route")
+        features["y"] = tabular._y(config, table, ids, None)
+    columns = {k: _check_array(split, client_id, k, spec, features[k]) for k, spec in schema.items()}
+    return split, client_id, len(rows), encode_examples(schema, columns, len(rows))
+
+
+def _write_parts_fn(parts_dir: str, options: str, records_per_shard: int) -> Any:
+    """A Beam DoFn writing clients into ArrayRecord part files, one open file per split and bundle."""
+    beam = _beam()
+    from apache_beam.transforms.window import GlobalWindow
+    from apache_beam.utils.timestamp import MIN_TIMESTAMP
+    from apache_beam.utils.windowed_value import WindowedValue
+
+    class WriteParts(beam.DoFn):  # type: ignore[misc, name-defined]
+        def start_bundle(self) -> None:
+            self.open: dict[str, dict[str, Any]] = {}
+            self.done: list[dict[str, Any]] = []
+
+        def _close(self, split: str) -> None:
+            part = self.open.pop(split)
+            part["writer"].close()
+            self.done.append({"split": split, "file": part["file"], "clients": part["clients"]})
+
+        def process(self, element: tuple[str, str, int, list[bytes]]) -> Iterator[Any]:
+            from array_record.python.array_record_module import ArrayRecordWriter
+
+            split, client_id, n, records = element
+            part = self.open.get(split)
+            if part is not None and part["records"] >= records_per_shard and n:
+                self._close(split)
+                part = None
+            if part is None:
+                file = os.path.join(parts_dir, f"{split}-{uuid.uuid4().hex}.array_record")
+                part = self.open[split] = {"writer": ArrayRecordWriter(file, options), "file": file,
+                                           "clients": [], "records": 0}
+            for record in records:
+                part["writer"].write(record)
+            part["clients"].append([client_id, n])
+            part["records"] += n
+            return iter(())
+
+        def finish_bundle(self) -> Iterator[Any]:
+            for split in list(self.open):
+                self._close(split)
+            for part in self.done:
+                yield WindowedValue(json.dumps(part), MIN_TIMESTAMP, [GlobalWindow()])
+
+    return WriteParts()
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def run_preprocess_beam(
+    recipe: str,
+    output: str | os.PathLike,
+    overrides: Sequence[str] = (),
+    *,
+    runner: str = "DirectRunner",
+    beam_options: Sequence[str] = (),
+    force: bool = False,
+    compression: str = DEFAULT_COMPRESSION,
+    records_per_shard: int = 4096,
+    range_bytes: int = RANGE_BYTES,
+    progress: Callable[[str], None] | None = print,
+) -> pathlib.Path:
+    """Writes the dataset of `recipe` (only `tabular` with a client column) into `output` with Beam.
+
+    `runner` and `beam_options` (`KEY=VALUE`, Beam's pipeline options without `--`) choose where
+    the pipeline runs. Otherwise as `run_preprocess`: same metadata, same no-op rerun, `force`
+    to replace. Returns the output path.
+    """
+    beam = _beam()
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    say = progress or (lambda _: None)
+    args = pipeline_args(runner, beam_options)
+    if runner == "DataflowRunner":
+        raise ConfigError("DataflowRunner is not supported yet: this route reads and writes with local paths, and "
+                          "Dataflow workers share no filesystem with the driver (object-store output, e.g. gs://, "
+                          "is not implemented; see docs/beam.md)")
+    if logging.getLogger("apache_beam").level == logging.NOTSET:  # Beam logs every worker's start at INFO
+        logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    module = load_module(recipe, RECIPES_PACKAGE)
+    name = recipe_name(recipe)
+    if getattr(module, "__name__", "") != _TABULAR:
+        raise ConfigError(f"the Beam route (--runner) supports the recipe 'tabular' with a client column, "
+                          f"not {name!r}; run it without --runner")
+    config = apply_overrides(module.get_config(), overrides)
+    splits = _check_config(config, module)
+    fmt = module._format(config)
+    config_json = json.loads(to_json(config))
+    fingerprint = str(module.fingerprint(config))
+    output = pathlib.Path(output).absolute()
+    existing = _existing_metadata(output, force)
+    if existing is not None:
+        same = (existing.get("recipe") == name and existing.get("config") == config_json
+                and existing.get("input_fingerprint") == fingerprint
+                and shard_compression(existing.get("shard_options", "")) == compression)
+        if same and not force:
+            say(f"{output} is up to date ({name}, same config); pass --force to rebuild it")
+            return output
+        if not force:
+            raise ConfigError(f"{output} already holds a dataset from recipe {existing.get('recipe')!r} with a "
+                              "different config, input or compression; pass --force to replace it or choose "
+                              "another --output")
+    schema = _schema(module, config, splits)
+    metadata = {"recipe": name, "config": config_json, "source": module.SOURCE, "seed": config_json.get("seed"),
+                "fedstream_version": __version__, "input_fingerprint": fingerprint}
+    tasks = _tasks(splits, fmt, config.csv_delimiter, int(range_bytes))
+    headers: dict[int, Any] = {}
+    for file_index, source in enumerate(splits.values()):
+        if fmt == "csv":
+            headers[file_index] = {"kind": "csv", "path": source,
+                                   "columns": _csv_header(pathlib.Path(source), config.csv_delimiter)[0]}
+        else:
+            import pyarrow.parquet as pq
+
+            arrow_schema = pq.ParquetFile(source).schema_arrow
+            headers[file_index] = {"kind": "parquet", "path": source,
+                                   "arrow_schema": arrow_schema.serialize().to_pybytes()}
+    from fedstream.data.format import schema_to_json
+
+    say(f"preprocessing {name} into {output} on {runner} ({len(tasks)} read tasks)")
+    start = time.perf_counter()
+    with DatasetWriter(output, schema, metadata=metadata, compression=compression) as writer:
+        parts_dir = writer.tmp_dir / PARTS_DIR
+        parts_dir.mkdir()
+        client_key, delimiter = config.client_key, config.csv_delimiter
+        config_dict, schema_json = config.to_dict(), schema_to_json(schema)
+        with beam.Pipeline(options=PipelineOptions(args)) as pipeline:
+            _ = (pipeline
+                 | "Tasks" >> beam.Create(tasks)
+                 | "Reshuffle" >> beam.Reshuffle()
+                 | "Read" >> beam.FlatMap(read_task, client_key, delimiter)
+                 | "GroupByClient" >> beam.GroupByKey()
+                 | "Convert" >> beam.Map(convert_client, config_dict, headers, schema_json)
+                 | "WriteParts" >> beam.ParDo(_write_parts_fn(str(parts_dir), writer.options, records_per_shard))
+                 | "Manifest" >> beam.io.WriteToText(str(writer.tmp_dir / MANIFEST / "part"), file_name_suffix=".jsonl"))
+        parts = []
+        for manifest in sorted((writer.tmp_dir / MANIFEST).glob("part*.jsonl")):
+            parts.extend(json.loads(line) for line in manifest.read_text().splitlines() if line)
+        # Deterministic shard numbering: by split, then by the part's first client id.
+        parts.sort(key=lambda p: (p["split"], p["clients"][0][0] if p["clients"] else "", p["file"]))
+        counts: dict[str, list[int]] = {}
+        for part in parts:
+            writer.add_shard(part["split"], part["file"], [(c, int(n)) for c, n in part["clients"]])
+            tally = counts.setdefault(part["split"], [0, 0])
+            tally[0] += len(part["clients"])
+            tally[1] += sum(int(n) for _, n in part["clients"])
+        shutil.rmtree(parts_dir)  # parts of retried bundles that no manifest line names
+        shutil.rmtree(writer.tmp_dir / MANIFEST)
+    summary = "; ".join(f"{split}: {c:,} clients / {n:,} examples" for split, (c, n) in sorted(counts.items()))
+    say(f"wrote {summary or 'no clients'} to {output} in {time.perf_counter() - start:.1f} s")
+    return output

@@ -1,0 +1,131 @@
+"""The Beam route of `fedstream preprocess` (fedstream/data/beam.py) against the single-process route.
+
+The Beam tests skip when apache_beam is not installed (it is the optional `beam` extra); the
+DatasetWriter.add_shard and CLI checks run everywhere.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import numpy as np
+import pytest
+
+from fedstream.data.format import FeatureSpec, encode_examples
+from fedstream.data.reader import FederatedDataset
+from fedstream.data.writer import DatasetWriter
+
+HAVE_BEAM = importlib.util.find_spec("apache_beam") is not None
+MULTI_PROCESS = ["direct_num_workers=2", "direct_running_mode=multi_processing"]
+
+
+def _csv(path: pathlib.Path, rows: int, seed: int) -> None:
+    """Rows of 23 interleaved clients: an integer and a float input, an integer label (quoted cells too)."""
+    rng = np.random.default_rng(seed)
+    lines = ["user,a,b,label"]
+    for _ in range(rows):
+        user = f"u{rng.integers(0, 23)}"
+        lines.append(f'"{user}",{rng.integers(0, 100)},{rng.random():.6f},{rng.integers(0, 5)}')
+    path.write_text("\r\n".join(lines) + "\r\n")
+
+
+def _parquet(path: pathlib.Path, rows: int, seed: int) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    rng = np.random.default_rng(seed)
+    table = pa.table({"user": [f"c{i}" for i in rng.integers(0, 17, rows)],
+                      "pixels": [list(map(int, rng.integers(0, 255, 6))) for _ in range(rows)],
+                      "label": rng.integers(0, 10, rows).astype(np.int16)})
+    pq.write_table(table, path, row_group_size=97)
+
+
+def test_add_shard_gives_the_same_content_as_add_client(tmp_path):
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    schema = {"x": FeatureSpec("float32", (3,)), "y": FeatureSpec("int32", ())}
+    rng = np.random.default_rng(0)
+    clients = {f"c{i}": {"x": rng.random((n, 3), np.float32), "y": np.arange(n, dtype=np.int32)}
+               for i, n in enumerate([4, 0, 7, 2])}
+    with DatasetWriter(tmp_path / "direct", schema) as w:
+        for cid, data in clients.items():
+            w.add_client("train", cid, data)
+    with DatasetWriter(tmp_path / "adopted", schema) as w:
+        for names in (["c2", "c0"], ["c3", "c1"]):
+            part = tmp_path / f"part-{names[0]}.array_record"
+            writer = ArrayRecordWriter(str(part), w.options)
+            for cid in names:
+                for record in encode_examples(schema, clients[cid], len(clients[cid]["y"])):
+                    writer.write(record)
+            writer.close()
+            w.add_shard("train", part, [(cid, len(clients[cid]["y"])) for cid in names])
+        with pytest.raises(ValueError, match="already added"):
+            w.add_client("train", "c0", clients["c0"])
+    a, b = FederatedDataset(tmp_path / "direct"), FederatedDataset(tmp_path / "adopted")
+    assert a.content_digest("train") == b.content_digest("train")
+    assert len(b.metadata["splits"]["train"]["shards"]) == 2
+    np.testing.assert_array_equal(b.get_client("train", "c3")["x"], clients["c3"]["x"])
+    b.verify()  # sizes and sha256 of the adopted shards
+
+
+def test_beam_option_without_runner_is_refused(tmp_path):
+    from fedstream import cli
+
+    code = cli.main(["preprocess", "tabular", "--output", str(tmp_path / "o"), "--beam-option", "x=1"])
+    assert code == 2
+
+
+@pytest.mark.skipif(HAVE_BEAM, reason="checks the message shown when apache_beam is missing")
+def test_runner_without_beam_says_how_to_install(tmp_path):
+    from fedstream.config import ConfigError
+    from fedstream.data.beam import run_preprocess_beam
+
+    with pytest.raises(ConfigError, match=r"fedstream\[beam\]"):
+        run_preprocess_beam("tabular", tmp_path / "o", ["train=x.csv", "client_key=user"])
+
+
+@pytest.mark.skipif(not HAVE_BEAM, reason="apache_beam is not installed (pip install 'fedstream[beam]')")
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_beam_multi_process_digest_equals_single_process(tmp_path, fmt):
+    from fedstream.data.beam import run_preprocess_beam
+    from fedstream.data.preprocessing import run_preprocess
+
+    if fmt == "csv":
+        _csv(tmp_path / "train.csv", 2500, 1)
+        _csv(tmp_path / "test.csv", 400, 2)
+        overrides = [f"train={tmp_path / 'train.csv'}", f"test={tmp_path / 'test.csv'}", "client_key=user"]
+    else:
+        _parquet(tmp_path / "train.parquet", 1500, 1)
+        _parquet(tmp_path / "test.parquet", 300, 2)
+        overrides = [f"train={tmp_path / 'train.parquet'}", f"test={tmp_path / 'test.parquet'}", "client_key=user",
+                     "input_scale=0.5"]
+    single = run_preprocess("tabular", tmp_path / "single", overrides, progress=None)
+    # Small read ranges and shards: many read tasks, several parts per worker, clients split over tasks.
+    beam = run_preprocess_beam("tabular", tmp_path / "beam", overrides, beam_options=MULTI_PROCESS,
+                               range_bytes=2048, records_per_shard=300, progress=None)
+    a, b = FederatedDataset(single), FederatedDataset(beam)
+    for split in ("train", "test"):
+        assert a.content_digest(split) == b.content_digest(split)
+        assert len(b.metadata["splits"][split]["shards"]) >= 1
+    assert len(b.metadata["splits"]["train"]["shards"]) > 1
+    assert b.metadata["input_fingerprint"] == a.metadata["input_fingerprint"]
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary directory left
+    # Rerunning with the same inputs is a no-op, as on the single-process route.
+    before = (beam / "_SUCCESS").stat().st_mtime_ns
+    run_preprocess_beam("tabular", beam, overrides, progress=None)
+    assert (beam / "_SUCCESS").stat().st_mtime_ns == before
+
+
+@pytest.mark.skipif(not HAVE_BEAM, reason="apache_beam is not installed (pip install 'fedstream[beam]')")
+def test_beam_route_refuses_what_it_does_not_support(tmp_path):
+    from fedstream.config import ConfigError
+    from fedstream.data.beam import run_preprocess_beam
+
+    _csv(tmp_path / "train.csv", 50, 0)
+    with pytest.raises(ConfigError, match="client_key"):
+        run_preprocess_beam("tabular", tmp_path / "o", [f"train={tmp_path / 'train.csv'}"], progress=None)
+    with pytest.raises(ConfigError, match="supports the recipe 'tabular'"):
+        run_preprocess_beam("digits", tmp_path / "o", [], progress=None)
+    with pytest.raises(ConfigError, match="DataflowRunner is not supported yet"):
+        run_preprocess_beam("tabular", tmp_path / "o", [f"train={tmp_path / 'train.csv'}", "client_key=user"],
+                            runner="DataflowRunner", progress=None)
