@@ -390,6 +390,21 @@ class RunCheckpointer:
         self._raise_failure(step)
         if self._failure is not None or not (force or self.should_save(step)):
             return False  # after a reported failure nothing more is saved
+        if jax.process_count() > 1:
+            # Every process must enter Orbax's save (its barriers and collectives) in the same order as the
+            # rounds' collectives; from a thread of its own it deadlocked against the next round's. So here
+            # the save starts on the caller's thread (Orbax still writes asynchronously).
+            self._requested = step
+            try:
+                self._write(_SaveJob(step, state, dict(meta), dict(client_index) if client_index is not None
+                                     else None, dict(client_files) if client_files is not None else None))
+            except Exception as e:  # noqa: BLE001 - reported like a failure of the saving thread
+                self._failure = e
+                self._raise_failure(step)
+            with self._handled:
+                self._handled_step = step
+                self._handled.notify_all()
+            return True
         if self._saver is None:
             self._saver = threading.Thread(target=self._save_loop, name="fedstream-checkpoint", daemon=True)
             self._saver.start()
