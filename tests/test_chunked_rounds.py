@@ -233,3 +233,14 @@ def test_lanes_equal_one_lane_for_every_catalogue_algorithm(name, devices, lanes
     spec = run_algorithm.CASES[name]
     assert_close(run_algorithm.run(spec, devices, lanes=1), run_algorithm.run(spec, devices, lanes=lanes),
                  f"{name}, {lanes} lanes on {devices} devices")
+
+
+def test_lanes_setting_resolves_auto_to_one_on_cpu_and_refuses_bad_values():
+    from fedstream.training.rounds import make_mesh, resolve_lanes
+
+    mesh = make_mesh(2)
+    assert resolve_lanes("auto", mesh, param_bytes=4_000) == 1  # CPU: vmap over lanes measured slower
+    assert resolve_lanes(6, mesh) == 6
+    for bad in (0, -1, 2.5, True, "many"):
+        with pytest.raises(ValueError, match="lanes"):
+            resolve_lanes(bad, mesh)

@@ -64,10 +64,9 @@ def resolve_lanes(lanes: int | str, mesh: jax.sharding.Mesh, param_bytes: int = 
         device = mesh.devices.flat[0]
         if device.platform == "cpu":
             return 1
-        try:
-            memory = int((device.memory_stats() or {}).get("bytes_limit", 0))
-        except Exception:  # noqa: BLE001 - memory_stats is optional in PJRT plugins
-            memory = 0
+        from fedstream.training.limits import device_memory_bytes
+
+        memory = device_memory_bytes(device)
         if not memory or not param_bytes:
             return 8
         return int(np.clip(memory // 4 // (8 * param_bytes), 1, MAX_AUTO_LANES))
