@@ -40,17 +40,8 @@ import numpy as np
 from fedstream import __version__
 from fedstream.config import ConfigError, apply_overrides, load_module, to_json
 from fedstream.data.format import FeatureSpec, Schema, encode_examples
-from fedstream.data.preprocessing import (
-    RECIPES_PACKAGE,
-    _existing_metadata,
-    recipe_name,
-)
-from fedstream.data.writer import (
-    DEFAULT_COMPRESSION,
-    DatasetWriter,
-    _check_array,
-    shard_compression,
-)
+from fedstream.data.preprocessing import RECIPES_PACKAGE, recipe_name, up_to_date
+from fedstream.data.writer import DEFAULT_COMPRESSION, DatasetWriter, _check_array
 
 RUNNERS = ("DirectRunner", "FlinkRunner", "SparkRunner", "DataflowRunner", "PortableRunner", "PrismRunner")
 RANGE_BYTES = 64 << 20  # bytes of CSV per read task
@@ -353,18 +344,8 @@ def run_preprocess_beam(
     config_json = json.loads(to_json(config))
     fingerprint = str(module.fingerprint(config))
     output = pathlib.Path(output).absolute()
-    existing = _existing_metadata(output, force)
-    if existing is not None:
-        same = (existing.get("recipe") == name and existing.get("config") == config_json
-                and existing.get("input_fingerprint") == fingerprint
-                and shard_compression(existing.get("shard_options", "")) == compression)
-        if same and not force:
-            say(f"{output} is up to date ({name}, same config); pass --force to rebuild it")
-            return output
-        if not force:
-            raise ConfigError(f"{output} already holds a dataset from recipe {existing.get('recipe')!r} with a "
-                              "different config, input or compression; pass --force to replace it or choose "
-                              "another --output")
+    if up_to_date(output, name, config_json, fingerprint, compression, force, say):
+        return output
     schema = _schema(module, config, splits)
     metadata = {"recipe": name, "config": config_json, "source": module.SOURCE, "seed": config_json.get("seed"),
                 "fedstream_version": __version__, "input_fingerprint": fingerprint}

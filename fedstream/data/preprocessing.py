@@ -45,6 +45,26 @@ def recipe_name(recipe: str) -> str:
     return recipe.replace("-", "_")
 
 
+def up_to_date(output: pathlib.Path, name: str, config_json: Any, fingerprint: str | None, compression: str,
+               force: bool, say: Callable[[str], None]) -> bool:
+    """True (and says so) if `output` already holds this recipe's dataset from the same config, input and
+    compression; False if there is none, or `force`. Raises ConfigError for another dataset without `force`."""
+    existing = _existing_metadata(output, force)
+    if existing is None:
+        return False
+    same = (existing.get("recipe") == name and existing.get("config") == config_json
+            and existing.get("input_fingerprint") == fingerprint
+            and shard_compression(existing.get("shard_options", "")) == compression)
+    if same and not force:
+        say(f"{output} is up to date ({name}, same config); pass --force to rebuild it")
+        return True
+    if not force:
+        raise ConfigError(f"{output} already holds a dataset from recipe {existing.get('recipe')!r} with a "
+                          "different config, input or compression; pass --force to replace it or choose "
+                          "another --output")
+    return False
+
+
 def _existing_metadata(output: pathlib.Path, force: bool) -> dict[str, Any] | None:
     """Metadata of a complete dataset at `output`, None if there is nothing to compare with.
 
@@ -103,18 +123,8 @@ def run_preprocess(
     fingerprint = str(module.fingerprint(config)) if callable(getattr(module, "fingerprint", None)) else None
     output = pathlib.Path(output)
 
-    existing = _existing_metadata(output, force)
-    if existing is not None:
-        same = (existing.get("recipe") == name and existing.get("config") == config_json
-                and existing.get("input_fingerprint") == fingerprint
-                and shard_compression(existing.get("shard_options", "")) == compression)
-        if same and not force:
-            say(f"{output} is up to date ({name}, same config); pass --force to rebuild it")
-            return output
-        if not force:
-            raise ConfigError(f"{output} already holds a dataset from recipe {existing.get('recipe')!r} with a "
-                              "different config, input or compression; pass --force to replace it or choose "
-                              "another --output")
+    if up_to_date(output, name, config_json, fingerprint, compression, force, say):
+        return output
 
     metadata = {"recipe": name, "config": config_json, "source": module.SOURCE, "seed": config_json.get("seed"),
                 "fedstream_version": __version__}

@@ -542,14 +542,10 @@ def _to_bytes(value: Any) -> bytes:
     return value.encode("utf-8") if isinstance(value, str) else bytes(value)
 
 
-def h5_counts(path: str | os.PathLike, feature: str, *, name: str | None = None) -> tuple[int, int]:
-    """(clients, examples) of a TFF HDF5 file from its groups and dataset shapes (no data read).
-
-    A client's examples are the leading dimension of `feature` (or, lacking
-    it, of its first dataset; the reader reports such a client itself).
-    """
+@contextlib.contextmanager
+def _h5_examples(path: str | os.PathLike, label: str) -> Iterator[Any]:
+    """The `examples` group of a TFF HDF5 file, open for the `with` block (one line naming `label` if not)."""
     h5py = require_h5py()
-    label = name or str(path)
     try:
         f = h5py.File(path, "r")
     except (OSError, ValueError) as e:
@@ -558,6 +554,18 @@ def h5_counts(path: str | os.PathLike, feature: str, *, name: str | None = None)
         group = f.get("examples")
         if not isinstance(group, h5py.Group):
             raise TFFFormatError(f"{label}: no group 'examples'; not a TFF HDF5 dataset")
+        yield group
+
+
+def h5_counts(path: str | os.PathLike, feature: str, *, name: str | None = None) -> tuple[int, int]:
+    """(clients, examples) of a TFF HDF5 file from its groups and dataset shapes (no data read).
+
+    A client's examples are the leading dimension of `feature` (or, lacking
+    it, of its first dataset; the reader reports such a client itself).
+    """
+    h5py = require_h5py()
+    label = name or str(path)
+    with _h5_examples(path, label) as group:
         clients = examples = 0
         for client_id in group.keys():
             client = group[client_id]
@@ -583,14 +591,7 @@ def iter_h5_clients(path: str | os.PathLike, features: Features | None = None, *
     """
     h5py = require_h5py()
     label = name or str(path)
-    try:
-        f = h5py.File(path, "r")
-    except (OSError, ValueError) as e:
-        raise TFFFormatError(f"{label}: not a readable HDF5 file ({e})") from None
-    with f:
-        group = f.get("examples")
-        if not isinstance(group, h5py.Group):
-            raise TFFFormatError(f"{label}: no group 'examples'; not a TFF HDF5 dataset")
+    with _h5_examples(path, label) as group:
         for client_id in sorted(group.keys()):
             where = f"{label}: client {client_id!r}"
             client = group[client_id]
