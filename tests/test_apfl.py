@@ -211,6 +211,28 @@ def test_apfl_with_fixed_alpha_matches_numpy_reference(tmp_path):
     check_apfl(got, personal_eval, CASES["fixed_alpha"])
 
 
+def test_personal_model_is_the_mix_with_the_global_model_also_inside_an_aggregator_chain():
+    """personal_model(stored, w) = alpha_i v_i + (1 - alpha_i) w per client, for APFL and for top-k around it."""
+    sgd = make_optimizer("sgd", LR)
+    rng = np.random.default_rng(0)
+    w = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(np.float32), model().init(jax.random.PRNGKey(0)))
+    v = jax.tree.map(lambda a: rng.normal(size=(3, *a.shape)).astype(np.float32), w)
+    stored = {"v": v, "alpha": np.array([0.0, 0.25, 1.0], np.float32), "initialized": np.array([1, 1, 0], np.int32)}
+    apfl = build_algorithm("apfl", model(), sgd, sgd, context={"client_learning_rate": LR})
+    topk = build_algorithm("compressed_fedavg", model(), sgd, sgd, context={"client_learning_rate": LR},
+                           compression="topk", base="apfl")
+    assert topk.has_personal_models and set(topk.client_state_template(w)) == {"inner", "residual"}
+    for algorithm, states in ((apfl, stored), (topk, {"inner": stored, "residual": np.zeros((3, 28), np.float32)})):
+        mixed, has = algorithm.personal_model(states, w)
+        assert has.tolist() == [True, True, False]
+        for m, vi, wi in zip(jax.tree.leaves(mixed), jax.tree.leaves(v), jax.tree.leaves(w)):
+            np.testing.assert_array_equal(m[0], wi)
+            np.testing.assert_allclose(m[1], 0.25 * vi[1] + 0.75 * wi, rtol=1e-6, atol=1e-6)
+            np.testing.assert_array_equal(m[2], vi[2])
+    with pytest.raises(ValueError, match="global model"):
+        apfl.personal_model(stored)
+
+
 def test_apfl_options_are_checked():
     sgd = make_optimizer("sgd", LR)
     for options in ({"alpha_init": 1.5}, {"alpha_learning_rate": -1.0}, {"personal_learning_rate": -0.1}):
