@@ -557,9 +557,12 @@ def sample_with_deadline(seed: int, round_index: int, start_time: float, num_cli
     else:  # fewer than k complete: the round ends when every sampled client's fate is known
         resolved = np.minimum(np.minimum(finish, offline_at), cutoff)
         end_time = float(resolved.max()) if resolved.size else sample_time
-    # Offline: it went offline before finishing, before the deadline and before the round ended (a client the
-    # round's end aborts first counts as late).
-    went_offline = (offline_at < finish) & (offline_at < cutoff) & (offline_at < end_time)
+    # Offline: it went offline before finishing and before the deadline, and (when k clients completed) before the
+    # k-th did: a client the round's end aborts first counts as late. At equal times a finish comes first, then
+    # the deadline, then going offline.
+    went_offline = (offline_at < finish) & (offline_at < cutoff)
+    if kept_positions.size == k:
+        went_offline &= offline_at < end_time
     kept = sampled[kept_positions]
     return RoundOutcome(
         round_index=int(round_index), start_time=start_time, sample_time=sample_time, end_time=end_time,
