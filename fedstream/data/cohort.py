@@ -26,6 +26,11 @@ Two samplings (`CohortPipeline.sampling`):
   weight 0). A round that draws more clients than the cap is refused, before
   the first round runs: dropping clients would change the sampling that a
   privacy accountant assumes.
+
+With a simulated clock (`CohortPipeline.clock`, `fedstream.data.clock`), a
+round over-selects online clients and keeps the first `cohort_size` to
+finish before its deadline (fewer if fewer make it): `cohort_size` slots, the
+unused ones empty, as under Poisson sampling.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequenc
 import grain
 import numpy as np
 
+from fedstream.data.clock import ClockSettings, RoundClock
 from fedstream.data.format import DatasetFormatError
 from fedstream.data.packed import (INDEX_BYTES, RoundLayout, chunk_clients_for_budget, chunk_dims, chunk_members,
                                    empty_chunk_batch, example_bytes, idle_step_fraction, pack_chunk, plan_round)
@@ -134,9 +140,14 @@ class CohortPipeline:
     label_range: tuple[str, int] | None = None
     lanes: int = 1  # clients each device runs in lockstep
     chunk_bytes: int = DEFAULT_CHUNK_BYTES  # packed bytes per round call; 0 = the whole round in one call
+    # A simulated clock: rounds keep the first cohort_size over-selected online clients to finish (None = off).
+    clock: ClockSettings | None = None
 
     def __post_init__(self) -> None:
         _fixed_features(self.source.schema, self.features)
+        if self.clock is not None and self.sampling != "uniform":
+            raise ValueError(f"the simulated clock samples among online clients; sampling {self.sampling!r} cannot "
+                             "be combined with it (config keys sampling, clock.enabled)")
         if self.sampling == "poisson":
             if self.max_cohort_size < 0 or self.max_cohort_size > len(self.sizes):
                 raise ValueError(f"max_clients_per_round={self.max_cohort_size} must be in 0..{len(self.sizes)} "
@@ -199,6 +210,21 @@ class CohortPipeline:
     def chunks_per_round(self) -> int:
         return -(-self.slots // self.chunk_clients)
 
+    @functools.cached_property
+    def client_work(self) -> np.ndarray:
+        """Examples each client of the split processes in a round (its steps' unmasked examples), the clock's work."""
+        b = self.batching
+        steps = np.array([b.num_steps(int(n)) for n in self.sizes], np.int64)
+        used = np.array([b.examples_used(int(n)) for n in self.sizes], np.int64)
+        return np.minimum(used * b.epochs, steps * b.batch_size)
+
+    @functools.cached_property
+    def round_clock(self) -> RoundClock | None:
+        """The rounds on the simulated clock (None without one), shared by every round of the pipeline."""
+        if self.clock is None:
+            return None
+        return self.clock.round_clock(self.seed, self.client_work, self.cohort_size)
+
     def check_cohort_sizes(self, num_rounds: int) -> int:
         """The largest Poisson cohort of rounds 0..num_rounds-1; raises if one exceeds the cap."""
         largest = 0
@@ -207,7 +233,12 @@ class CohortPipeline:
         return largest
 
     def cohort(self, round_index: int) -> np.ndarray:
-        """Client indices of round `round_index` (under Poisson sampling, at most `slots` of them, else an error)."""
+        """Client indices of round `round_index` (under Poisson sampling, at most `slots` of them, else an error).
+
+        With the simulated clock: the clients the round keeps (at most `slots`).
+        """
+        if self.round_clock is not None:
+            return self.round_clock.outcome(round_index).kept
         cohort = _cached_cohort(self.seed, round_index, len(self.sizes), self.cohort_size, self.sampling, self.rate)
         if len(cohort) > self.slots:
             raise RuntimeError(
@@ -313,6 +344,8 @@ class CohortPipeline:
         """
         if self.sampling == "poisson":  # refuse an over-full round now rather than mid-run
             self.check_cohort_sizes(num_rounds)
+        if self.round_clock is not None and max(num_rounds, start_round):  # every round's clock now, not mid-run
+            self.round_clock.outcome(max(num_rounds, start_round) - 1)
         per_round = self.chunks_per_round * self.chunk_clients
         return client_chunks(range(start_round * per_round, max(num_rounds, start_round) * per_round),
                              self.load_position, self.pack, self.chunk_clients, self.data_threads,

@@ -39,6 +39,7 @@ from fedstream.algorithms.base import Algorithm, ServerState
 from fedstream.algorithms.privacy import PrivacyLedger, PrivacyLedgerError
 from fedstream.config import ConfigError, check_clients_per_round, flatten, validate_train_config
 from fedstream.data.augment import get_augmentation
+from fedstream.data.clock import ClockSettings
 from fedstream.data.packed import idle_step_fraction
 from fedstream.data.cohort import (DEFAULT_CHUNK_BYTES, ClientBatching, CohortPipeline, EvalPipeline,
                                    auto_data_threads)
@@ -348,6 +349,9 @@ class Simulation:
       lock: take the workdir's lock (False only when the caller already holds it, as `train` does).
       debug: run each round eagerly, client by client (`print` and `pdb` work inside an algorithm's
         hooks; results equal the compiled round's to float rounding; slow).
+      clock: run the rounds on a simulated clock (`fedstream.data.clock.ClockSettings`: device speeds,
+        availability, over-selection, a deadline); each round's train metrics then carry `simulated_time`
+        and its dropped clients. None: the idealized rounds.
     """
 
     def __init__(self, dataset: Any, algorithm: Algorithm, *, clients_per_round: int = 10, batch_size: int = 10,
@@ -360,7 +364,7 @@ class Simulation:
                  data_threads: int = 0, num_devices: int | None = None, callbacks: Sequence[Callback] = (),
                  log: Callable[[str], None] = print_line, run_config: Mapping[str, Any] | None = None,
                  lock: bool = True, debug: bool = False, lanes: int | str = "auto",
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, clock: ClockSettings | None = None) -> None:
         self.dataset, self.algorithm = dataset, algorithm
         self.settings = _settings(
             seed=seed, clients_per_round=clients_per_round, sampling=sampling, sampling_rate=sampling_rate,
@@ -369,7 +373,7 @@ class Simulation:
             batch_size=batch_size, epochs=epochs, max_examples=max_examples, max_steps=max_steps,
             eval_every=eval_every, eval_batch_size=eval_batch_size, eval_chunk_clients=eval_chunk_clients,
             finetune_steps=finetune_steps, checkpoint_every=checkpoint_every, checkpoint_keep=checkpoint_keep,
-            lanes=0 if lanes == "auto" else lanes, chunk_mb=-(-int(chunk_bytes) // (1 << 20)))
+            lanes=0 if lanes == "auto" else lanes, chunk_mb=-(-int(chunk_bytes) // (1 << 20)), clock=clock)
         for split in (train_split, test_split):
             if split not in dataset.splits:
                 raise ConfigError(f"the dataset has no split {split!r} (splits: {', '.join(dataset.splits)})")
@@ -402,7 +406,7 @@ class Simulation:
             uniform_weights=aggregation == "uniform", data_threads=auto_data_threads(data_threads),
             local_devices=_local_devices(self.mesh), augment=get_augmentation(augment), sampling=sampling,
             sampling_rate=sampling_rate, max_cohort_size=max_clients_per_round, label_range=_label_range(algorithm),
-            lanes=self.lanes, chunk_bytes=_count("chunk_bytes", chunk_bytes, low=0))
+            lanes=self.lanes, chunk_bytes=_count("chunk_bytes", chunk_bytes, low=0), clock=clock)
         self.state: ServerState = replicate(algorithm.init(jax.random.PRNGKey(int(s.seed))), self.mesh)
         self.debug = debug
         self._train_round = (build_debug_round(algorithm, seed=int(s.seed)) if debug
@@ -567,6 +571,7 @@ class Simulation:
                     if restored is not None:
                         self.state, meta = restored
                         check_config_unchanged(meta["config"], self.run_config, self.workdir)
+                        self._check_clock(meta, self._checkpoint_path(int(self.state.round)))
                         start = int(self.state.round)
                         saved_privacy = meta.get("privacy")
                         self.log(f"resumed {self.workdir} from the checkpoint after round {start}")
@@ -748,6 +753,8 @@ class Simulation:
             "data_wait_seconds": round_.data_wait,
             "examples_per_second": element["num_examples"] / max(seconds, 1e-9),
         }
+        if self.pipeline.round_clock is not None:
+            train.update(self.pipeline.round_clock.metrics(r))
         if self._metrics_log is not None:
             self._metrics_log.write(r + 1, "train", train)
         done = r + 1
@@ -761,6 +768,8 @@ class Simulation:
                     "data_iterator": {"next_round": done}}
             if self._ledger is not None:
                 meta["privacy"] = {**self._ledger.to_json(), "epsilon": self._epsilon}  # checked on resume
+            if self.pipeline.round_clock is not None:
+                meta["clock"] = {"simulated_time": self.pipeline.round_clock.outcome(r).end_time}  # checked on resume
             client_index = self._store.index() if self._store is not None else None
             client_files = self._store.file_digests(client_index) if self._store is not None else None
             saved = self._checkpointer.save(done, round_.state, meta, force=done == num_rounds,
@@ -775,6 +784,30 @@ class Simulation:
         for callback in self.callbacks:
             callback.on_round_end(done, result, saved, self._checkpointer)
         return result
+
+    def _checkpoint_path(self, step: int) -> pathlib.Path | None:
+        """Where the checkpoint of round `step` lives (None without a workdir)."""
+        return None if self._checkpointer is None else self._checkpointer.step_path(step)
+
+    def _check_clock(self, meta: Mapping[str, Any], path: pathlib.Path | None) -> None:
+        """Refuses to resume when the clock recomputed from round 1 disagrees with the checkpoint's simulated time.
+
+        The config names a trace file, not its content: a trace edited since the
+        run started would silently change the cohorts of the rounds still to run.
+        """
+        clock, done = self.pipeline.round_clock, int(self.state.round)
+        saved = meta.get("clock")
+        if clock is None or done == 0:
+            return
+        if not isinstance(saved, Mapping) or "simulated_time" not in saved:
+            raise ConfigError(f"the checkpoint of round {done} in {path} has no simulated time, but the run uses the "
+                              "simulated clock (config key clock.enabled)")
+        now = clock.outcome(done - 1).end_time
+        if saved["simulated_time"] != now:
+            raise ConfigError(f"the simulated clock after round {done} is at {now!r} s, but the checkpoint in {path} "
+                              f"recorded {saved['simulated_time']!r} s: the clock's inputs changed since the run "
+                              "started (e.g. the availability trace file, config key clock.trace); restore them or "
+                              "start a new workdir")
 
     def _evaluate_round(self, done: int, state: ServerState) -> dict[str, float]:
         """The test evaluation of `state`, after round `done` (plus fine-tuned / personal models where configured)."""
@@ -825,5 +858,7 @@ def _settings(**kw: Any) -> ml_collections.ConfigDict:
                                         "chunk_clients": kw["eval_chunk_clients"],
                                         "finetune_steps": kw["finetune_steps"]})
     c.checkpoint = ml_collections.ConfigDict({"every": kw["checkpoint_every"], "keep": kw["checkpoint_keep"]})
+    if kw["clock"] is not None:  # only then: a run without the clock keeps the settings (and run_config) it had
+        c.clock = ml_collections.ConfigDict(kw["clock"].to_config())
     validate_train_config(c)  # the keys present are checked; a bad value is named by its config key
     return c
