@@ -327,7 +327,8 @@ class Simulation:
       clients_per_round: cohort size (the expected size under Poisson sampling).
       batch_size, epochs, max_examples, max_steps: each client's local training (0 = no cap).
       seed: the run's seed: initial model, cohorts, example orders and dropout keys derive from it.
-      sampling: 'uniform' (exactly `clients_per_round` clients) or 'poisson' (each client with rate q).
+      sampling: 'uniform' (exactly `clients_per_round` clients), 'poisson' (each client with rate q) or 'epochs'
+        (each epoch a shuffle of the clients cut into rounds: each client at most once per epoch).
       sampling_rate: Poisson q (0 = clients_per_round / population); max_clients_per_round: Poisson slots.
       aggregation: 'example' (client weight = its examples) or 'uniform'.
       train_split, test_split: split names of `dataset`.
