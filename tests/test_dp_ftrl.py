@@ -3,7 +3,8 @@
 The NumPy references re-derive the paper's equations in float64: the noise of
 a prefix sum is built from the explicit binary tree (every node whose leaves
 all lie in 1..t and whose parent's do not), the server runs
-m_t = beta m_{t-1} + N_t / D, w_t = w_0 - eta m_t with restarts, and the
+m_t = beta m_{t-1} + N_t / D, w_t = w_0 + eta m_t with restarts (N_t a prefix sum of
+deltas, minus the paper's gradients), and the
 clients' local SGD, clipping and the epochs' cohorts are recomputed. The
 library and the references share only the data order and each tree node's
 N(0, I) vector, drawn from the run's tree key (the definition of the
@@ -105,7 +106,7 @@ def reference_dp_ftrl(options: dict, theta0: np.ndarray, client_lr: float, round
         prefix = prefix + sum(d * min(1.0, C / np.linalg.norm(d)) for d in updates)
         noisy = prefix + z * C * reference_noise(run_key(), tree, t, RESTART)
         m = beta * m + noisy / D
-        theta = theta_start - eta * m
+        theta = theta_start + eta * m
         thetas.append(theta)
         clipped.append(sum(np.linalg.norm(d) > C for d in updates))
     return thetas, clipped
@@ -162,7 +163,7 @@ def test_prefix_noise_is_the_sum_of_the_covering_tree_nodes():
 
 @pytest.mark.parametrize("num_devices", [1, 4])
 def test_noise_on_each_prefix_sum_is_its_tree_nodes_on_one_and_four_devices(num_devices):
-    """Clients that do not move (learning rate 0): w_t = w_0 - eta m_t with m_t = beta m_{t-1} + z C xi_t / D, where
+    """Clients that do not move (learning rate 0): w_t = w_0 + eta m_t with m_t = beta m_{t-1} + z C xi_t / D, where
     xi_t is the sum of the tree nodes covering the prefix, restarting every RESTART rounds; recovered from w_t.
     Twelve clients of 4 examples: every round has one shape (one compilation)."""
     options = {"clip_norm": 0.4, "noise_multiplier": 0.7, "server_learning_rate": 0.5, "server_momentum": 0.0}
@@ -173,7 +174,7 @@ def test_noise_on_each_prefix_sum_is_its_tree_nodes_on_one_and_four_devices(num_
     for r, theta in enumerate(got["thetas"]):
         tree, t = divmod(r, RESTART)
         start = previous if t == 0 else start
-        xi = (start - theta) * D / (eta * z * C)  # momentum 0: the prefix's noise in units of z C
+        xi = (theta - start) * D / (eta * z * C)  # momentum 0: the prefix's noise in units of z C
         np.testing.assert_allclose(xi, reference_noise(run_key(), tree, t + 1, RESTART), rtol=1e-4, atol=1e-4)
         previous = theta
     if num_devices == 4:  # the zero sums are exact, so the devices do not change a bit
@@ -195,8 +196,8 @@ def test_dp_ftrl_matches_the_numpy_reference(num_devices):
 
 
 def test_ftrl_server_update_is_the_papers_momentum_form_with_restarts():
-    """FTRL.server_update alone against m_t = beta m_{t-1} + N_t / D and w_t = w_0 - eta m_t (Nesterov:
-    w_0 - eta (beta m_t + N_t / D)), w_0 and m restarted every k rounds."""
+    """FTRL.server_update alone against m_t = beta m_{t-1} + N_t / D and w_t = w_0 + eta m_t (Nesterov:
+    w_0 + eta (beta m_t + N_t / D)), w_0 and m restarted every k rounds."""
     model = get_model("logistic", rt.INPUT_SHAPE, rt.NUM_CLASSES)
     rng = np.random.default_rng(0)
     for nesterov in (False, True):
@@ -210,7 +211,7 @@ def test_ftrl_server_update_is_the_papers_momentum_form_with_restarts():
             if r % k == 0:
                 w0, m = w.copy(), np.zeros_like(w)
             m = beta * m + noisy_prefix / D
-            w = w0 - eta * ((beta * m + noisy_prefix / D) if nesterov else m)
+            w = w0 + eta * ((beta * m + noisy_prefix / D) if nesterov else m)
             total = RoundTotal(weighted={"Dense_0": {"bias": np.float32(noisy_prefix),
                                                      "kernel": np.zeros(SHAPE, np.float32)}},
                                weight=np.float32(D))

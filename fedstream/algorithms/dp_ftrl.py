@@ -13,11 +13,17 @@ taking part at most once per epoch (in any order: fedstream's sampling
 restarts every k rounds, by default every epoch), with w the server model:
 
     client i:  Delta_i = w_i - w after local training;  sends clip_C(Delta_i), weight 1   # Clip
-    server:    g_t  = sum_i clip_C(Delta_i)                                             # the round's sum
-               P_t  = P_{t-1} + g_t                  (P_0 = 0)                          # TreeNoise
+    server:    S_t  = sum_i clip_C(Delta_i)                                             # the round's sum
+               P_t  = P_{t-1} + S_t                  (P_0 = 0)                          # TreeNoise
                N_t  = P_t + z C sum_{nodes covering leaves 1..t} xi_node,  xi ~ N(0, I)
                m_t  = beta m_{t-1} + N_t / D         (m_0 = 0)                          # FTRL (server_update)
-               w_t  = w_0 - eta m_t                  (nesterov: w_0 - eta (beta m_t + N_t / D))
+               w_t  = w_0 + eta m_t                  (nesterov: w_0 + eta (beta m_t + N_t / D))
+
+The paper writes FTRL on gradients, w_t = w_0 - eta m_t with m the momentum
+of the noisy gradient prefix sums; a client's delta is minus its
+pseudo-gradient, so on deltas the sign flips and the equations above are
+theirs (TFF's DPFTRLMServerOptimizer, fed minus the mean delta, computes the
+same).
 
 w_0 is the model at the tree's first round; at a restart P, m and the tree
 start afresh and w_0 becomes the current model (as the paper's restart and
@@ -64,13 +70,13 @@ class FTRL(FedAvg):
 
     Clients train as in FedAvg. `server_update` reads total.weighted / total.weight as N_t / D, the noisy
     prefix sum of the current tree over its denominator (what `TreeNoise` hands on), and sets
-    m_t = beta m_{t-1} + N_t / D, w_t = w_0 - eta m_t; every `restart_every` rounds w_0 becomes the current
+    m_t = beta m_{t-1} + N_t / D, w_t = w_0 + eta m_t (N_t sums deltas, minus pseudo-gradients); every `restart_every` rounds w_0 becomes the current
     model and m restarts at 0. State: ServerState.extra = {"params0": w_0, "momentum": m}.
 
     Attributes:
       server_learning_rate: eta, the server step on the momentum of the noisy prefix means.
       server_momentum: beta in [0, 1), momentum on the noisy prefix means (0.9 in the paper's FTRLM).
-      nesterov: use w_0 - eta (beta m_t + N_t / D) (Nesterov's form, as TFF's DPFTRLMServerOptimizer).
+      nesterov: use w_0 + eta (beta m_t + N_t / D) (Nesterov's form, as TFF's DPFTRLMServerOptimizer).
       restart_every: k, rounds per tree (w_0, m and the tree restart every k rounds).
     """
 
@@ -99,7 +105,7 @@ class FTRL(FedAvg):
         return ServerState(params, optax.EmptyState(), jnp.zeros((), jnp.int32), extra)
 
     def server_update(self, state: ServerState, total: RoundTotal, rng: jax.Array | None = None) -> ServerState:
-        """m_t = beta m_{t-1} + N_t / D;  w_t = w_0 - eta m_t  (w_0, m restarted at each tree's first round)."""
+        """m_t = beta m_{t-1} + N_t / D;  w_t = w_0 + eta m_t  (w_0, m restarted at each tree's first round)."""
         restart = state.round % self.restart_every == 0
         params0 = jax.tree.map(lambda w, w0: jnp.where(restart, w, w0), state.params, state.extra["params0"])
         prefix_mean = jax.tree.map(lambda n: n / total.weight, total.weighted)
@@ -108,7 +114,7 @@ class FTRL(FedAvg):
         step = momentum
         if self.nesterov:
             step = jax.tree.map(lambda m, n: self.server_momentum * m + n, momentum, prefix_mean)
-        params = jax.tree.map(lambda w0, s: (w0 - self.server_learning_rate * s).astype(w0.dtype), params0, step)
+        params = jax.tree.map(lambda w0, s: (w0 + self.server_learning_rate * s).astype(w0.dtype), params0, step)
         return state.replace(params=params, round=state.round + 1,
                              extra={"params0": params0, "momentum": momentum})
 
@@ -131,7 +137,7 @@ def dp_ftrl(
       noise_multiplier: z, the noise std of every tree node over C (or use target_epsilon).
       target_epsilon: calibrate z so that the run ends at this epsilon (0 = give noise_multiplier instead).
       target_delta: the delta of (epsilon, delta)-DP (0 = 1/N^1.1 for N clients).
-      server_learning_rate: eta of w_t = w_0 - eta m_t.
+      server_learning_rate: eta of w_t = w_0 + eta m_t.
       server_momentum: beta of m_t = beta m_{t-1} + N_t / D (0.9 in the paper).
       nesterov: Nesterov's form of the momentum step.
       restart_every: k, rounds per tree: it restarts every k rounds (0 = every epoch; k must divide the epoch).
