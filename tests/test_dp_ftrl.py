@@ -112,10 +112,13 @@ def reference_dp_ftrl(options: dict, theta0: np.ndarray, client_lr: float, round
     return thetas, clipped
 
 
-def run_dp_ftrl(options: dict, num_devices: int, client_lr: float, rounds: int = ROUNDS, source=None) -> dict:
+def run_dp_ftrl(options: dict, num_devices: int, client_lr: float, rounds: int = ROUNDS, source=None,
+                resume_at: int = 0) -> dict:
     """`rounds` rounds of dp_ftrl through the sharded runner on the epochs' cohorts; theta after each round.
 
-    `source`: the clients (default: run_transforms' twelve, of unequal sizes)."""
+    `source`: the clients (default: run_transforms' twelve, of unequal sizes). `resume_at` > 0: after that many
+    rounds the server state goes to host memory (NumPy, as a checkpoint holds it) and a new data iterator
+    continues from it."""
     model = get_model("logistic", rt.INPUT_SHAPE, rt.NUM_CLASSES)
     context = {"population": len(rt.SIZES), "sampling": "epochs", "clients_per_round": COHORT, "num_rounds": rounds}
     algorithm = build_algorithm("dp_ftrl", model, make_optimizer("sgd", client_lr), make_optimizer("adam", 0.1),
@@ -130,7 +133,10 @@ def run_dp_ftrl(options: dict, num_devices: int, client_lr: float, rounds: int =
     round_fn = build_train_round(algorithm, mesh, seed=rt.SEED)
     iterator = pipeline.iterator(rounds)
     thetas, clipped = [], []
-    for _ in range(rounds):
+    for r in range(rounds):
+        if resume_at and r == resume_at:
+            state = replicate(jax.tree.map(np.asarray, jax.device_get(state)), mesh)
+            iterator = pipeline.iterator(rounds, start_round=r)
         state, stats = round_fn(state, shard_batch(next(iterator)["batch"], mesh))
         dense = jax.device_get(state.params["Dense_0"])
         thetas.append(rt.flat(dense["kernel"], dense["bias"]))
@@ -161,25 +167,29 @@ def test_prefix_noise_is_the_sum_of_the_covering_tree_nodes():
     assert not np.allclose(a, b) and not np.allclose(a, c)
 
 
-@pytest.mark.parametrize("num_devices", [1, 4])
-def test_noise_on_each_prefix_sum_is_its_tree_nodes_on_one_and_four_devices(num_devices):
-    """Clients that do not move (learning rate 0): w_t = w_0 + eta m_t with m_t = beta m_{t-1} + z C xi_t / D, where
-    xi_t is the sum of the tree nodes covering the prefix, restarting every RESTART rounds; recovered from w_t.
-    Twelve clients of 4 examples: every round has one shape (one compilation)."""
-    options = {"clip_norm": 0.4, "noise_multiplier": 0.7, "server_learning_rate": 0.5, "server_momentum": 0.0}
+def test_noise_on_each_prefix_sum_is_its_tree_nodes_on_one_and_four_devices_and_after_a_resume():
+    """Clients that do not move (learning rate 0), so N_t is the tree noise alone: w_t = w_0 + eta m_t,
+    m_t = beta m_{t-1} + z C xi_t / D, where xi_t must be the sum of the tree nodes covering the prefix 1..t,
+    restarting every RESTART rounds; recovered from w_t. The zero sums are exact, so 1 and 4 devices, and a run
+    resumed after round 3 (mid-tree) from its state in host memory, agree to the bit. Twelve clients of 4
+    examples: every round has one shape (one compilation per device count)."""
+    options = {"clip_norm": 0.4, "noise_multiplier": 0.7, "server_learning_rate": 0.5, "server_momentum": 0.5}
     source = InMemorySource([4] * 12, input_shape=rt.INPUT_SHAPE, num_classes=rt.NUM_CLASSES)
-    got = run_dp_ftrl(options, num_devices, client_lr=0.0, rounds=6, source=source)
-    C, z, eta, D = 0.4, 0.7, 0.5, float(COHORT)
-    previous = start = got["theta0"]
-    for r, theta in enumerate(got["thetas"]):
-        tree, t = divmod(r, RESTART)
-        start = previous if t == 0 else start
-        xi = (theta - start) * D / (eta * z * C)  # momentum 0: the prefix's noise in units of z C
-        np.testing.assert_allclose(xi, reference_noise(run_key(), tree, t + 1, RESTART), rtol=1e-4, atol=1e-4)
-        previous = theta
-    if num_devices == 4:  # the zero sums are exact, so the devices do not change a bit
-        one = run_dp_ftrl(options, 1, client_lr=0.0, rounds=6, source=source)
-        assert all(np.array_equal(a, b) for a, b in zip(one["thetas"], got["thetas"]))
+    runs = {n: run_dp_ftrl(options, n, client_lr=0.0, rounds=6, source=source) for n in (1, 4)}
+    runs["resumed"] = run_dp_ftrl(options, 1, client_lr=0.0, rounds=6, source=source, resume_at=3)
+    C, z, eta, beta, D = 0.4, 0.7, 0.5, 0.5, float(COHORT)
+    for got in runs.values():
+        previous = start = got["theta0"]
+        for r, theta in enumerate(got["thetas"]):
+            tree, t = divmod(r, RESTART)
+            if t == 0:  # restart: w_0 is the model the tree starts from, m_0 = 0
+                start, m = previous, np.zeros_like(theta)
+            m, m_before = (theta - start) / eta, m
+            xi = (m - beta * m_before) * D / (z * C)  # the prefix's noise in units of z C
+            np.testing.assert_allclose(xi, reference_noise(run_key(), tree, t + 1, RESTART), rtol=1e-4, atol=1e-4)
+            previous = theta
+    for other in (runs[4], runs["resumed"]):
+        assert all(np.array_equal(a, b) for a, b in zip(runs[1]["thetas"], other["thetas"]))
 
 
 @pytest.mark.slow

@@ -385,10 +385,9 @@ def tree_prefix_noise(tree_key: jax.Array, restart: jax.Array, t: jax.Array, siz
     between rounds.
     """
     total = jnp.zeros((size,), jnp.float32)
-    for level in range(levels):
-        covers = (t >> level) & 1
+    for level in range(levels):  # `levels` normal draws per round, a small cost next to the clients' training
         node = tree_node_noise(tree_key, restart, level, (t >> level) - 1, size)
-        total = total + jnp.where(covers == 1, node, 0.0)
+        total = total + jnp.where((t >> level) & 1 == 1, node, 0.0)
     return total
 
 

@@ -70,8 +70,9 @@ class FTRL(FedAvg):
 
     Clients train as in FedAvg. `server_update` reads total.weighted / total.weight as N_t / D, the noisy
     prefix sum of the current tree over its denominator (what `TreeNoise` hands on), and sets
-    m_t = beta m_{t-1} + N_t / D, w_t = w_0 + eta m_t (N_t sums deltas, minus pseudo-gradients); every `restart_every` rounds w_0 becomes the current
-    model and m restarts at 0. State: ServerState.extra = {"params0": w_0, "momentum": m}.
+    m_t = beta m_{t-1} + N_t / D, w_t = w_0 + eta m_t (N_t sums deltas, minus pseudo-gradients); every
+    `restart_every` rounds w_0 becomes the current model and m restarts at 0. State: ServerState.extra =
+    {"params0": w_0, "momentum": m}.
 
     Attributes:
       server_learning_rate: eta, the server step on the momentum of the noisy prefix means.

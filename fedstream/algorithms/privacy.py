@@ -328,8 +328,9 @@ class PrivacyLedger:
         kinds = [m for m, _ in self.segments] + [mechanism]
         if any(isinstance(m, TreeMechanism) for m in kinds) and any(m != kinds[0] for m in kinds):
             raise PrivacyLedgerError(f"DP-FTRL's tree aggregation is accounted for one mechanism over the whole run; "
-                                     f"it changed from {kinds[0]} to {mechanism} (e.g. a new noise_multiplier, "
-                                     "clients_per_round or restart_every on resume): keep the run's settings")
+                                     f"it changed from {kinds[0]} to {mechanism} (a new noise_multiplier, "
+                                     "clients_per_round or restart_every on resume, or target_epsilon recalibrated for "
+                                     "a new num_rounds: keep the run's settings, e.g. set calibration_rounds)")
 
     def record_round(self, rounds: int = 1, mechanism: Mechanism | None = None) -> None:
         """Adds `rounds` rounds of `mechanism` (default: the ledger's current one)."""
