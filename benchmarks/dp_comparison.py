@@ -123,10 +123,11 @@ def main() -> None:
     for label, step, _, logged, z, accuracy, _ in table:
         lines.append(f"| {label} | {sampling[label]} | {step} | {logged:.2f} | {delta:.4g} | {z:.3f} | {args.rounds} | "
                      f"{statistics.mean(accuracy):.4f} ({min(accuracy):.4f}-{max(accuracy):.4f}) |")
+    epochs = args.rounds / rounds_per_epoch(POPULATION, COHORT)
     lines += ["", "DP-FedAvg's z is per round on the sum; DP-FTRL's z is per tree node, and a prefix sum carries up "
-              "to ceil(log2(t + 1)) nodes. With only 100 clients, 20 epochs of 5 rounds each spend budget on every "
-              "epoch, while Poisson sampling's amplification (q = 0.2) lets DP-FedAvg use a smaller z at the same "
-              "epsilon; DP-FTRL's case is where sampling cannot be guaranteed (Kairouz et al. 2021), not this "
+              f"to ceil(log2(t + 1)) nodes. With only 100 clients, {epochs:g} epochs of 5 rounds each spend budget "
+              "on every epoch, while Poisson sampling's amplification (q = 0.2) lets DP-FedAvg use a smaller z at the "
+              "same epsilon; DP-FTRL's case is where sampling cannot be guaranteed (Kairouz et al. 2021), not this "
               "small-population regime."]
     write_section(pathlib.Path(args.output), lines)
     print(f"wrote the DP section of {args.output}")

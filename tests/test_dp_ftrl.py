@@ -342,6 +342,7 @@ def dp_ftrl_simulation(digits, workdir):
                          aggregation="uniform", workdir=workdir, log=lambda _: None)
 
 
+@pytest.mark.slow
 def test_resume_in_python_is_bit_identical_with_the_same_epsilon(tmp_path, digits):
     """Interrupted in the middle of a tree (after round 2 of 5): parameters, the FTRL state (w_0, momentum, prefix
     sum, tree key), the train metrics and the ledger's epsilon come out the same."""
