@@ -265,6 +265,14 @@ def test_dp_ftrl_refuses_what_its_accounting_does_not_cover():
         build_algorithm("dp_ftrl", model, make_optimizer("sgd", 0.1), make_optimizer("sgd", 1.0), context=context)
     algorithm = build()
     assert algorithm.privacy_accounting().mechanism == TreeMechanism(1.0, 12, 4, 4)  # restart every epoch
+    # The run's cohorts must be the accounted ones.
+    data = fs.InMemoryDataset({"train": {str(c): rt.source().get_client("train", c) for c in range(12)}})
+    model_data = get_model("logistic", rt.INPUT_SHAPE, rt.NUM_CLASSES)
+    for sampling, cohort in (("uniform", 3), ("epochs", 4)):
+        with pytest.raises(ConfigError, match="'epochs'" if sampling == "uniform" else "epochs of 4 rounds"):
+            fs.Simulation(data, build_algorithm("dp_ftrl", model_data, make_optimizer("sgd", 0.1),
+                                                make_optimizer("sgd", 1.0), context=context, clip_norm=1.0),
+                          clients_per_round=cohort, sampling=sampling, test_split="train", log=lambda _: None)
     assert algorithm.denominator == 3.0 and algorithm.target_delta == pytest.approx(12 ** -1.1)
     calibrated = build(noise_multiplier=0.0, target_epsilon=3.0, target_delta=1e-3)
     ledger = open_privacy_ledger(calibrated.privacy_accounting())
