@@ -26,6 +26,8 @@ from fedstream.config import ConfigError, load_config
 from fedstream.training.plot import plot_runs
 from fedstream.training.train import train
 
+DP_SECTION = "<!-- dp-comparison:start -->"  # the part of the page benchmarks/dp_comparison.py writes
+
 # algorithm -> synthetic pipeline (its options are reused on the digits)
 PIPELINES = {
     "fedavg": "synthetic_fedprox_setup",
@@ -102,7 +104,11 @@ def main() -> None:
         lines += [f"| {d} | {a} | {r['accuracy']:.4f} | {r['client_mean_accuracy']:.4f} | {personal(r)} | "
                   f"{r['seconds']:.0f} |" for d, a, r in rows]
         lines += ["", f"![test accuracy vs round]({pathlib.Path(args.plot).name})", ""]
-        pathlib.Path(args.output).write_text("\n".join(lines))
+        output = pathlib.Path(args.output)
+        old = output.read_text() if output.exists() else ""
+        if DP_SECTION in old:  # benchmarks/dp_comparison.py's section stays as it was
+            lines += [old[old.index(DP_SECTION):].rstrip("\n"), ""]
+        output.write_text("\n".join(lines))
         plot_runs(runs, args.plot, metrics=["eval/accuracy"], x="round")
         print(f"wrote {args.output} and {args.plot}")
     finally:

@@ -287,7 +287,7 @@ INT32_MAX = 2**31 - 1
 SEED_MAX = 2**32 - 1
 BATCH_SIZE_MAX = 2**24
 NONFINITE_POLICIES = ("skip", "stop")  # config key nonfinite: a client update with NaN/Inf
-SAMPLINGS = ("uniform", "poisson")
+SAMPLINGS = ("uniform", "poisson", "epochs")  # = fedstream.data.sampling.SAMPLINGS
 CONV_IMPLS = ("auto", "xla", "patches")
 
 
@@ -302,7 +302,9 @@ def default_train_config() -> ml_collections.ConfigDict:
     c.seed = 0  # seeds the model init, the cohorts, each client's example order and dropout
     c.num_rounds = 200  # rounds to train; may change on resume (extends or shortens a run)
     c.clients_per_round = 10
-    c.sampling = "uniform"  # 'uniform' (clients_per_round clients) or 'poisson' (each client with rate q)
+    # 'epochs': each epoch a shuffle of the clients cut into rounds of clients_per_round (each client at most once
+    # per epoch; DP-FTRL's pattern)
+    c.sampling = "uniform"  # 'uniform' (clients_per_round clients), 'poisson' (each with rate q) or 'epochs' (above)
     c.sampling_rate = 0.0  # Poisson q; 0 = clients_per_round / N (clients_per_round = expected cohort size)
     c.max_clients_per_round = 0  # Poisson slots per round (cap); 0 = smallest k with P(size > k) <= 1e-9
     c.aggregation = "example"  # 'example' (weight = examples) or 'uniform'

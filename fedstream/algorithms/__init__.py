@@ -325,6 +325,7 @@ def build_algorithm(name: str | AlgorithmFactory, model: Model, client_optimizer
 # These modules call register_algorithm on import, so they come after it.
 from fedstream.algorithms import agnostic_fedavg, fednova, fedprox, hyp_cluster, mime, mimelite  # noqa: E402,F401
 from fedstream.algorithms import dp_fedavg  # noqa: E402,F401  (dp_fedavg, compressed_fedavg)
+from fedstream.algorithms import dp_ftrl  # noqa: E402,F401  (dp_ftrl)
 from fedstream.algorithms import ditto  # noqa: E402,F401
 from fedstream.algorithms import apfl  # noqa: E402,F401
 

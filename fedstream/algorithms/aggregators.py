@@ -18,6 +18,11 @@ reverse order before the base's `server_update`:
     GaussianNoise(z, denominator=D)
                       client: weight 1 (the sum's sensitivity is C)
                       server: S <- S + N(0, (z C)^2 I), W <- D (fixed denominator)
+    TreeNoise(z, denominator=D, restart_every=k)
+                      client: weight 1
+                      server: the tree's prefix sum P_t <- P_{t-1} + S (0 at each restart), handed on as
+                              P_t + (sum of the tree nodes covering rounds 1..t of the tree), W <- D
+                              (DP-FTRL; its base is `fedstream.algorithms.dp_ftrl.FTRL`)
 
 With DP the order is codec first, then clipping, then noise
 (`[Compress(...), Clip(...), GaussianNoise(...)]`), so the L2 bound holds for
@@ -48,7 +53,7 @@ from jax.flatten_util import ravel_pytree
 
 from fedstream.algorithms.base import Algorithm, Contribution, Params, RoundTotal, ServerState
 from fedstream.algorithms.compression import Codec, padded_size
-from fedstream.algorithms.privacy import DPMechanism, PrivacyLedger
+from fedstream.algorithms.privacy import DPMechanism, PrivacyLedger, TreeMechanism
 from fedstream.models import TrainMetrics
 
 # fold_in constants that keep the aggregators' random streams apart from everything else (public: the
@@ -57,6 +62,7 @@ CODEC_SALT = 0x636F6465  # client: quantization / rotation-free randomness
 NOISE_SALT = 0x6E6F6973  # server: DP noise
 ROTATION_SALT = 0x726F7461  # run: the key of the shared rotations
 COUNT_NOISE_SALT = 0x636F756E  # server: noise on the count of unclipped clients (adaptive clipping)
+TREE_SALT = 0x74726565  # run: the key of DP-FTRL's tree-aggregation noise (every node a function of it)
 
 # The names of the metrics the aggregators add to each client's `Contribution.metrics` (summed over the
 # round's clients; `round_log` turns them into per-client means and fractions).
@@ -108,11 +114,16 @@ class Aggregator:
         """Whether `server` changes the flat sum (then the chain flattens it)."""
         return False
 
+    @property
+    def has_server_state(self) -> bool:
+        """Whether `server_init` gives the stage entries of its own in ServerState.extra."""
+        return self.has_server_work
+
     def check(self, chain: "Aggregated") -> None:
         """Refuses a chain this stage cannot be part of (ValueError)."""
 
-    def server_init(self, rng: jax.Array) -> dict[str, Any]:
-        """The stage's own entries of ServerState.extra."""
+    def server_init(self, rng: jax.Array, size: int = 0) -> dict[str, Any]:
+        """The stage's own entries of ServerState.extra (`size`: the entries of the model's flat update)."""
         return {}
 
     def broadcast(self, own: Mapping[str, Any], round: jax.Array) -> dict[str, Any]:
@@ -142,7 +153,7 @@ class Compress(Aggregator):
     def has_server_work(self) -> bool:
         return self.codec.rotates
 
-    def server_init(self, rng: jax.Array) -> dict[str, Any]:
+    def server_init(self, rng: jax.Array, size: int = 0) -> dict[str, Any]:
         if not self.codec.rotates:
             return {}
         key = rng if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else jax.random.key_data(rng)
@@ -217,7 +228,7 @@ class Clip(Aggregator):
             raise ValueError("adaptive clipping needs DP: a GaussianNoise after the Clip (its denominator and the "
                              "noise of the count)")
 
-    def server_init(self, rng: jax.Array) -> dict[str, Any]:
+    def server_init(self, rng: jax.Array, size: int = 0) -> dict[str, Any]:
         return {"clip_norm": jnp.asarray(self.norm, jnp.float32)} if self.adaptive else {}
 
     def broadcast(self, own: Mapping[str, Any], round: jax.Array) -> dict[str, Any]:
@@ -257,7 +268,7 @@ class Accounting:
     The training loop owns the ledger: `fedstream.training.simulation.open_privacy_ledger`.
     """
 
-    mechanism: DPMechanism
+    mechanism: DPMechanism | TreeMechanism
     target_delta: float
     accountant: str = "rdp"
     description: str = ""  # one line for the run's log
@@ -300,6 +311,10 @@ class GaussianNoise(Aggregator):
     @property
     def has_server_work(self) -> bool:
         return True
+
+    @property
+    def has_server_state(self) -> bool:
+        return False
 
     def check(self, chain: "Aggregated") -> None:
         stages = chain.stages
@@ -344,6 +359,101 @@ class GaussianNoise(Aggregator):
             p.flat = p.flat + (self.delta_multiplier(clip) * p.own["clip_norm"]) * noise
         else:
             p.flat = p.flat + (self.noise_multiplier * clip.norm) * noise
+        p.weight = jnp.asarray(self.denominator, jnp.float32)
+
+
+def tree_levels(restart_every: int) -> int:
+    """Levels of a tree of k = `restart_every` leaves whose nodes a prefix sum can use: ceil(log2(k + 1))."""
+    return max(1, int(restart_every).bit_length())
+
+
+def tree_node_noise(tree_key: jax.Array, restart: jax.Array, level: int | jax.Array, index: jax.Array,
+                    size: int) -> jax.Array:
+    """N(0, I) of one tree node: node `index` of `level` (leaves [index 2^level + 1, (index + 1) 2^level]) of tree
+    number `restart`, drawn from fold_in(fold_in(fold_in(tree_key, restart), level), index) (float32, `size`)."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(tree_key, restart), level), index)
+    return jax.random.normal(key, (size,), jnp.float32)
+
+
+def tree_prefix_noise(tree_key: jax.Array, restart: jax.Array, t: jax.Array, size: int, levels: int) -> jax.Array:
+    """The N(0, I) sum of the nodes that cover leaves 1..t of tree `restart` (t >= 1, t < 2^levels).
+
+    Binary tree aggregation (Dwork et al. 2010; Kairouz et al. 2021): for
+    every bit l set in t, the node of level l that ends at leaf
+    (t >> l) 2^l, i.e. index (t >> l) - 1. At most `levels` nodes, each a pure
+    function of (key, restart, level, index), so nothing but t is carried
+    between rounds.
+    """
+    total = jnp.zeros((size,), jnp.float32)
+    for level in range(levels):  # `levels` normal draws per round, a small cost next to the clients' training
+        node = tree_node_noise(tree_key, restart, level, (t >> level) - 1, size)
+        total = total + jnp.where((t >> level) & 1 == 1, node, 0.0)
+    return total
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeNoise(GaussianNoise):
+    """Tree aggregation of the rounds' sums (DP-FTRL, Kairouz et al. 2021): noisy prefix sums, not noisy sums.
+
+    Each client has weight 1 (its clipped update, norm <= C, is the sum's
+    sensitivity). Rounds are grouped in trees of k = `restart_every` rounds
+    (tree r' = round // k, leaf t = round % k + 1); every tree node gets
+    N(0, (z C)^2 I) (`tree_node_noise`, from the run's key folded with
+    TREE_SALT). The server keeps the tree's clean prefix sum P_t = sum of the
+    tree's round sums so far (reset at each restart) and hands the base
+    P_t + z C (sum of the nodes that cover leaves 1..t) with weight D, so
+    the base (an FTRL server, `fedstream.algorithms.dp_ftrl.FTRL`) reads the
+    noisy prefix sum of its tree. State: "tree_key" and "prefix_sum".
+
+    Attributes:
+      restart_every: k, rounds per tree (the tree, and the FTRL base, restart every k rounds).
+    """
+
+    restart_every: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.restart_every < 1:
+            raise ValueError(f"restart_every must be >= 1 (rounds per tree), got {self.restart_every}")
+
+    @property
+    def has_server_state(self) -> bool:
+        return True
+
+    @property
+    def levels(self) -> int:
+        """ceil(log2(k + 1)): the most nodes a prefix of a tree of k leaves is made of."""
+        return tree_levels(self.restart_every)
+
+    def check(self, chain: "Aggregated") -> None:
+        super().check(chain)
+        if chain.clip_stage.adaptive:
+            raise ValueError("TreeNoise (DP-FTRL) takes a fixed clip norm, not adaptive clipping")
+        if not getattr(chain.base, "consumes_prefix_sums", False):
+            raise ValueError(f"TreeNoise hands on noisy prefix sums; {type(chain.base).__name__}'s server update "
+                             "expects a round's sum: use fedstream.algorithms.dp_ftrl.FTRL (dp_ftrl)")
+        if getattr(chain.base, "restart_every", self.restart_every) != self.restart_every:
+            raise ValueError("TreeNoise and its FTRL base must restart every the same number of rounds")
+
+    def server_init(self, rng: jax.Array, size: int = 0) -> dict[str, Any]:
+        key = rng if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else jax.random.key_data(rng)
+        return {"tree_key": jax.random.fold_in(key, TREE_SALT), "prefix_sum": jnp.zeros((size,), jnp.float32)}
+
+    def accounting(self, clip_norm: float = 0.0) -> Accounting | None:
+        if self.mechanism is None:
+            return None
+        return Accounting(self.mechanism, self.target_delta, self.accountant,
+                          f"DP-FTRL: clip C={clip_norm:g}, noise multiplier z={self.noise_multiplier:.4g} per tree "
+                          f"node, denominator D={self.denominator:g}, tree restart every {self.restart_every} "
+                          f"rounds, epochs of {self.mechanism.epoch_rounds} rounds, {self.accountant} accountant, "
+                          f"delta={self.target_delta:.3g}")
+
+    def server(self, p: ServerPass, chain: "Aggregated") -> None:
+        restart, leaf = p.round // self.restart_every, p.round % self.restart_every + 1
+        prefix = jnp.where(leaf == 1, 0.0, p.own["prefix_sum"]) + p.flat
+        p.own["prefix_sum"] = prefix
+        noise = tree_prefix_noise(p.own["tree_key"], restart, leaf, p.flat.shape[0], self.levels)
+        p.flat = prefix + (self.noise_multiplier * chain.clip_stage.norm) * noise
         p.weight = jnp.asarray(self.denominator, jnp.float32)
 
 
@@ -491,7 +601,7 @@ class Aggregated(Algorithm):
 
     @property
     def _nested(self) -> bool:
-        return any(s.has_server_work and not isinstance(s, GaussianNoise) for s in self.stages)
+        return any(s.has_server_state for s in self.stages)
 
     def _base_state(self, state: ServerState) -> ServerState:
         return state.replace(extra=state.extra.get("inner")) if self._nested else state
@@ -525,8 +635,9 @@ class Aggregated(Algorithm):
         """The base's state, with the stages' own entries next to its extra."""
         state = self.base.init(rng)
         own: dict[str, Any] = {}
+        size = ravel_pytree(state.params)[0].shape[0] if any(s.has_server_state for s in self.stages) else 0
         for s in self.stages:
-            own.update(s.server_init(rng))
+            own.update(s.server_init(rng, size))
         return self._outer_state(state, own)
 
     def client_state_template(self, params: Params) -> Any:
@@ -706,6 +817,7 @@ def _named_parts(contribution: Contribution) -> list[str]:
     return parts
 
 
-__all__ = ["Aggregator", "Aggregated", "Compress", "Clip", "GaussianNoise", "Accounting", "ClientPass",
+__all__ = ["Aggregator", "Aggregated", "Compress", "Clip", "GaussianNoise", "TreeNoise", "Accounting", "ClientPass",
            "ServerPass", "round_log", "delta_noise_multiplier", "adapted_clip_norm", "TRANSFORM_METRICS",
-           "CODEC_SALT", "NOISE_SALT", "ROTATION_SALT", "COUNT_NOISE_SALT"]
+           "CODEC_SALT", "NOISE_SALT", "ROTATION_SALT", "COUNT_NOISE_SALT", "TREE_SALT", "tree_prefix_noise",
+           "tree_node_noise", "tree_levels"]

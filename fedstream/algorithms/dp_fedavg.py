@@ -144,6 +144,9 @@ def build_transformed(
 
     mechanism = None
     if population > 0 and (clients_per_round > 0 or sampling_rate > 0):
+        if sampling == "epochs":
+            raise ValueError("dp_fedavg's accounting assumes uniform or Poisson sampling of each round's cohort; "
+                             "sampling 'epochs' (each client once per epoch) is dp_ftrl's")
         if sampling == "poisson":
             from fedstream.data.cohort import poisson_rate
 

@@ -20,6 +20,12 @@ count of unclipped clients; dp_fedavg splits z between the two releases
 (z_Delta on the sum, sigma_b on the count) so that together they are one
 Gaussian mechanism of multiplier z, and the events above keep using z.
 
+DP-FTRL (Kairouz et al. 2021) releases noisy prefix sums through tree
+aggregation instead, without sampling: `TreeMechanism` (see its docstring),
+accounted with dp-accounting's SingleEpochTreeAggregationDpEvent under the
+REPLACE_SPECIAL relation (one client's data replaced by the zero update),
+RDP only.
+
 T rounds compose to  SelfComposedDpEvent(event, T)  (a `ComposedDpEvent` of
 such segments if the mechanism changed, e.g. after recalibration on resume).
 `PrivacyLedger` holds that history as JSON (stored in the checkpoint's
@@ -32,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence, Union
 
 ACCOUNTANTS = ("rdp", "pld")
 PLD_DISCRETIZATION = 1e-4  # dp-accounting's default value_discretization_interval
@@ -92,6 +98,10 @@ class DPMechanism:
         """The same sampling with another z."""
         return dataclasses.replace(self, noise_multiplier=float(noise_multiplier))
 
+    def event_of(self, rounds: int) -> Any:
+        """The event of `rounds` rounds: SelfComposedDpEvent(event(), rounds)."""
+        return _dp().SelfComposedDpEvent(self.event(), int(rounds))
+
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -101,12 +111,100 @@ class DPMechanism:
                    float(d.get("sampling_rate", 0.0)), int(d.get("cohort_size", 0)))
 
 
-def make_accountant(kind: str, mechanism: DPMechanism, pld_discretization: float = PLD_DISCRETIZATION) -> Any:
+@dataclasses.dataclass(frozen=True)
+class TreeMechanism:
+    """DP-FTRL's rounds as the accountant sees them: tree-aggregated Gaussian noise on prefix sums.
+
+    No sampling: each client takes part at most once per epoch of
+    `epoch_rounds` rounds (sampling 'epochs'), in any order, and the tree
+    restarts every `restart_rounds` rounds, a divisor of `epoch_rounds`, so
+    that every tree lies inside one epoch and a client is in at most one
+    tree per epoch. Each tree node gets N(0, (z C)^2 I); a client's clipped
+    update (norm <= C) is in at most ceil(log2(k + 1)) of the nodes released
+    over a tree of k rounds, so an epoch is a Gaussian mechanism of
+    sensitivity C sqrt(ceil(log2(k + 1))) (Kairouz et al. 2021, Appendix D):
+    dp-accounting's SingleEpochTreeAggregationDpEvent(z, [tree lengths of the
+    epoch]), composed over epochs, with neighbours that replace one client's
+    data by the zero update (REPLACE_SPECIAL; the paper's Definition 1.1).
+    """
+
+    noise_multiplier: float
+    population: int
+    epoch_rounds: int
+    restart_rounds: int
+
+    sampling: ClassVar[str] = "epochs"
+    KIND: ClassVar[str] = "tree_aggregation"
+
+    def __post_init__(self) -> None:
+        if self.noise_multiplier < 0 or self.population < 1 or self.epoch_rounds < 1:
+            raise ValueError(f"need noise_multiplier >= 0, population >= 1 and epoch_rounds >= 1, got {self}")
+        if self.restart_rounds < 1 or self.epoch_rounds % self.restart_rounds:
+            raise ValueError(f"the tree must restart every k rounds with k dividing the {self.epoch_rounds} rounds "
+                             f"of an epoch (so that a client is in at most one tree per epoch), got k = "
+                             f"{self.restart_rounds}")
+
+    def tree_lengths(self, rounds: int) -> list[list[int]]:
+        """The trees of the first `rounds` rounds, per epoch: [[k, k, ...], ..., [k, ..., rest]]."""
+        full, rest = divmod(int(rounds), self.epoch_rounds)
+        k = self.restart_rounds
+        epochs = [[k] * (self.epoch_rounds // k) for _ in range(full)]
+        if rest:
+            epochs.append([k] * (rest // k) + ([rest % k] if rest % k else []))
+        return epochs
+
+    def event_of(self, rounds: int) -> Any:
+        """The event of the first `rounds` rounds: one SingleEpochTreeAggregationDpEvent per epoch, composed."""
+        dp = _dp()
+        full, rest = divmod(int(rounds), self.epoch_rounds)
+        epochs = self.tree_lengths(rounds)
+        events = []
+        if full:
+            events.append(dp.SelfComposedDpEvent(
+                dp.SingleEpochTreeAggregationDpEvent(self.noise_multiplier, epochs[0]), full))
+        if rest:
+            events.append(dp.SingleEpochTreeAggregationDpEvent(self.noise_multiplier, epochs[-1]))
+        return dp.ComposedDpEvent(events)
+
+    def neighboring_relation(self) -> Any:
+        """REPLACE_SPECIAL: one client's data replaced by the special client that sends the zero update."""
+        return _dp().NeighboringRelation.REPLACE_SPECIAL
+
+    def with_noise(self, noise_multiplier: float) -> "TreeMechanism":
+        """The same trees with another z."""
+        return dataclasses.replace(self, noise_multiplier=float(noise_multiplier))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.KIND, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "TreeMechanism":
+        return cls(float(d["noise_multiplier"]), int(d["population"]), int(d["epoch_rounds"]),
+                   int(d["restart_rounds"]))
+
+
+Mechanism = Union[DPMechanism, TreeMechanism]
+
+
+def mechanism_from_json(d: Mapping[str, Any]) -> Mechanism:
+    """A `DPMechanism` or (with kind 'tree_aggregation') a `TreeMechanism` from its `to_json()`."""
+    kind = d.get("kind")
+    if kind is None:
+        return DPMechanism.from_json(d)
+    if kind == TreeMechanism.KIND:
+        return TreeMechanism.from_json(d)
+    raise ValueError(f"unknown DP mechanism kind {kind!r}")
+
+
+def make_accountant(kind: str, mechanism: Mechanism, pld_discretization: float = PLD_DISCRETIZATION) -> Any:
     """A fresh dp_accounting RdpAccountant or PLDAccountant with the mechanism's neighbouring relation."""
     dp = _dp()
     if kind == "rdp":
         return dp.rdp.RdpAccountant(neighboring_relation=mechanism.neighboring_relation())
     if kind == "pld":
+        if isinstance(mechanism, TreeMechanism):
+            raise ValueError("dp-accounting's PLD accountant does not support tree aggregation (DP-FTRL): use "
+                             "accountant='rdp'")
         if mechanism.sampling != "poisson":
             raise ValueError("dp-accounting's PLD accountant does not support sampling without replacement "
                              "(fixed-size uniform cohorts): use accountant='rdp', or Poisson sampling")
@@ -146,6 +244,12 @@ def epsilon_of(segments: Sequence[tuple[DPMechanism, int]], delta: float, accoun
         return 0.0
     if any(m.noise_multiplier == 0 for m, _ in segments):
         return math.inf
+    if any(isinstance(m, TreeMechanism) for m, _ in segments):
+        if len(segments) != 1:
+            raise ValueError("tree aggregation (DP-FTRL) is accounted over one mechanism for the whole run; the "
+                             "segments mix mechanisms")
+        (mechanism, rounds), = segments
+        return float(make_accountant(accountant, mechanism).compose(mechanism.event_of(rounds)).get_epsilon(delta))
     if accountant == "rdp":
         import numpy as np
         from dp_accounting.rdp import rdp_privacy_accountant
@@ -170,7 +274,7 @@ def epsilon_of(segments: Sequence[tuple[DPMechanism, int]], delta: float, accoun
     raise ValueError(f"unknown accountant {accountant!r}; known: {', '.join(ACCOUNTANTS)}")
 
 
-def calibrate_noise_multiplier(mechanism: DPMechanism, rounds: int, target_epsilon: float, target_delta: float,
+def calibrate_noise_multiplier(mechanism: Mechanism, rounds: int, target_epsilon: float, target_delta: float,
                                accountant: str = "rdp", tol: float = 1e-4,
                                pld_discretization: float = PLD_DISCRETIZATION) -> float:
     """The smallest z (within `tol`) whose `rounds`-fold composition has epsilon(target_delta) <= target_epsilon.
@@ -184,7 +288,7 @@ def calibrate_noise_multiplier(mechanism: DPMechanism, rounds: int, target_epsil
                          f"{rounds}, {target_epsilon}, {target_delta}")
     z = dp.calibrate_dp_mechanism(
         lambda: make_accountant(accountant, mechanism, pld_discretization),
-        lambda noise: dp.SelfComposedDpEvent(mechanism.with_noise(noise).event(), int(rounds)),
+        lambda noise: mechanism.with_noise(noise).event_of(int(rounds)),
         target_epsilon, target_delta, tol=tol)
     return float(z)
 
@@ -198,8 +302,8 @@ class PrivacyLedger:
     and stores `to_json()` in the checkpoint metadata; `from_json` resumes it.
     """
 
-    def __init__(self, mechanism: DPMechanism, target_delta: float, accountant: str = "rdp",
-                 segments: Sequence[tuple[DPMechanism, int]] = (), pld_discretization: float = PLD_DISCRETIZATION
+    def __init__(self, mechanism: Mechanism, target_delta: float, accountant: str = "rdp",
+                 segments: Sequence[tuple[Mechanism, int]] = (), pld_discretization: float = PLD_DISCRETIZATION
                  ) -> None:
         if accountant not in ACCOUNTANTS:
             raise ValueError(f"unknown accountant {accountant!r}; known: {', '.join(ACCOUNTANTS)}")
@@ -211,16 +315,27 @@ class PrivacyLedger:
         self.target_delta = float(target_delta)
         self.accountant = accountant
         self.pld_discretization = float(pld_discretization)
-        self.segments: list[tuple[DPMechanism, int]] = [(m, int(r)) for m, r in segments]
+        self.segments: list[tuple[Mechanism, int]] = [(m, int(r)) for m, r in segments]
+        self._check_tree(mechanism)
 
     @property
     def rounds(self) -> int:
         """Rounds recorded so far."""
         return sum(r for _, r in self.segments)
 
-    def record_round(self, rounds: int = 1, mechanism: DPMechanism | None = None) -> None:
+    def _check_tree(self, mechanism: Mechanism) -> None:
+        """Refuses a change of mechanism in a DP-FTRL run (its trees are accounted as one mechanism)."""
+        kinds = [m for m, _ in self.segments] + [mechanism]
+        if any(isinstance(m, TreeMechanism) for m in kinds) and any(m != kinds[0] for m in kinds):
+            raise PrivacyLedgerError(f"DP-FTRL's tree aggregation is accounted for one mechanism over the whole run; "
+                                     f"it changed from {kinds[0]} to {mechanism} (a new noise_multiplier, "
+                                     "clients_per_round or restart_every on resume, or target_epsilon recalibrated for "
+                                     "a new num_rounds: keep the run's settings, e.g. set calibration_rounds)")
+
+    def record_round(self, rounds: int = 1, mechanism: Mechanism | None = None) -> None:
         """Adds `rounds` rounds of `mechanism` (default: the ledger's current one)."""
         mechanism = mechanism or self.mechanism
+        self._check_tree(mechanism)
         if self.segments and self.segments[-1][0] == mechanism:
             self.segments[-1] = (mechanism, self.segments[-1][1] + int(rounds))
         else:
@@ -234,7 +349,7 @@ class PrivacyLedger:
     def event(self) -> Any:
         """The composed dp_accounting event of the rounds so far."""
         dp = _dp()
-        return dp.ComposedDpEvent([dp.SelfComposedDpEvent(m.event(), r) for m, r in self.segments])
+        return dp.ComposedDpEvent([m.event_of(r) for m, r in self.segments])
 
     def to_json(self) -> dict[str, Any]:
         """JSON-serializable state (plain dicts, lists, numbers and strings)."""
@@ -244,12 +359,12 @@ class PrivacyLedger:
                 "segments": [{"mechanism": m.to_json(), "rounds": r} for m, r in self.segments]}
 
     @classmethod
-    def from_json(cls, state: Mapping[str, Any], mechanism: DPMechanism | None = None) -> "PrivacyLedger":
+    def from_json(cls, state: Mapping[str, Any], mechanism: Mechanism | None = None) -> "PrivacyLedger":
         """The ledger of `to_json()`; later rounds use `mechanism` if given (else the saved one)."""
         if int(state.get("version", 1)) != 1:
             raise ValueError(f"unknown privacy ledger version {state.get('version')}")
-        segments = [(DPMechanism.from_json(s["mechanism"]), int(s["rounds"])) for s in state["segments"]]
-        ledger = cls(mechanism or DPMechanism.from_json(state["mechanism"]), float(state["target_delta"]),
+        segments = [(mechanism_from_json(s["mechanism"]), int(s["rounds"])) for s in state["segments"]]
+        ledger = cls(mechanism or mechanism_from_json(state["mechanism"]), float(state["target_delta"]),
                      str(state["accountant"]), segments, float(state.get("pld_discretization", PLD_DISCRETIZATION)))
         if ledger.rounds != int(state.get("rounds", ledger.rounds)):
             raise ValueError("privacy ledger: its segments do not add up to its round count")

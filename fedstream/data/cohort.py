@@ -15,7 +15,7 @@ small. Leaves are shaped `[devices, steps, batch, ...]` with a per-example
 `mask`, plus per device one slot per cohort client (offset and number of its
 steps in the stream, weight, client index).
 
-Two samplings (`CohortPipeline.sampling`):
+Three samplings (`CohortPipeline.sampling`):
 
 * ``uniform``: `cohort_size` distinct clients, uniformly without replacement.
 * ``poisson``: every client independently with probability q
@@ -26,6 +26,10 @@ Two samplings (`CohortPipeline.sampling`):
   weight 0). A round that draws more clients than the cap is refused, before
   the first round runs: dropping clients would change the sampling that a
   privacy accountant assumes.
+* ``epochs``: each epoch a permutation of the N clients drawn from (seed,
+  epoch), cut into floor(N / m) rounds of m = `cohort_size` clients, so each
+  client trains at most once per epoch (`fedstream.data.sampling.epoch_cohort`;
+  the participation pattern DP-FTRL's accounting assumes).
 
 With a simulated clock (`CohortPipeline.clock`, `fedstream.data.clock`), a
 round over-selects online clients and keeps the first `cohort_size` to
@@ -133,7 +137,7 @@ class CohortPipeline:
     data_threads: int = 2
     local_devices: tuple[int, ...] | None = None
     augment: Callable[[Mapping[str, np.ndarray], np.random.Generator], dict[str, np.ndarray]] | None = None
-    sampling: str = "uniform"  # 'uniform' (cohort_size clients) or 'poisson' (each client with rate q)
+    sampling: str = "uniform"  # 'uniform' / 'epochs' (cohort_size clients) or 'poisson' (each client with rate q)
     sampling_rate: float = 0.0  # Poisson q; 0 = cohort_size / N (so the expected cohort size is cohort_size)
     max_cohort_size: int = 0  # Poisson slots per round (the cap); 0 = poisson_cap(N, q)
     # (label feature, number of classes): every client's labels are checked to lie in [0, classes) as read.

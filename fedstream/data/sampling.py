@@ -1,7 +1,7 @@
 """Who trains in a round and on which examples: pure functions of (seed, round, client).
 
-Cohort sampling (uniform without replacement, or Poisson with a static cap of
-client slots) and each client's local example order (epochs of fresh
+Cohort sampling (uniform without replacement, Poisson with a static cap of
+client slots, or epochs of a shuffled population) and each client's local example order (epochs of fresh
 permutations, caps on examples and steps). Nothing here reads data or
 depends on devices, prefetching or restarts, so every process and every
 resumed run computes the same numbers.
@@ -19,6 +19,7 @@ import numpy as np
 _COHORT_STREAM = 0
 _SHUFFLE_STREAM = 1
 _AUGMENT_STREAM = 2
+_EPOCH_STREAM = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +56,7 @@ class ClientBatching:
         return min(steps, self.max_steps) if self.max_steps else steps
 
 
-SAMPLINGS = ("uniform", "poisson")
+SAMPLINGS = ("uniform", "poisson", "epochs")
 # Default cap of a Poisson cohort: P(cohort size > cap) <= this, per round.
 POISSON_CAP_TAIL = 1e-9
 
@@ -67,7 +68,10 @@ def sample_cohort(seed: int, round_index: int, num_clients: int, cohort_size: in
     ``uniform``: `cohort_size` clients without replacement. ``poisson``: each
     client independently with probability `rate` (`cohort_size` unused),
     in increasing order; the size is Binomial(num_clients, rate).
+    ``epochs``: `epoch_cohort` (each client at most once per epoch).
     """
+    if sampling == "epochs":
+        return epoch_cohort(seed, round_index, num_clients, cohort_size)
     rng = np.random.default_rng([seed, round_index, _COHORT_STREAM])
     if sampling == "poisson":
         if not 0.0 < rate <= 1.0:
@@ -78,6 +82,29 @@ def sample_cohort(seed: int, round_index: int, num_clients: int, cohort_size: in
     if cohort_size > num_clients:
         raise ValueError(f"clients_per_round={cohort_size} exceeds the {num_clients} clients of the split")
     return rng.choice(num_clients, size=cohort_size, replace=False)
+
+
+def rounds_per_epoch(num_clients: int, cohort_size: int) -> int:
+    """Rounds of an epoch under ``epochs`` sampling: floor(N / m) (the N mod m clients left over sit it out)."""
+    if not 1 <= cohort_size <= num_clients:
+        raise ValueError(f"clients_per_round={cohort_size} must be in 1..{num_clients} (the clients of the split) "
+                         "for sampling 'epochs'")
+    return num_clients // cohort_size
+
+
+def epoch_cohort(seed: int, round_index: int, num_clients: int, cohort_size: int) -> np.ndarray:
+    """Round `round_index`'s clients under ``epochs`` sampling: its slice of its epoch's permutation.
+
+    Epoch e = round // R (R = `rounds_per_epoch`) draws a permutation of the N
+    clients from (seed, e) and cuts its first R m entries into R rounds of m
+    clients, so a client takes part at most once per epoch, in an order no
+    client chooses (DP-FTRL's participation pattern; Kairouz et al. 2021 drop
+    the remainder the same way). A pure function of (seed, round).
+    """
+    rounds = rounds_per_epoch(num_clients, cohort_size)
+    epoch, position = divmod(int(round_index), rounds)
+    order = np.random.default_rng([seed, epoch, _EPOCH_STREAM]).permutation(num_clients)
+    return order[position * cohort_size:(position + 1) * cohort_size]
 
 
 def poisson_rate(sampling_rate: float, cohort_size: int, num_clients: int) -> float:

@@ -36,11 +36,12 @@ import numpy as np
 
 from fedstream.algorithms.aggregators import Aggregator
 from fedstream.algorithms.base import Algorithm, ServerState
-from fedstream.algorithms.privacy import PrivacyLedger, PrivacyLedgerError
+from fedstream.algorithms.privacy import PrivacyLedger, PrivacyLedgerError, TreeMechanism
 from fedstream.config import ConfigError, check_clients_per_round, flatten, validate_train_config
 from fedstream.data.augment import get_augmentation
 from fedstream.data.clock import ClockSettings
 from fedstream.data.packed import idle_step_fraction
+from fedstream.data.sampling import rounds_per_epoch
 from fedstream.data.cohort import (DEFAULT_CHUNK_BYTES, ClientBatching, CohortPipeline, EvalPipeline,
                                    auto_data_threads)
 from fedstream.training.checkpoint import CheckpointCorrupted, RunCheckpointer, check_config_unchanged
@@ -240,6 +241,28 @@ def _same_epsilon(a: float, b: float) -> bool:
     return a == b or (math.isfinite(a) and math.isfinite(b) and abs(a - b) <= 1e-9 * max(abs(a), abs(b)))
 
 
+def check_accounted_participation(algorithm: Algorithm, pipeline: CohortPipeline) -> None:
+    """Refuses (ConfigError) a DP-FTRL algorithm whose accounted epochs are not the run's cohorts.
+
+    Its `TreeMechanism` assumes sampling 'epochs' over the train split's N
+    clients in rounds of `clients_per_round` (each client once per epoch of
+    floor(N / m) rounds); anything else would make the logged epsilon wrong.
+    """
+    accounting = algorithm.privacy_accounting()
+    mechanism = getattr(accounting, "mechanism", None)
+    if not isinstance(mechanism, TreeMechanism):
+        return
+    population = len(pipeline.sizes)
+    if pipeline.sampling != "epochs":
+        raise ConfigError(f"config key 'sampling' is {pipeline.sampling!r}, but DP-FTRL's privacy accounting assumes "
+                          "'epochs' (each client at most once per epoch)")
+    epoch_rounds = rounds_per_epoch(population, pipeline.cohort_size)
+    if (mechanism.population, mechanism.epoch_rounds) != (population, epoch_rounds):
+        raise ConfigError(f"DP-FTRL was built for {mechanism.population} clients in epochs of "
+                          f"{mechanism.epoch_rounds} rounds, but the run has {population} clients, "
+                          f"clients_per_round={pipeline.cohort_size} (epochs of {epoch_rounds} rounds)")
+
+
 def open_privacy_ledger(accounting: Any, saved: Mapping[str, Any] | None = None,
                         rounds_done: int = 0) -> PrivacyLedger | None:
     """The run's privacy ledger for an algorithm's declared `accounting` (`Algorithm.privacy_accounting()`).
@@ -328,7 +351,8 @@ class Simulation:
       clients_per_round: cohort size (the expected size under Poisson sampling).
       batch_size, epochs, max_examples, max_steps: each client's local training (0 = no cap).
       seed: the run's seed: initial model, cohorts, example orders and dropout keys derive from it.
-      sampling: 'uniform' (exactly `clients_per_round` clients) or 'poisson' (each client with rate q).
+      sampling: 'uniform' (exactly `clients_per_round` clients), 'poisson' (each client with rate q) or 'epochs'
+        (each epoch a shuffle of the clients cut into rounds: each client at most once per epoch).
       sampling_rate: Poisson q (0 = clients_per_round / population); max_clients_per_round: Poisson slots.
       aggregation: 'example' (client weight = its examples) or 'uniform'.
       train_split, test_split: split names of `dataset`.
@@ -407,6 +431,7 @@ class Simulation:
             local_devices=_local_devices(self.mesh), augment=get_augmentation(augment), sampling=sampling,
             sampling_rate=sampling_rate, max_cohort_size=max_clients_per_round, label_range=_label_range(algorithm),
             lanes=self.lanes, chunk_bytes=_count("chunk_bytes", chunk_bytes, low=0), clock=clock)
+        check_accounted_participation(algorithm, self.pipeline)
         self.state: ServerState = replicate(algorithm.init(jax.random.PRNGKey(int(s.seed))), self.mesh)
         self.debug = debug
         self._train_round = (build_debug_round(algorithm, seed=int(s.seed)) if debug
