@@ -3,38 +3,45 @@
 Nguyen et al. (AISTATS 2022), "Federated Learning with Buffered Asynchronous
 Aggregation": `concurrency` clients train at once, each from the model
 version current when it started; the server steps after every `buffer_size`
-(K) updates it accepts. In events:
+(K) updates it accepts. In events, on the clock of `fedstream.data.clock`:
 
-    at time 0: start `concurrency` clients (version 0)
-    repeat, in order of simulated finish time (ties: the earlier start first):
+    at time 0: start `concurrency` clients (from version 0)
+    repeat, in order of simulated time (ties: the earlier start first):
         client i arrives; staleness = (server version now) - (version i started from)
         if staleness > max_staleness: its update is dropped (counted)
         else: it joins the buffer; when the buffer holds K updates, the server
               steps (version + 1) at this time and the buffer empties
+        -- or client i goes offline before it finishes: its work is lost (counted)
         a new client starts now, from the version current after that step
 
-A new client is drawn uniformly from the clients that are available now
-(`available`), not training, and not waiting in the buffer, with a random
-stream of (seed, start index). When none is, the start is retried
-`retry_seconds` later. Each start's duration is `durations(start index,
-[client])`: the clock's device profile, a function of (seed, start, client).
+A new client is drawn uniformly from the clients that are online now
+(`Availability.available`), not training, and not waiting in the buffer,
+with a random stream of (seed, start index); when none is, the start waits
+until the first of them comes online (`Availability.next_available`). Its
+job takes `DeviceProfile.durations(seed, start index, [client], work)`
+seconds: the start index is the clock's task. A client that goes offline
+(`Availability.available_until`) before it finishes is lost at that time,
+as a synchronous round drops it (`fedstream.data.clock.sample_with_deadline`).
 
 Everything is a function of the seed, the clock and the options, so a
-resumed run replays the schedule from the start (milliseconds per thousand
-steps) instead of storing it. `max_staleness` is this library's cap (the
-server keeps that many past versions on the device); the paper has none.
+resumed run replays the schedule from the start (cheap NumPy) instead of
+storing it. `max_staleness` is this library's cap (the server keeps that
+many past versions on the device); the paper has none.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import heapq
-from typing import Callable
+import math
+import threading
 
 import numpy as np
 
-_START_STREAM = 3  # the seed-sequence sub-stream of the asynchronous client draws (see fedstream.data.sampling)
-_ARRIVE, _RETRY = 0, 1
+from fedstream.data.clock import Availability, DeviceProfile
+
+_START_STREAM = 14  # the seed-sequence sub-stream of the asynchronous client draws (the clock's are 10..13)
+_ARRIVE, _LOST, _WAKE = 0, 1, 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,35 +53,37 @@ class ServerStep:
       versions: the server version each started from, `[K]` int64;
         staleness = step index - version.
       time: simulated seconds at the step (the K-th accepted arrival).
-      dropped: arrivals since the previous step discarded as staler than `max_staleness`.
+      dropped_stale: arrivals since the previous step discarded as staler than `max_staleness`.
+      dropped_offline: clients since the previous step that went offline before finishing.
     """
 
     clients: np.ndarray
     versions: np.ndarray
     time: float
-    dropped: int
+    dropped_stale: int
+    dropped_offline: int
 
 
 class AsyncSchedule:
     """The server steps of a FedBuff run, generated on demand and cached (see the module docstring).
 
+    Thread-safe (the cohort pipeline asks from its reader threads).
+
     Args:
       seed: the run's seed.
-      num_clients: clients of the train split (indices 0..N-1).
+      work: examples each client of the train split processes in one job (the clock's `work`), `[N]`.
       concurrency: clients training at once (C).
       buffer_size: updates per server step (K).
       max_staleness: arrivals staler than this are dropped.
-      durations: `durations(start_index, clients) -> seconds` per client (the clock's device profile).
-      available: `available(time, clients) -> bool mask`, or None (every client always available).
-      retry_seconds: when no client can start, the start is retried this much later.
+      profile, availability: the simulated clock (`fedstream.data.clock`).
     """
 
     slot_keys = ("slot_version",)
 
-    def __init__(self, seed: int, num_clients: int, concurrency: int, buffer_size: int, max_staleness: int,
-                 durations: Callable[[int, np.ndarray], np.ndarray],
-                 available: Callable[[float, np.ndarray], np.ndarray] | None = None,
-                 retry_seconds: float = 60.0) -> None:
+    def __init__(self, seed: int, work: np.ndarray, concurrency: int, buffer_size: int, max_staleness: int,
+                 profile: DeviceProfile, availability: Availability) -> None:
+        self.work = np.array(work, np.float64)
+        num_clients = int(self.work.size)
         if not 1 <= buffer_size <= num_clients:
             raise ValueError(f"FedBuff's buffer of K={buffer_size} updates per server step (clients_per_round) must "
                              f"be in 1..{num_clients} (the clients of the split)")
@@ -83,26 +92,28 @@ class AsyncSchedule:
                              "of the split)")
         if max_staleness < 0:
             raise ValueError(f"algorithm.options.max_staleness={max_staleness} must be >= 0")
-        if not retry_seconds > 0:
-            raise ValueError(f"retry_seconds={retry_seconds} must be > 0")
-        self.seed, self.num_clients = int(seed), int(num_clients)
+        self.seed, self.num_clients = int(seed), num_clients
         self.concurrency, self.buffer_size, self.max_staleness = int(concurrency), int(buffer_size), int(max_staleness)
-        self.durations, self.available, self.retry_seconds = durations, available, float(retry_seconds)
+        self.profile, self.availability = profile, availability
         self._steps: list[ServerStep] = []
         self._events: list[tuple[float, int, int, int, int]] = []  # (time, start index, kind, client, version)
         self._busy = np.zeros(self.num_clients, bool)  # training, or its update waits in the buffer
         self._starts = 0
-        self._dropped = 0
+        self._dropped_stale = self._dropped_offline = 0
         self._buffer: list[tuple[int, int]] = []
         self._all = np.arange(self.num_clients)
+        self._lock = threading.Lock()
         for _ in range(self.concurrency):
             self._start(0.0, 0)
 
     def step(self, t: int) -> ServerStep:
         """Server step `t` (0-based: it makes version t + 1 from updates of versions <= t)."""
-        while len(self._steps) <= t:
-            self._steps.append(self._next_step())
-        return self._steps[t]
+        if t < 0:
+            raise ValueError(f"server step {t} < 0")
+        with self._lock:
+            while len(self._steps) <= t:
+                self._steps.append(self._next_step())
+            return self._steps[t]
 
     def cohort(self, t: int) -> np.ndarray:
         """The clients whose updates server step `t` aggregates (the cohort pipeline's round t)."""
@@ -119,34 +130,43 @@ class AsyncSchedule:
     # --- the event loop ---------------------------------------------------------------------------------------
 
     def _start(self, now: float, version: int) -> None:
-        """Starts one client at `now` from server `version` (or retries later when none can start)."""
+        """Starts one client at `now` from server `version`, or waits for the first free client to come online."""
         index = self._starts
         self._starts += 1
-        free = ~self._busy
-        if self.available is not None:
-            free &= np.asarray(self.available(now, self._all), bool)
-        candidates = np.flatnonzero(free)
-        if candidates.size == 0:
-            heapq.heappush(self._events, (now + self.retry_seconds, index, _RETRY, -1, -1))
-            return
+        free = np.flatnonzero(~self._busy)
+        online = free[np.asarray(self.availability.available(self.seed, now, free), bool)]
+        if online.size == 0:
+            wake = float(self.availability.next_available(self.seed, now, free).min()) if free.size else math.inf
+            if math.isfinite(wake):
+                heapq.heappush(self._events, (max(wake, now), index, _WAKE, -1, -1))
+            return  # never again: this slot stays idle
         rng = np.random.default_rng([self.seed, index, _START_STREAM])
-        client = int(candidates[rng.integers(candidates.size)])
-        seconds = float(np.asarray(self.durations(index, np.array([client])), np.float64)[0])
-        if not np.isfinite(seconds) or seconds < 0:
-            raise ValueError(f"the device profile gave client {client} a duration of {seconds} s")
+        client = int(online[rng.integers(online.size)])
+        one = np.array([client])
+        seconds = float(self.profile.durations(self.seed, index, one, self.work[one])[0])
+        offline = float(self.availability.available_until(self.seed, now, one)[0])
         self._busy[client] = True
-        heapq.heappush(self._events, (now + seconds, index, _ARRIVE, client, version))
+        if now + seconds <= offline:
+            heapq.heappush(self._events, (now + seconds, index, _ARRIVE, client, version))
+        else:
+            heapq.heappush(self._events, (offline, index, _LOST, client, version))
 
     def _next_step(self) -> ServerStep:
         version = len(self._steps)
         while True:
+            if not self._events:
+                raise RuntimeError(f"FedBuff server step {version}: no client is online at any later simulated "
+                                   "time (config key clock.availability / the trace)")
             now, _, kind, client, started = heapq.heappop(self._events)
-            if kind == _RETRY:
+            if kind == _WAKE:
                 self._start(now, version)
                 continue
-            if version - started > self.max_staleness:
+            if kind == _LOST or version - started > self.max_staleness:
                 self._busy[client] = False
-                self._dropped += 1
+                if kind == _LOST:
+                    self._dropped_offline += 1
+                else:
+                    self._dropped_stale += 1
                 self._start(now, version)
                 continue
             self._buffer.append((client, started))
@@ -154,8 +174,19 @@ class AsyncSchedule:
                 self._start(now, version)
                 continue
             clients = np.array([c for c, _ in self._buffer], np.int64)
-            step = ServerStep(clients, np.array([v for _, v in self._buffer], np.int64), now, self._dropped)
+            step = ServerStep(clients, np.array([v for _, v in self._buffer], np.int64), now, self._dropped_stale,
+                              self._dropped_offline)
             self._busy[clients] = False
-            self._buffer, self._dropped = [], 0
+            self._buffer, self._dropped_stale, self._dropped_offline = [], 0, 0
             self._start(now, version + 1)  # the replacement starts from the model this step makes
             return step
+
+    def metrics(self, t: int) -> dict[str, float | int]:
+        """Server step t's clock numbers for metrics.jsonl (the synchronous clock's keys where they mean the same)."""
+        step = self.step(t)
+        previous = self.step(t - 1).time if t > 0 else 0.0
+        staleness = t - step.versions
+        return {"simulated_time": step.time, "simulated_round_seconds": step.time - previous,
+                "staleness_mean": float(staleness.mean()), "staleness_max": int(staleness.max()),
+                "clients_dropped": step.dropped_stale + step.dropped_offline,
+                "clients_dropped_stale": step.dropped_stale, "clients_dropped_offline": step.dropped_offline}
