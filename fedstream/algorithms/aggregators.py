@@ -481,6 +481,10 @@ class Aggregated(Algorithm):
         return self.base.slot_features
 
     @property
+    def is_asynchronous(self) -> bool:  # type: ignore[override]
+        return self.base.is_asynchronous
+
+    @property
     def is_clustered(self) -> bool:  # type: ignore[override]
         return self.base.is_clustered
 

@@ -183,6 +183,9 @@ class Algorithm:
     per_client_broadcast: ClassVar[bool] = False
     # Per-client slot features the algorithm reads in `client_broadcast` (int32, besides the runner's own).
     slot_features: ClassVar[tuple[str, ...]] = ()
+    # Clients train asynchronously on the simulated clock: a round is one server step over the updates that
+    # arrived for it (FedBuff; the algorithm has `concurrency` and `max_staleness`).
+    is_asynchronous: ClassVar[bool] = False
 
     # -- server side --
 

@@ -39,6 +39,7 @@ import threading
 import numpy as np
 
 from fedstream.data.clock import Availability, DeviceProfile
+from fedstream.data.sampling import ClientBatching
 
 _START_STREAM = 14  # the seed-sequence sub-stream of the asynchronous client draws (the clock's are 10..13)
 _ARRIVE, _LOST, _WAKE = 0, 1, 2
@@ -64,6 +65,12 @@ class ServerStep:
     dropped_offline: int
 
 
+def client_work(batching: ClientBatching, sizes: np.ndarray) -> np.ndarray:
+    """Examples each client processes in one job (the clock's `work`): its steps' examples, every epoch."""
+    return np.array([min(batching.examples_used(int(n)) * batching.epochs,
+                         batching.num_steps(int(n)) * batching.batch_size) for n in sizes], np.float64)
+
+
 class AsyncSchedule:
     """The server steps of a FedBuff run, generated on demand and cached (see the module docstring).
 
@@ -76,12 +83,13 @@ class AsyncSchedule:
       buffer_size: updates per server step (K).
       max_staleness: arrivals staler than this are dropped.
       profile, availability: the simulated clock (`fedstream.data.clock`).
+      start_time: simulated time of the first starts.
     """
 
     slot_keys = ("slot_version",)
 
     def __init__(self, seed: int, work: np.ndarray, concurrency: int, buffer_size: int, max_staleness: int,
-                 profile: DeviceProfile, availability: Availability) -> None:
+                 profile: DeviceProfile, availability: Availability, start_time: float = 0.0) -> None:
         self.work = np.array(work, np.float64)
         num_clients = int(self.work.size)
         if not 1 <= buffer_size <= num_clients:
@@ -103,8 +111,9 @@ class AsyncSchedule:
         self._buffer: list[tuple[int, int]] = []
         self._all = np.arange(self.num_clients)
         self._lock = threading.Lock()
+        self.start_time = float(start_time)
         for _ in range(self.concurrency):
-            self._start(0.0, 0)
+            self._start(self.start_time, 0)
 
     def step(self, t: int) -> ServerStep:
         """Server step `t` (0-based: it makes version t + 1 from updates of versions <= t)."""
@@ -184,7 +193,7 @@ class AsyncSchedule:
     def metrics(self, t: int) -> dict[str, float | int]:
         """Server step t's clock numbers for metrics.jsonl (the synchronous clock's keys where they mean the same)."""
         step = self.step(t)
-        previous = self.step(t - 1).time if t > 0 else 0.0
+        previous = self.step(t - 1).time if t > 0 else self.start_time
         staleness = t - step.versions
         return {"simulated_time": step.time, "simulated_round_seconds": step.time - previous,
                 "staleness_mean": float(staleness.mean()), "staleness_max": int(staleness.max()),

@@ -38,7 +38,9 @@ from fedstream.algorithms.aggregators import Aggregator
 from fedstream.algorithms.base import Algorithm, ServerState
 from fedstream.algorithms.privacy import PrivacyLedger, PrivacyLedgerError
 from fedstream.config import ConfigError, check_clients_per_round, flatten, validate_train_config
+from fedstream.data.async_schedule import AsyncSchedule, client_work
 from fedstream.data.augment import get_augmentation
+from fedstream.data.clock import Availability, DeviceProfile
 from fedstream.data.packed import idle_step_fraction
 from fedstream.data.cohort import (DEFAULT_CHUNK_BYTES, ClientBatching, CohortPipeline, EvalPipeline,
                                    auto_data_threads)
@@ -348,6 +350,10 @@ class Simulation:
       lock: take the workdir's lock (False only when the caller already holds it, as `train` does).
       debug: run each round eagerly, client by client (`print` and `pdb` work inside an algorithm's
         hooks; results equal the compiled round's to float rounding; slow).
+      clock: the simulated clock (`fedstream.data.clock.ClockSettings`: device profile, availability, ...).
+        An asynchronous algorithm (FedBuff) runs on it (default: `ClockSettings()`); a round is then one
+        server step, its cohort the K = `clients_per_round` updates that arrive for it
+        (`fedstream.data.async_schedule`).
     """
 
     def __init__(self, dataset: Any, algorithm: Algorithm, *, clients_per_round: int = 10, batch_size: int = 10,
@@ -360,7 +366,7 @@ class Simulation:
                  data_threads: int = 0, num_devices: int | None = None, callbacks: Sequence[Callback] = (),
                  log: Callable[[str], None] = print_line, run_config: Mapping[str, Any] | None = None,
                  lock: bool = True, debug: bool = False, lanes: int | str = "auto",
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, clock: Any = None) -> None:
         self.dataset, self.algorithm = dataset, algorithm
         self.settings = _settings(
             seed=seed, clients_per_round=clients_per_round, sampling=sampling, sampling_rate=sampling_rate,
@@ -396,13 +402,15 @@ class Simulation:
         self.lanes = resolve_lanes(lanes, self.mesh, param_bytes)
         if debug or algorithm.uses_prepass:  # a prepass needs the whole round; the debug round takes one call
             chunk_bytes = 0
+        batching = ClientBatching(train_batch, epochs, max_examples, max_steps)
+        self.schedule = self._async_schedule(clock, batching) if algorithm.is_asynchronous else None
         self.pipeline = CohortPipeline(
             dataset, train_split, features, seed=seed, cohort_size=clients_per_round,
-            batching=ClientBatching(train_batch, epochs, max_examples, max_steps), num_devices=self.mesh.size,
+            batching=batching, num_devices=self.mesh.size,
             uniform_weights=aggregation == "uniform", data_threads=auto_data_threads(data_threads),
             local_devices=_local_devices(self.mesh), augment=get_augmentation(augment), sampling=sampling,
             sampling_rate=sampling_rate, max_cohort_size=max_clients_per_round, label_range=_label_range(algorithm),
-            lanes=self.lanes, chunk_bytes=_count("chunk_bytes", chunk_bytes, low=0))
+            lanes=self.lanes, chunk_bytes=_count("chunk_bytes", chunk_bytes, low=0), schedule=self.schedule)
         self.state: ServerState = replicate(algorithm.init(jax.random.PRNGKey(int(s.seed))), self.mesh)
         self.debug = debug
         self._train_round = (build_debug_round(algorithm, seed=int(s.seed)) if debug
@@ -419,6 +427,25 @@ class Simulation:
         self._iterator_rounds = (0, 0)  # (first, end) rounds of the open iterator
         self._metrics_log: MetricsLog | None = None
         self._last_finished_at = 0.0  # perf_counter when the latest round's metrics were read
+
+    def _async_schedule(self, clock: Any, batching: ClientBatching) -> AsyncSchedule:
+        """The server steps of an asynchronous algorithm on the simulated clock (FedBuff)."""
+        s, algorithm = self.settings, self.algorithm
+        profile = clock.profile if clock is not None else DeviceProfile()
+        availability = clock.availability if clock is not None else Availability()
+        if clock is not None and (clock.over_selection != 1.0 or clock.deadline):
+            raise ConfigError(f"config keys clock.over_selection and clock.deadline describe synchronous rounds; "
+                              f"algorithm {type(algorithm).__name__} is asynchronous (set them to 1 and 0)")
+        if s.sampling != "uniform":
+            raise ConfigError(f"algorithm {type(algorithm).__name__} chooses its clients on the simulated clock; "
+                              "config key sampling must be 'uniform'")
+        sizes = self.dataset.client_sizes(s.data.train_split)
+        try:
+            return AsyncSchedule(int(s.seed), client_work(batching, sizes), int(algorithm.concurrency),
+                                 int(s.clients_per_round), int(algorithm.max_staleness), profile, availability,
+                                 start_time=clock.start_time if clock is not None else 0.0)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     # --- public ------------------------------------------------------------------------------------------------
 
@@ -569,6 +596,7 @@ class Simulation:
                         check_config_unchanged(meta["config"], self.run_config, self.workdir)
                         start = int(self.state.round)
                         saved_privacy = meta.get("privacy")
+                        self._check_schedule(meta, start)
                         self.log(f"resumed {self.workdir} from the checkpoint after round {start}")
             accounting = algorithm.privacy_accounting()  # None unless the algorithm is DP
             self._ledger = open_privacy_ledger(accounting, saved_privacy, start)
@@ -587,6 +615,17 @@ class Simulation:
         except BaseException:
             self.close()
             raise
+
+    def _check_schedule(self, meta: Mapping[str, Any], start: int) -> None:
+        """Refuses a resume whose replayed asynchronous schedule differs from the one the checkpoint ran."""
+        saved = meta.get("async_schedule")
+        if self.schedule is None or saved is None or start == 0:
+            return
+        replayed = self.schedule.step(start - 1).time
+        if saved.get("server_steps") != start or saved.get("simulated_time") != replayed:
+            raise ConfigError(f"{self.workdir}: the checkpoint after server step {start} was at simulated time "
+                              f"{saved.get('simulated_time')!r} s, the replayed schedule gives {replayed!r} s (the "
+                              "clock or the FedBuff options changed); start a new workdir")
 
     def _open_client_store(self, template: Any, start: int) -> ClientStateStore:
         """The per-client state store of a stateful algorithm, in step with the latest checkpoint."""
@@ -748,6 +787,8 @@ class Simulation:
             "data_wait_seconds": round_.data_wait,
             "examples_per_second": element["num_examples"] / max(seconds, 1e-9),
         }
+        if self.schedule is not None:  # simulated time, staleness and dropped clients of the server step
+            train.update(self.schedule.metrics(r))
         if self._metrics_log is not None:
             self._metrics_log.write(r + 1, "train", train)
         done = r + 1
@@ -761,6 +802,8 @@ class Simulation:
                     "data_iterator": {"next_round": done}}
             if self._ledger is not None:
                 meta["privacy"] = {**self._ledger.to_json(), "epsilon": self._epsilon}  # checked on resume
+            if self.schedule is not None:  # the replayed schedule must reach the same time on resume
+                meta["async_schedule"] = {"server_steps": done, "simulated_time": self.schedule.step(r).time}
             client_index = self._store.index() if self._store is not None else None
             client_files = self._store.file_digests(client_index) if self._store is not None else None
             saved = self._checkpointer.save(done, round_.state, meta, force=done == num_rounds,
