@@ -6,7 +6,7 @@
     fedstream train [PIPELINE] --workdir DIR [--config.key=value ...]
     fedstream eval [PIPELINE] --workdir DIR [--split SPLIT] [--step N] [--config.key=value ...]
     fedstream config [PIPELINE] [--workdir DIR] [--json] [--config.key=value ...]
-    fedstream plot WORKDIR [WORKDIR ...] --output FILE.png|.svg|.pdf [--metric NAME ...] [--x round|time]
+    fedstream plot WORKDIR [WORKDIR ...] --output FILE.png|.svg|.pdf [--metric NAME ...] [--x round|time|simulated_time]
     fedstream plot --data DIR --output FILE.png|.svg|.pdf [--split SPLIT] [--max-clients N] [--label-key FEATURE]
     fedstream list [recipes|pipelines|models|algorithms|optimizers ...] [--algorithm NAME]
 
@@ -189,8 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--metric", action="append", default=[],
                    help="KIND/NAME (train/loss, eval/accuracy, train/examples_per_second, ...) or a bare NAME for "
                         "every kind that has it; repeatable (default: train and eval loss and accuracy)")
-    g.add_argument("--x", choices=("round", "time"), default="round",
-                   help="x axis: round, or training time (cumulative round_seconds)")
+    g.add_argument("--x", choices=("round", "time", "simulated_time"), default="round",
+                   help="x axis: round, training time (cumulative round_seconds), or simulated_time (runs on the "
+                        "simulated clock, config clock.enabled)")
     i = _sub(sub, "inspect", "summarise a preprocessed dataset",
              "Print a dataset's splits, clients, examples, features, client-size quantiles and disk size, and "
              "how its labels are spread over clients: classes per client and a skew measure, the mean "

@@ -359,6 +359,27 @@ def default_train_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 1  # rounds between Orbax checkpoints
     c.checkpoint.keep = 3
+
+    # A simulated clock under the rounds (docs/simulated_clock.md): device speeds, availability, over-selection
+    # and a deadline. Off: rounds are the idealized ones (every sampled client answers, instantly).
+    c.clock = ml_collections.ConfigDict()
+    c.clock.enabled = False
+    c.clock.over_selection = 1.0  # a round samples ceil(clients_per_round * this) online clients, keeps the first k
+    c.clock.deadline = 0.0  # simulated seconds a round waits for its clients (0 = no deadline)
+    c.clock.start_time = 0.0  # simulated time at which round 1 starts (seconds; shifts the diurnal cycle)
+    c.clock.seconds_per_example = 0.01  # median compute seconds per example a client processes
+    c.clock.speed_distribution = "lognormal"  # per-client slowness (median 1): 'lognormal' or 'pareto'
+    c.clock.speed_sigma = 0.75  # lognormal: sigma of log(slowness)
+    c.clock.pareto_shape = 2.0  # pareto: shape alpha (smaller = heavier tail)
+    c.clock.network_seconds = 5.0  # median upload + download seconds per round
+    c.clock.network_sigma = 0.5  # sigma of log(network time), fresh per (round, client)
+    c.clock.availability = "always"  # 'always', 'diurnal' or 'trace'
+    c.clock.day_seconds = 86400.0  # diurnal: the cycle's length
+    c.clock.available_fraction = 0.5  # diurnal: fraction of the cycle each client is online
+    c.clock.time_zones = 0  # diurnal: 0 = each client's phase uniform in the cycle; n = one of n time zones
+    c.clock.trace = ""  # trace: JSON or CSV file of online intervals per client id
+    c.clock.trace_period = 0.0  # trace: it repeats every this many seconds (0 = the file's 'period', or never)
+    c.clock.trace_assign = "index"  # trace: 'index' (client c = id c) or 'cycle' (client c = the (c mod n)-th id)
     return c
 
 
@@ -495,6 +516,15 @@ def validate_train_config(config: ml_collections.ConfigDict | Mapping[str, Any],
 
         need("data.augment", get("data.augment") in AUGMENTATIONS,
              f"'' or one of {', '.join(sorted(AUGMENTATIONS))}")
+    if get("clock.enabled"):
+        from fedstream.data.clock import ClockSettings
+
+        need("sampling", get("sampling") == "uniform", "'uniform' with the simulated clock (clock.enabled: it "
+             "samples among the clients online)")
+        try:
+            ClockSettings.from_config(flat_dict["clock"])  # names the clock.* key, or the trace file and line
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if num_train_clients is not None:
         check_clients_per_round(config, num_train_clients)
 

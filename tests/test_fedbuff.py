@@ -25,8 +25,8 @@ import fedstream as fs
 from fedstream.algorithms.fedbuff import FedBuff
 from fedstream.config import ConfigError
 from fedstream.data import async_schedule
-from fedstream.data.async_schedule import AsyncSchedule, client_work
-from fedstream.data.clock import Availability, DeviceProfile
+from fedstream.data.async_schedule import AsyncSchedule
+from fedstream.data.clock import Availability, ClockSettings, DeviceProfile
 from fedstream.data.sampling import ClientBatching, client_example_order
 from support import flatten_tree, softmax
 from test_fedavg_reference import NumpyServerOpt
@@ -108,7 +108,7 @@ def reference_schedule(seed, work, concurrency, k, max_staleness, profile, avail
 
 
 def test_schedule_matches_event_driven_reference():
-    work = client_work(ClientBatching(4), np.array(SIZES))
+    work = np.array(SIZES, np.float64)  # examples per job
     schedule = AsyncSchedule(7, work, concurrency=8, buffer_size=3, max_staleness=2, profile=PROFILE,
                              availability=DIURNAL)
     reference = reference_schedule(7, work, 8, 3, 2, PROFILE, DIURNAL, steps=60)
@@ -128,7 +128,7 @@ def test_schedule_matches_event_driven_reference():
 
 
 def test_schedule_is_a_function_of_its_inputs_and_refuses_bad_options():
-    work = client_work(ClientBatching(4), np.array(SIZES))
+    work = np.array(SIZES, np.float64)  # examples per job
     a = AsyncSchedule(1, work, 6, 2, 3, PROFILE, DIURNAL)
     later = [a.step(t) for t in range(30)]
     b = AsyncSchedule(1, work, 6, 2, 3, PROFILE, DIURNAL)
@@ -187,17 +187,12 @@ def simulate(algorithm, *, devices=1, rounds=6, **kw):
     return sim, rows
 
 
-class Clock:
-    """The two parts of a clock FedBuff reads (the clock module's settings object has them too)."""
-
-    def __init__(self, profile=PROFILE, availability=DIURNAL):
-        self.profile, self.availability = profile, availability
-        self.over_selection, self.deadline, self.start_time = 1.0, 0.0, 0.0
+CLOCK = ClockSettings(PROFILE, DIURNAL)
 
 
 def test_server_steps_match_numpy_reference_on_one_device():
     algorithm = fedbuff()
-    sim, rows = simulate(algorithm, clock=Clock())
+    sim, rows = simulate(algorithm, clock=CLOCK)
     init = algorithm.init(jax.random.PRNGKey(5)).params["Dense_0"]
     versions = reference_fedbuff(sim.schedule, seed=5, steps=6, batching=ClientBatching(4), client_lr=0.3,
                                  server=NumpyServerOpt("sgd", 0.8, momentum=0.9), exponent=0.5,
@@ -217,8 +212,8 @@ def test_server_steps_match_numpy_reference_on_one_device():
 
 @pytest.mark.slow
 def test_same_model_on_four_devices():
-    one, rows_one = simulate(fedbuff(), clock=Clock())
-    four, rows_four = simulate(fedbuff(), devices=4, clock=Clock())
+    one, rows_one = simulate(fedbuff(), clock=CLOCK)
+    four, rows_four = simulate(fedbuff(), devices=4, clock=CLOCK)
     a, b = dict(flatten_tree(jax.device_get(one.state.params))), dict(flatten_tree(jax.device_get(four.state.params)))
     for key in a:
         np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-6, err_msg=key)
@@ -228,9 +223,9 @@ def test_same_model_on_four_devices():
 
 @pytest.mark.slow
 def test_kill_and_resume_is_bit_identical_and_a_changed_clock_is_refused(tmp_path):
-    whole, rows = simulate(fedbuff(), rounds=6, workdir=tmp_path / "whole", clock=Clock())
-    simulate(fedbuff(), rounds=3, workdir=tmp_path / "cut", clock=Clock())
-    resumed, later = simulate(fedbuff(), rounds=6, workdir=tmp_path / "cut", clock=Clock())
+    whole, rows = simulate(fedbuff(), rounds=6, workdir=tmp_path / "whole", clock=CLOCK)
+    simulate(fedbuff(), rounds=3, workdir=tmp_path / "cut", clock=CLOCK)
+    resumed, later = simulate(fedbuff(), rounds=6, workdir=tmp_path / "cut", clock=CLOCK)
     a, b = jax.tree.leaves(jax.device_get(whole.state)), jax.tree.leaves(jax.device_get(resumed.state))
     assert len(a) == len(b) > 3  # params, the server momentum, the ring of versions, the round
     for x, y in zip(a, b):
@@ -238,6 +233,6 @@ def test_kill_and_resume_is_bit_identical_and_a_changed_clock_is_refused(tmp_pat
     timing = ("seconds", "per_second")
     assert [{k: v for k, v in r.items() if not k.endswith(timing)} for r in rows[3:]] == \
         [{k: v for k, v in r.items() if not k.endswith(timing)} for r in later]
-    faster = Clock(profile=DeviceProfile(seconds_per_example=0.1, network_seconds=3.0))
-    with pytest.raises(ConfigError, match="simulated time"):
+    faster = ClockSettings(DeviceProfile(seconds_per_example=0.1, network_seconds=3.0), DIURNAL)
+    with pytest.raises(ConfigError, match="clock"):
         simulate(fedbuff(), rounds=7, workdir=tmp_path / "cut", clock=faster)

@@ -39,7 +39,6 @@ import threading
 import numpy as np
 
 from fedstream.data.clock import Availability, DeviceProfile
-from fedstream.data.sampling import ClientBatching
 
 _START_STREAM = 14  # the seed-sequence sub-stream of the asynchronous client draws (the clock's are 10..13)
 _ARRIVE, _LOST, _WAKE = 0, 1, 2
@@ -65,12 +64,6 @@ class ServerStep:
     dropped_offline: int
 
 
-def client_work(batching: ClientBatching, sizes: np.ndarray) -> np.ndarray:
-    """Examples each client processes in one job (the clock's `work`): its steps' examples, every epoch."""
-    return np.array([min(batching.examples_used(int(n)) * batching.epochs,
-                         batching.num_steps(int(n)) * batching.batch_size) for n in sizes], np.float64)
-
-
 class AsyncSchedule:
     """The server steps of a FedBuff run, generated on demand and cached (see the module docstring).
 
@@ -78,7 +71,8 @@ class AsyncSchedule:
 
     Args:
       seed: the run's seed.
-      work: examples each client of the train split processes in one job (the clock's `work`), `[N]`.
+      work: examples each client of the train split processes in one job (the clock's `work`,
+        `CohortPipeline.client_work`), `[N]`.
       concurrency: clients training at once (C).
       buffer_size: updates per server step (K).
       max_staleness: arrivals staler than this are dropped.

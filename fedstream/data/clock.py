@@ -567,6 +567,53 @@ def sample_with_deadline(seed: int, round_index: int, start_time: float, num_cli
         dropped_offline=int(went_offline.sum()), dropped_late=int(sampled.size - kept.size - went_offline.sum()))
 
 
+@dataclasses.dataclass(frozen=True)
+class ClockSettings:
+    """A synchronous run's clock: the device profile, availability, over-selection, deadline and start time.
+
+    The config keys `clock.*` of a training config (`from_config`); a
+    `Simulation(..., clock=ClockSettings(...))` runs its rounds on this clock.
+    """
+
+    profile: DeviceProfile = DeviceProfile()
+    availability: Availability = Availability()
+    over_selection: float = 1.0
+    deadline: float = 0.0
+    start_time: float = 0.0
+
+    def __post_init__(self) -> None:
+        over_selected(1, self.over_selection)
+        if not (math.isfinite(self.deadline) and self.deadline >= 0):
+            raise ValueError(f"config key clock.deadline must be finite and >= 0 (0 = none), got {self.deadline}")
+        if not math.isfinite(self.start_time):
+            raise ValueError(f"config key clock.start_time must be finite, got {self.start_time}")
+
+    @classmethod
+    def from_config(cls, clock: Any) -> ClockSettings:
+        """From a training config's `clock` section (a mapping with the keys of `to_config`; `enabled` ignored)."""
+        get = clock.get
+        profile = DeviceProfile(**{f.name: type(f.default)(get(f.name, f.default))
+                                   for f in dataclasses.fields(DeviceProfile)})
+        availability = Availability(
+            kind=str(get("availability", "always")),
+            **{f.name: type(f.default)(get(f.name, f.default)) for f in dataclasses.fields(Availability)
+               if f.name != "kind"})
+        return cls(profile, availability, float(get("over_selection", 1.0)), float(get("deadline", 0.0)),
+                   float(get("start_time", 0.0)))
+
+    def to_config(self) -> dict[str, Any]:
+        """The flat `clock.*` keys of a training config that give these settings (with `enabled: True`)."""
+        availability = dataclasses.asdict(self.availability)
+        return {"enabled": True, "over_selection": self.over_selection, "deadline": self.deadline,
+                "start_time": self.start_time, **dataclasses.asdict(self.profile),
+                "availability": availability.pop("kind"), **availability}
+
+    def round_clock(self, seed: int, work: np.ndarray, k: int) -> RoundClock:
+        """The chain of rounds of a run with `seed`, per-client `work` and `k` clients kept per round."""
+        return RoundClock(seed, work, k, self.over_selection, self.deadline, self.profile, self.availability,
+                          self.start_time)
+
+
 class RoundClock:
     """The synchronous rounds' clock: round r starts at round r-1's end, round 0 at `start_time`.
 

@@ -26,6 +26,11 @@ Two samplings (`CohortPipeline.sampling`):
   weight 0). A round that draws more clients than the cap is refused, before
   the first round runs: dropping clients would change the sampling that a
   privacy accountant assumes.
+
+With a simulated clock (`CohortPipeline.clock`, `fedstream.data.clock`), a
+round over-selects online clients and keeps the first `cohort_size` to
+finish before its deadline (fewer if fewer make it): `cohort_size` slots, the
+unused ones empty, as under Poisson sampling.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequenc
 import grain
 import numpy as np
 
+from fedstream.data.clock import ClockSettings, RoundClock
 from fedstream.data.format import DatasetFormatError
 from fedstream.data.packed import (INDEX_BYTES, RoundLayout, chunk_clients_for_budget, chunk_dims, chunk_members,
                                    empty_chunk_batch, example_bytes, idle_step_fraction, pack_chunk, plan_round)
@@ -134,9 +140,12 @@ class CohortPipeline:
     label_range: tuple[str, int] | None = None
     lanes: int = 1  # clients each device runs in lockstep
     chunk_bytes: int = DEFAULT_CHUNK_BYTES  # packed bytes per round call; 0 = the whole round in one call
-    # Where each round's cohort comes from instead of sampling: an object with `cohort(round) -> client indices`,
-    # `slot_keys` and `slot_features(round) -> {key: value per cohort position}` (FedBuff's arrivals of a server
-    # step and the model versions they started from: `fedstream.data.async_schedule.AsyncSchedule`).
+    # A simulated clock: rounds keep the first cohort_size over-selected online clients to finish (None = off).
+    clock: ClockSettings | None = None
+    # Where each round's cohort comes from instead of sampling or the clock's rounds: an object with
+    # `cohort(round) -> client indices`, `slot_keys` and `slot_features(round) -> {key: value per cohort position}`
+    # (FedBuff's arrivals of a server step and the model versions they started from:
+    # `fedstream.data.async_schedule.AsyncSchedule`).
     schedule: Any = None
 
     @property
@@ -146,6 +155,9 @@ class CohortPipeline:
 
     def __post_init__(self) -> None:
         _fixed_features(self.source.schema, self.features)
+        if self.clock is not None and self.sampling != "uniform":
+            raise ValueError(f"the simulated clock samples among online clients; sampling {self.sampling!r} cannot "
+                             "be combined with it (config keys sampling, clock.enabled)")
         if self.sampling == "poisson":
             if self.max_cohort_size < 0 or self.max_cohort_size > len(self.sizes):
                 raise ValueError(f"max_clients_per_round={self.max_cohort_size} must be in 0..{len(self.sizes)} "
@@ -158,8 +170,9 @@ class CohortPipeline:
             raise ValueError(f"lanes must be >= 1, got {self.lanes}")
         if self.chunk_bytes < 0:
             raise ValueError(f"chunk_bytes must be >= 0 (0 = no budget), got {self.chunk_bytes}")
-        if self.schedule is not None and self.sampling != "uniform":
-            raise ValueError("an asynchronous schedule chooses the clients itself; it needs sampling='uniform'")
+        if self.schedule is not None and (self.sampling != "uniform" or self.clock is not None):
+            raise ValueError("an asynchronous schedule chooses the clients itself on its own clock; it needs "
+                             "sampling='uniform' and no synchronous clock")
 
     @functools.cached_property
     def rate(self) -> float:
@@ -210,6 +223,21 @@ class CohortPipeline:
     def chunks_per_round(self) -> int:
         return -(-self.slots // self.chunk_clients)
 
+    @functools.cached_property
+    def client_work(self) -> np.ndarray:
+        """Examples each client of the split processes in a round (its steps' unmasked examples), the clock's work."""
+        b = self.batching
+        steps = np.array([b.num_steps(int(n)) for n in self.sizes], np.int64)
+        used = np.array([b.examples_used(int(n)) for n in self.sizes], np.int64)
+        return np.minimum(used * b.epochs, steps * b.batch_size)
+
+    @functools.cached_property
+    def round_clock(self) -> RoundClock | None:
+        """The rounds on the simulated clock (None without one), shared by every round of the pipeline."""
+        if self.clock is None:
+            return None
+        return self.clock.round_clock(self.seed, self.client_work, self.cohort_size)
+
     def check_cohort_sizes(self, num_rounds: int) -> int:
         """The largest Poisson cohort of rounds 0..num_rounds-1; raises if one exceeds the cap."""
         largest = 0
@@ -218,9 +246,15 @@ class CohortPipeline:
         return largest
 
     def cohort(self, round_index: int) -> np.ndarray:
-        """Client indices of round `round_index` (under Poisson sampling, at most `slots` of them, else an error)."""
+        """Client indices of round `round_index` (under Poisson sampling, at most `slots` of them, else an error).
+
+        With the simulated clock: the clients the round keeps (at most `slots`); with an asynchronous
+        `schedule`: the updates of server step `round_index`.
+        """
         if self.schedule is not None:
             return self.schedule.cohort(round_index)
+        if self.round_clock is not None:
+            return self.round_clock.outcome(round_index).kept
         cohort = _cached_cohort(self.seed, round_index, len(self.sizes), self.cohort_size, self.sampling, self.rate)
         if len(cohort) > self.slots:
             raise RuntimeError(

@@ -2,10 +2,13 @@
 dataset's label distribution over clients.
 
 Runs: one panel per metric (`train/loss`, `eval/accuracy`, ...), one line per
-run (labelled with the workdir's name), against the round or against
-training wall time. Wall time is the cumulative `round_seconds` of the train
-records: the time spent in rounds (data wait, the round itself, its first
-compilation), without evaluation, checkpoint waits or the gaps of restarts.
+run (labelled with the workdir's name), against the round, against
+training wall time, or against simulated time. Wall time is the cumulative
+`round_seconds` of the train records: the time spent in rounds (data wait,
+the round itself, its first compilation), without evaluation, checkpoint
+waits or the gaps of restarts. Simulated time is the `simulated_time` of the
+train records of runs on the simulated clock (`clock.enabled`,
+docs/simulated_clock.md): where the clock stood when the round ended.
 Evaluation points are marked, and labelled with their round (every point of
 a line with at most `_LABEL_ROUNDS_UP_TO` of them, else the last).
 
@@ -33,7 +36,9 @@ import numpy as np
 from fedstream.config import ConfigError
 
 DEFAULT_METRICS = ("train/loss", "train/accuracy", "eval/loss", "eval/accuracy")
-X_AXES = ("round", "time")
+X_AXES = ("round", "time", "simulated_time")
+_X_LABELS = {"round": "round", "time": "training time (s, sum of round_seconds)",
+             "simulated_time": "simulated time (s, the clock at the round's end)"}
 FORMATS = ("png", "svg", "pdf")
 _LABEL_ROUNDS_UP_TO = 12  # eval points of a line labelled with their round when it has at most this many
 DEFAULT_MAX_CLIENTS = 100  # bars of the label-distribution plot
@@ -151,8 +156,9 @@ def plot_runs(workdirs: Sequence[str | os.PathLike], output: str | os.PathLike, 
               metrics: Sequence[str] = (), x: str = "round", dpi: int = 100) -> pathlib.Path:
     """Writes a plot comparing the runs in `workdirs` and returns its path.
 
-    `metrics` as for `resolve_metrics`; `x` is 'round' or 'time' (cumulative
-    training seconds, see the module docstring). The format follows the
+    `metrics` as for `resolve_metrics`; `x` is 'round', 'time' (cumulative
+    training seconds, see the module docstring) or 'simulated_time' (runs on
+    the simulated clock; a run without it is a ConfigError naming it). The format follows the
     output's extension (`output_format`).
     """
     if not workdirs:
@@ -178,6 +184,7 @@ def _figure(workdirs: Sequence[str | os.PathLike], *, metrics: Sequence[str], x:
     runs = [read_metrics(w) for w in workdirs]
     chosen = resolve_metrics(metrics, {m for series, _ in runs for m in series})
     labels = run_labels(workdirs)
+    positions = [_x_positions(series, elapsed, x, w) for (series, elapsed), w in zip(runs, workdirs)]
 
     columns = min(len(chosen), 2)
     rows = math.ceil(len(chosen) / columns)
@@ -187,14 +194,14 @@ def _figure(workdirs: Sequence[str | os.PathLike], *, metrics: Sequence[str], x:
     axes = figure.subplots(rows, columns, squeeze=False)
     for panel, metric in enumerate(chosen):
         ax = axes[panel // columns][panel % columns]
-        for (series, elapsed), label in zip(runs, labels):
+        for (series, _), at, label in zip(runs, positions, labels):
             points = series.get(metric)
             if not points:
                 continue
             rounds = sorted(points)
-            if x == "time":
-                rounds = [r for r in rounds if r in elapsed]
-                xs = [elapsed[r] for r in rounds]
+            if at is not None:
+                rounds = [r for r in rounds if r in at]
+                xs = [at[r] for r in rounds]
             else:
                 xs = rounds
             ys = [points[r] for r in rounds]
@@ -210,7 +217,7 @@ def _figure(workdirs: Sequence[str | os.PathLike], *, metrics: Sequence[str], x:
             ax.margins(y=0.12)  # room for the round labels above the points
         ax.set_title(metric)
         ax.set_ylabel(_y_label(metric))
-        ax.set_xlabel("round" if x == "round" else "training time (s, sum of round_seconds)")
+        ax.set_xlabel(_X_LABELS[x])
         if x == "round":
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
@@ -219,6 +226,20 @@ def _figure(workdirs: Sequence[str | os.PathLike], *, metrics: Sequence[str], x:
     for panel in range(len(chosen), rows * columns):
         axes[panel // columns][panel % columns].set_visible(False)
     return figure
+
+
+def _x_positions(series: Series, elapsed: dict[int, float], x: str,
+                 workdir: str | os.PathLike) -> dict[int, float] | None:
+    """Each round's position on the x axis `x` for one run (None: the round itself)."""
+    if x == "time":
+        return elapsed
+    if x == "simulated_time":
+        at = series.get("train/simulated_time")
+        if not at:
+            raise ConfigError(f"{workdir}: its metrics have no simulated_time (the run did not use the simulated "
+                              "clock, config key clock.enabled); plot it with --x round or --x time")
+        return at
+    return None
 
 
 def _class_colors(num: int) -> list[Any]:

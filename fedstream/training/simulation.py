@@ -38,9 +38,9 @@ from fedstream.algorithms.aggregators import Aggregator
 from fedstream.algorithms.base import Algorithm, ServerState
 from fedstream.algorithms.privacy import PrivacyLedger, PrivacyLedgerError
 from fedstream.config import ConfigError, check_clients_per_round, flatten, validate_train_config
-from fedstream.data.async_schedule import AsyncSchedule, client_work
+from fedstream.data.async_schedule import AsyncSchedule
 from fedstream.data.augment import get_augmentation
-from fedstream.data.clock import Availability, DeviceProfile
+from fedstream.data.clock import ClockSettings
 from fedstream.data.packed import idle_step_fraction
 from fedstream.data.cohort import (DEFAULT_CHUNK_BYTES, ClientBatching, CohortPipeline, EvalPipeline,
                                    auto_data_threads)
@@ -350,10 +350,11 @@ class Simulation:
       lock: take the workdir's lock (False only when the caller already holds it, as `train` does).
       debug: run each round eagerly, client by client (`print` and `pdb` work inside an algorithm's
         hooks; results equal the compiled round's to float rounding; slow).
-      clock: the simulated clock (`fedstream.data.clock.ClockSettings`: device profile, availability, ...).
-        An asynchronous algorithm (FedBuff) runs on it (default: `ClockSettings()`); a round is then one
-        server step, its cohort the K = `clients_per_round` updates that arrive for it
-        (`fedstream.data.async_schedule`).
+      clock: run the rounds on a simulated clock (`fedstream.data.clock.ClockSettings`: device speeds,
+        availability, over-selection, a deadline); each round's train metrics then carry `simulated_time`
+        and its dropped clients. None: the idealized rounds. An asynchronous algorithm (FedBuff) always runs
+        on a clock (None: `ClockSettings()`): a round is then one server step, its cohort the K =
+        `clients_per_round` updates that arrive for it (`fedstream.data.async_schedule`).
     """
 
     def __init__(self, dataset: Any, algorithm: Algorithm, *, clients_per_round: int = 10, batch_size: int = 10,
@@ -366,7 +367,7 @@ class Simulation:
                  data_threads: int = 0, num_devices: int | None = None, callbacks: Sequence[Callback] = (),
                  log: Callable[[str], None] = print_line, run_config: Mapping[str, Any] | None = None,
                  lock: bool = True, debug: bool = False, lanes: int | str = "auto",
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, clock: Any = None) -> None:
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, clock: ClockSettings | None = None) -> None:
         self.dataset, self.algorithm = dataset, algorithm
         self.settings = _settings(
             seed=seed, clients_per_round=clients_per_round, sampling=sampling, sampling_rate=sampling_rate,
@@ -375,7 +376,7 @@ class Simulation:
             batch_size=batch_size, epochs=epochs, max_examples=max_examples, max_steps=max_steps,
             eval_every=eval_every, eval_batch_size=eval_batch_size, eval_chunk_clients=eval_chunk_clients,
             finetune_steps=finetune_steps, checkpoint_every=checkpoint_every, checkpoint_keep=checkpoint_keep,
-            lanes=0 if lanes == "auto" else lanes, chunk_mb=-(-int(chunk_bytes) // (1 << 20)))
+            lanes=0 if lanes == "auto" else lanes, chunk_mb=-(-int(chunk_bytes) // (1 << 20)), clock=clock)
         for split in (train_split, test_split):
             if split not in dataset.splits:
                 raise ConfigError(f"the dataset has no split {split!r} (splits: {', '.join(dataset.splits)})")
@@ -403,14 +404,17 @@ class Simulation:
         if debug or algorithm.uses_prepass:  # a prepass needs the whole round; the debug round takes one call
             chunk_bytes = 0
         batching = ClientBatching(train_batch, epochs, max_examples, max_steps)
-        self.schedule = self._async_schedule(clock, batching) if algorithm.is_asynchronous else None
         self.pipeline = CohortPipeline(
             dataset, train_split, features, seed=seed, cohort_size=clients_per_round,
             batching=batching, num_devices=self.mesh.size,
             uniform_weights=aggregation == "uniform", data_threads=auto_data_threads(data_threads),
             local_devices=_local_devices(self.mesh), augment=get_augmentation(augment), sampling=sampling,
             sampling_rate=sampling_rate, max_cohort_size=max_clients_per_round, label_range=_label_range(algorithm),
-            lanes=self.lanes, chunk_bytes=_count("chunk_bytes", chunk_bytes, low=0), schedule=self.schedule)
+            lanes=self.lanes, chunk_bytes=_count("chunk_bytes", chunk_bytes, low=0),
+            clock=None if algorithm.is_asynchronous else clock)
+        if algorithm.is_asynchronous:  # its own clock: the server steps of the asynchronous schedule
+            self.pipeline = dataclasses.replace(self.pipeline, schedule=self._async_schedule(clock))
+        self.schedule = self.pipeline.schedule
         self.state: ServerState = replicate(algorithm.init(jax.random.PRNGKey(int(s.seed))), self.mesh)
         self.debug = debug
         self._train_round = (build_debug_round(algorithm, seed=int(s.seed)) if debug
@@ -428,22 +432,20 @@ class Simulation:
         self._metrics_log: MetricsLog | None = None
         self._last_finished_at = 0.0  # perf_counter when the latest round's metrics were read
 
-    def _async_schedule(self, clock: Any, batching: ClientBatching) -> AsyncSchedule:
+    def _async_schedule(self, clock: ClockSettings | None) -> AsyncSchedule:
         """The server steps of an asynchronous algorithm on the simulated clock (FedBuff)."""
         s, algorithm = self.settings, self.algorithm
-        profile = clock.profile if clock is not None else DeviceProfile()
-        availability = clock.availability if clock is not None else Availability()
-        if clock is not None and (clock.over_selection != 1.0 or clock.deadline):
+        clock = clock if clock is not None else ClockSettings()
+        if clock.over_selection != 1.0 or clock.deadline:
             raise ConfigError(f"config keys clock.over_selection and clock.deadline describe synchronous rounds; "
                               f"algorithm {type(algorithm).__name__} is asynchronous (set them to 1 and 0)")
         if s.sampling != "uniform":
             raise ConfigError(f"algorithm {type(algorithm).__name__} chooses its clients on the simulated clock; "
                               "config key sampling must be 'uniform'")
-        sizes = self.dataset.client_sizes(s.data.train_split)
         try:
-            return AsyncSchedule(int(s.seed), client_work(batching, sizes), int(algorithm.concurrency),
-                                 int(s.clients_per_round), int(algorithm.max_staleness), profile, availability,
-                                 start_time=clock.start_time if clock is not None else 0.0)
+            return AsyncSchedule(int(s.seed), self.pipeline.client_work, int(algorithm.concurrency),
+                                 int(s.clients_per_round), int(algorithm.max_staleness), clock.profile,
+                                 clock.availability, start_time=clock.start_time)
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
@@ -594,9 +596,9 @@ class Simulation:
                     if restored is not None:
                         self.state, meta = restored
                         check_config_unchanged(meta["config"], self.run_config, self.workdir)
+                        self._check_clock(meta, self.checkpointer_path(int(self.state.round)))
                         start = int(self.state.round)
                         saved_privacy = meta.get("privacy")
-                        self._check_schedule(meta, start)
                         self.log(f"resumed {self.workdir} from the checkpoint after round {start}")
             accounting = algorithm.privacy_accounting()  # None unless the algorithm is DP
             self._ledger = open_privacy_ledger(accounting, saved_privacy, start)
@@ -615,17 +617,6 @@ class Simulation:
         except BaseException:
             self.close()
             raise
-
-    def _check_schedule(self, meta: Mapping[str, Any], start: int) -> None:
-        """Refuses a resume whose replayed asynchronous schedule differs from the one the checkpoint ran."""
-        saved = meta.get("async_schedule")
-        if self.schedule is None or saved is None or start == 0:
-            return
-        replayed = self.schedule.step(start - 1).time
-        if saved.get("server_steps") != start or saved.get("simulated_time") != replayed:
-            raise ConfigError(f"{self.workdir}: the checkpoint after server step {start} was at simulated time "
-                              f"{saved.get('simulated_time')!r} s, the replayed schedule gives {replayed!r} s (the "
-                              "clock or the FedBuff options changed); start a new workdir")
 
     def _open_client_store(self, template: Any, start: int) -> ClientStateStore:
         """The per-client state store of a stateful algorithm, in step with the latest checkpoint."""
@@ -789,6 +780,8 @@ class Simulation:
         }
         if self.schedule is not None:  # simulated time, staleness and dropped clients of the server step
             train.update(self.schedule.metrics(r))
+        elif self.pipeline.round_clock is not None:
+            train.update(self.pipeline.round_clock.metrics(r))
         if self._metrics_log is not None:
             self._metrics_log.write(r + 1, "train", train)
         done = r + 1
@@ -802,8 +795,8 @@ class Simulation:
                     "data_iterator": {"next_round": done}}
             if self._ledger is not None:
                 meta["privacy"] = {**self._ledger.to_json(), "epsilon": self._epsilon}  # checked on resume
-            if self.schedule is not None:  # the replayed schedule must reach the same time on resume
-                meta["async_schedule"] = {"server_steps": done, "simulated_time": self.schedule.step(r).time}
+            if self.pipeline.round_clock is not None or self.schedule is not None:
+                meta["clock"] = {"simulated_time": self._simulated_time(r)}  # checked on resume
             client_index = self._store.index() if self._store is not None else None
             client_files = self._store.file_digests(client_index) if self._store is not None else None
             saved = self._checkpointer.save(done, round_.state, meta, force=done == num_rounds,
@@ -818,6 +811,36 @@ class Simulation:
         for callback in self.callbacks:
             callback.on_round_end(done, result, saved, self._checkpointer)
         return result
+
+    def checkpointer_path(self, step: int) -> pathlib.Path | None:
+        """Where the checkpoint of round `step` lives (None without a workdir)."""
+        return None if self._checkpointer is None else self._checkpointer.step_path(step)
+
+    def _simulated_time(self, r: int) -> float:
+        """Simulated seconds at the end of round r + 1 (0-based r): the synchronous clock's or the server step's."""
+        if self.schedule is not None:
+            return self.schedule.step(r).time
+        return self.pipeline.round_clock.outcome(r).end_time
+
+    def _check_clock(self, meta: Mapping[str, Any], path: pathlib.Path | None) -> None:
+        """Refuses to resume when the clock recomputed from round 1 disagrees with the checkpoint's simulated time.
+
+        The config names a trace file, not its content: a trace edited since the
+        run started would silently change the cohorts of the rounds still to run.
+        """
+        done = int(self.state.round)
+        saved = meta.get("clock")
+        if (self.pipeline.round_clock is None and self.schedule is None) or done == 0:
+            return
+        if not isinstance(saved, Mapping) or "simulated_time" not in saved:
+            raise ConfigError(f"the checkpoint of round {done} in {path} has no simulated time, but the run uses the "
+                              "simulated clock (config key clock.enabled)")
+        now = self._simulated_time(done - 1)
+        if saved["simulated_time"] != now:
+            raise ConfigError(f"the simulated clock after round {done} is at {now!r} s, but the checkpoint in {path} "
+                              f"recorded {saved['simulated_time']!r} s: the clock's inputs changed since the run "
+                              "started (e.g. the availability trace file, config key clock.trace); restore them or "
+                              "start a new workdir")
 
     def _evaluate_round(self, done: int, state: ServerState) -> dict[str, float]:
         """The test evaluation of `state`, after round `done` (plus fine-tuned / personal models where configured)."""
@@ -868,5 +891,7 @@ def _settings(**kw: Any) -> ml_collections.ConfigDict:
                                         "chunk_clients": kw["eval_chunk_clients"],
                                         "finetune_steps": kw["finetune_steps"]})
     c.checkpoint = ml_collections.ConfigDict({"every": kw["checkpoint_every"], "keep": kw["checkpoint_keep"]})
+    if kw["clock"] is not None:  # only then: a run without the clock keeps the settings (and run_config) it had
+        c.clock = ml_collections.ConfigDict(kw["clock"].to_config())
     validate_train_config(c)  # the keys present are checked; a bad value is named by its config key
     return c

@@ -22,6 +22,7 @@ from fedstream.algorithms import build_algorithm as make_algorithm
 from fedstream.algorithms.base import Algorithm
 from fedstream.algorithms.fedavg import make_optimizer
 from fedstream.config import ConfigError, validate_train_config
+from fedstream.data.clock import ClockSettings
 from fedstream.models import get_model
 from fedstream.training.checkpoint import CheckpointCorrupted, RunCheckpointer, check_config_unchanged
 from fedstream.training.lock import locked_workdir
@@ -199,7 +200,18 @@ def simulation_from_config(config: ml_collections.ConfigDict, workdir: str | os.
         checkpoint_every=int(config.checkpoint.every), checkpoint_keep=int(config.checkpoint.keep),
         resume_last_good=resume_last_good, nonfinite=str(config.nonfinite), data_threads=int(config.data_threads),
         callbacks=callbacks, log=log, run_config=config.to_dict(), lock=lock, debug=debug,
-        lanes=int(config.lanes) or "auto", chunk_bytes=int(config.chunk_mb) << 20)
+        lanes=int(config.lanes) or "auto", chunk_bytes=int(config.chunk_mb) << 20, clock=clock_settings(config))
+
+
+def clock_settings(config: ml_collections.ConfigDict) -> ClockSettings | None:
+    """The simulated clock of a (validated) training config's `clock.*` keys, or None when `clock.enabled` is off."""
+    clock = config.get("clock")
+    if clock is None or not clock.get("enabled", False):
+        return None
+    try:
+        return ClockSettings.from_config(clock)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 @locked_workdir
