@@ -14,6 +14,7 @@
   it gives bit for bit the same model and metrics.
 """
 
+import dataclasses
 import math
 
 import jax
@@ -27,7 +28,9 @@ from fedstream.config import ConfigError
 from fedstream.data import async_schedule
 from fedstream.data.async_schedule import AsyncSchedule
 from fedstream.data.clock import Availability, ClockSettings, DeviceProfile
+from fedstream.data.cohort import CohortPipeline
 from fedstream.data.sampling import ClientBatching, client_example_order
+from fedstream.training.rounds import build_train_round, make_mesh, shard_batch
 from support import flatten_tree, softmax
 from test_fedavg_reference import NumpyServerOpt
 
@@ -191,22 +194,35 @@ CLOCK = ClockSettings(PROFILE, DIURNAL)
 
 
 def test_server_steps_match_numpy_reference_on_one_device():
+    """The packed round of each server step (the cohort pipeline fed by the schedule) against NumPy FedBuff."""
     algorithm = fedbuff()
-    sim, rows = simulate(algorithm, clock=CLOCK)
-    init = algorithm.init(jax.random.PRNGKey(5)).params["Dense_0"]
-    versions = reference_fedbuff(sim.schedule, seed=5, steps=6, batching=ClientBatching(4), client_lr=0.3,
+    batching = ClientBatching(4, max_steps=4)
+    pipeline = CohortPipeline(DATA, "train", ("x", "y"), seed=5, cohort_size=3, batching=batching, num_devices=1,
+                              data_threads=0, chunk_bytes=0)
+    schedule = AsyncSchedule(5, pipeline.client_work, 8, 3, 2, PROFILE, DIURNAL)
+    pipeline = dataclasses.replace(pipeline, schedule=schedule)
+    mesh = make_mesh(1)
+    round_fn = build_train_round(algorithm, mesh, seed=5)
+    state = algorithm.init(jax.random.PRNGKey(5))
+    init = state.params["Dense_0"]
+    steps = 6
+    iterator = pipeline.iterator(steps)
+    for _ in range(steps):
+        element = next(iterator)
+        assert element["batch"]["slot_version"].max() >= 0
+        state, _ = round_fn(state, shard_batch(element["batch"], mesh))
+    versions = reference_fedbuff(schedule, seed=5, steps=steps, batching=batching, client_lr=0.3,
                                  server=NumpyServerOpt("sgd", 0.8, momentum=0.9), exponent=0.5,
                                  w0=np.asarray(init["kernel"]), b0=np.asarray(init["bias"]))
-    got = sim.state.params["Dense_0"]
+    got = state.params["Dense_0"]
     kernel_size = np.asarray(init["kernel"]).size
     np.testing.assert_allclose(np.asarray(got["kernel"]).ravel(), versions[-1][:kernel_size], rtol=2e-4, atol=2e-5)
     np.testing.assert_allclose(np.asarray(got["bias"]), versions[-1][kernel_size:], rtol=2e-4, atol=2e-5)
     # the ring holds the last max_staleness + 1 versions at their slots (version mod 3)
-    ring = np.asarray(sim.state.extra["versions"]["Dense_0"]["bias"])
+    ring = np.asarray(state.extra["versions"]["Dense_0"]["bias"])
     for v in (4, 5, 6):
         np.testing.assert_allclose(ring[v % 3], versions[v][kernel_size:], rtol=2e-4, atol=2e-5)
-    assert max(r["staleness_max"] for r in rows) > 0  # stale updates were really scaled
-    assert [r["simulated_time"] for r in rows] == [sim.schedule.step(t).time for t in range(6)]
+    assert max(schedule.metrics(t)["staleness_max"] for t in range(steps)) > 0  # stale updates were scaled
     assert np.abs(versions[-1] - versions[0]).max() > 1e-2  # the model moved
 
 
@@ -217,7 +233,9 @@ def test_same_model_on_four_devices():
     a, b = dict(flatten_tree(jax.device_get(one.state.params))), dict(flatten_tree(jax.device_get(four.state.params)))
     for key in a:
         np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-6, err_msg=key)
-    assert [r["simulated_time"] for r in rows_one] == [r["simulated_time"] for r in rows_four]
+    assert [r["simulated_time"] for r in rows_one] == [r["simulated_time"] for r in rows_four] == \
+        [one.schedule.step(t).time for t in range(6)]
+    assert [r["staleness_max"] for r in rows_one] == [int((t - one.schedule.step(t).versions).max()) for t in range(6)]
     assert [r["clients"] for r in rows_one] == [r["clients"] for r in rows_four]
 
 
