@@ -254,3 +254,12 @@ def test_kill_and_resume_is_bit_identical_and_a_changed_clock_is_refused(tmp_pat
     faster = ClockSettings(DeviceProfile(seconds_per_example=0.1, network_seconds=3.0), DIURNAL)
     with pytest.raises(ConfigError, match="clock"):
         simulate(fedbuff(), rounds=7, workdir=tmp_path / "cut", clock=faster)
+
+
+def test_bad_settings_are_refused_naming_the_key():
+    with pytest.raises(ConfigError, match="clock.over_selection"):
+        fs.Simulation(DATA, fedbuff(), clients_per_round=3, clock=ClockSettings(over_selection=1.3), **QUIET)
+    with pytest.raises(ConfigError, match="algorithm.options.concurrency"):
+        fs.Simulation(DATA, fedbuff(concurrency=len(SIZES) + 1), clients_per_round=3, **QUIET)
+    with pytest.raises(ValueError, match="algorithm.options.max_staleness"):
+        fedbuff(max_staleness=-1)
