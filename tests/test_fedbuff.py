@@ -23,7 +23,6 @@ import optax
 import pytest
 
 import fedstream as fs
-from fedstream.algorithms.fedbuff import FedBuff
 from fedstream.config import ConfigError
 from fedstream.data import async_schedule
 from fedstream.data.async_schedule import AsyncSchedule
@@ -37,7 +36,8 @@ from test_fedavg_reference import NumpyServerOpt
 SIZES = [0, 3, 17, 40, 2, 25, 9, 1, 60, 12, 33, 5, 21, 8, 14, 47, 6, 11, 29, 4]
 QUIET = dict(log=lambda _: None)
 PROFILE = DeviceProfile(seconds_per_example=0.2, speed_sigma=1.0, network_seconds=3.0, network_sigma=0.5)
-# Clients are online 60% of a 300 s "day": some go offline mid-job, and starts sometimes wait for one to come online.
+# Clients are online 60% of a 300 s "day" (3 time zones): some go offline mid-job, and a few starts wait for a free
+# client to come online (2 in the reference test's 60 steps).
 DIURNAL = Availability("diurnal", day_seconds=300.0, available_fraction=0.6, time_zones=3)
 
 
@@ -178,7 +178,7 @@ def reference_fedbuff(schedule, *, seed, steps, batching, client_lr, server, exp
 
 
 def fedbuff(**options):
-    return FedBuff(fs.get_model("logistic", (3, 2, 1), 4), optax.sgd(0.3), optax.sgd(0.8, momentum=0.9),
+    return fs.FedBuff(fs.get_model("logistic", (3, 2, 1), 4), optax.sgd(0.3), optax.sgd(0.8, momentum=0.9),
                    **{"concurrency": 8, "max_staleness": 2, **options})
 
 
