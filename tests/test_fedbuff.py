@@ -263,3 +263,12 @@ def test_bad_settings_are_refused_naming_the_key():
         fs.Simulation(DATA, fedbuff(concurrency=len(SIZES) + 1), clients_per_round=3, **QUIET)
     with pytest.raises(ValueError, match="algorithm.options.max_staleness"):
         fedbuff(max_staleness=-1)
+
+
+@pytest.mark.slow
+def test_debug_round_gives_each_client_its_start_version():
+    """The eager debug round (client by client) agrees with the compiled one to float rounding."""
+    compiled, _ = simulate(fedbuff(), rounds=3, clock=CLOCK)
+    eager, _ = simulate(fedbuff(), rounds=3, clock=CLOCK, debug=True)
+    for x, y in zip(jax.tree.leaves(jax.device_get(compiled.state)), jax.tree.leaves(jax.device_get(eager.state))):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=0, atol=1e-6)
