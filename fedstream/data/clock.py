@@ -27,6 +27,10 @@ The model (formulas in docs/simulated_clock.md):
   `available(seed, time, clients)`, `available_until(...)` (when the
   current online spell ends) and `next_available(...)` (when a client is
   next online) answer for arrays of clients.
+* `sample_online(seed, task, time, num_clients, m, availability, exclude)`:
+  up to `m` online clients (not in `exclude`) uniformly at random, waiting
+  for the first to come online if nobody is; the sampling step of a round,
+  and of an asynchronous server refilling its free slots.
 * `sample_with_deadline(...)`: one synchronous round with over-selection.
   At `start_time` (the previous round's end), if nobody is online the
   server waits until someone is; it samples `ceil(k * over_selection)`
@@ -512,6 +516,36 @@ def over_selected(k: int, over_selection: float) -> int:
     return max(int(k), math.ceil(k * over_selection - 1e-9))
 
 
+def sample_online(seed: int, task: int, time: float, num_clients: int, m: int, availability: Availability,
+                  exclude: np.ndarray | None = None) -> tuple[float, np.ndarray, int]:
+    """Up to `m` clients online at `time` (or, if none is, when the first comes online), uniformly at random.
+
+    Returns `(sample_time, clients, num_online)`: `clients` are drawn without
+    replacement from the online clients not in `exclude` (e.g. those already
+    busy), by `default_rng([seed, task, 10]).choice` over them in increasing
+    order. Raises RuntimeError if no client is ever online again.
+    """
+    population = np.arange(num_clients)
+    eligible = np.ones(num_clients, bool)
+    if exclude is not None:
+        eligible[np.asarray(exclude, np.int64)] = False
+    sample_time = float(time)
+    online = availability.available(seed, sample_time, population) & eligible
+    if not online.any():
+        following = availability.next_available(seed, sample_time, population)
+        sample_time = float(following[eligible].min()) if eligible.any() else math.inf
+        if not math.isfinite(sample_time):
+            raise RuntimeError(f"task {task}: no client is online at simulated time {time:g} s or ever after "
+                               "(config key clock.availability / the trace)")
+        online = availability.available(seed, sample_time, population) & eligible
+    candidates = np.flatnonzero(online)
+    if not candidates.size:
+        raise RuntimeError(f"task {task}: no client online at simulated time {sample_time!r}, when one was due")
+    rng = np.random.default_rng([seed, task, _SAMPLE_STREAM])
+    return sample_time, candidates[rng.choice(candidates.size, size=min(m, candidates.size), replace=False)], \
+        int(candidates.size)
+
+
 def sample_with_deadline(seed: int, round_index: int, start_time: float, num_clients: int, k: int,
                          over_selection: float, deadline: float, profile: DeviceProfile,
                          availability: Availability, work: np.ndarray) -> RoundOutcome:
@@ -529,22 +563,9 @@ def sample_with_deadline(seed: int, round_index: int, start_time: float, num_cli
     work = np.asarray(work)
     if work.shape != (num_clients,):
         raise ValueError(f"work has shape {work.shape}, expected ({num_clients},)")
-    population = np.arange(num_clients)
     m = over_selected(k, over_selection)
     start_time = float(start_time)
-    sample_time = start_time
-    online = availability.available(seed, sample_time, population)
-    if not online.any():
-        sample_time = float(availability.next_available(seed, start_time, population).min())
-        if not math.isfinite(sample_time):
-            raise RuntimeError(f"round {round_index}: no client is online at simulated time {start_time:g} s or "
-                               "ever after (config key clock.availability / the trace)")
-        online = availability.available(seed, sample_time, population)
-    candidates = np.flatnonzero(online)
-    if not candidates.size:
-        raise RuntimeError(f"round {round_index}: no client online at simulated time {sample_time!r}, when one was due")
-    rng = np.random.default_rng([seed, round_index, _SAMPLE_STREAM])
-    sampled = candidates[rng.choice(candidates.size, size=min(m, candidates.size), replace=False)]
+    sample_time, sampled, num_available = sample_online(seed, round_index, start_time, num_clients, m, availability)
     finish = sample_time + profile.durations(seed, round_index, sampled, work[sampled])
     offline_at = availability.available_until(seed, sample_time, sampled)
     cutoff = sample_time + deadline if deadline else np.inf
@@ -557,13 +578,16 @@ def sample_with_deadline(seed: int, round_index: int, start_time: float, num_cli
     else:  # fewer than k complete: the round ends when every sampled client's fate is known
         resolved = np.minimum(np.minimum(finish, offline_at), cutoff)
         end_time = float(resolved.max()) if resolved.size else sample_time
-    # Offline: it went offline before finishing, before the deadline and before the round ended (a client the
-    # round's end aborts first counts as late).
-    went_offline = (offline_at < finish) & (offline_at < cutoff) & (offline_at < end_time)
+    # Offline: it went offline before finishing and before the deadline, and (when k clients completed) before the
+    # k-th did: a client the round's end aborts first counts as late. At equal times a finish comes first, then
+    # the deadline, then going offline.
+    went_offline = (offline_at < finish) & (offline_at < cutoff)
+    if kept_positions.size == k:
+        went_offline &= offline_at < end_time
     kept = sampled[kept_positions]
     return RoundOutcome(
         round_index=int(round_index), start_time=start_time, sample_time=sample_time, end_time=end_time,
-        num_available=int(candidates.size), sampled=sampled, finish_times=finish, completed=completed, kept=kept,
+        num_available=num_available, sampled=sampled, finish_times=finish, completed=completed, kept=kept,
         dropped_offline=int(went_offline.sum()), dropped_late=int(sampled.size - kept.size - went_offline.sum()))
 
 

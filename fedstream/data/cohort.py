@@ -365,6 +365,8 @@ class CohortPipeline:
         """
         if self.sampling == "poisson":  # refuse an over-full round now rather than mid-run
             self.check_cohort_sizes(num_rounds)
+        if self.round_clock is not None and max(num_rounds, start_round):  # every round's clock now, not mid-run
+            self.round_clock.outcome(max(num_rounds, start_round) - 1)
         per_round = self.chunks_per_round * self.chunk_clients
         return client_chunks(range(start_round * per_round, max(num_rounds, start_round) * per_round),
                              self.load_position, self.pack, self.chunk_clients, self.data_threads,
