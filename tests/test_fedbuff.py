@@ -5,7 +5,7 @@
   checked step by step against an event-driven reference written here with
   plain lists: it shares with the library only the clock's functions (the
   device profile and availability, `fedstream.data.clock`) and the random
-  stream a start draws its client from.
+  stream a start draws its client from (a synchronous round's, by start index).
 * The server steps are checked against plain-NumPy FedBuff on softmax
   regression: each arriving client trains from the version it started
   from, its delta is scaled by 1/sqrt(1 + staleness), the scaled deltas are
@@ -24,7 +24,7 @@ import pytest
 
 import fedstream as fs
 from fedstream.config import ConfigError
-from fedstream.data import async_schedule
+from fedstream.data import clock
 from fedstream.data.async_schedule import AsyncSchedule
 from fedstream.data.clock import Availability, ClockSettings, DeviceProfile
 from fedstream.data.cohort import CohortPipeline
@@ -73,8 +73,8 @@ def reference_schedule(seed, work, concurrency, k, max_staleness, profile, avail
             if math.isfinite(wake):
                 jobs.append([max(wake, now), index, "wake", None, None])
             return
-        draw = np.random.default_rng([seed, index, async_schedule._START_STREAM])
-        client = online[int(draw.integers(len(online)))]
+        draw = np.random.default_rng([seed, index, clock._SAMPLE_STREAM])  # the clock's draw: task = start index
+        client = online[int(draw.choice(len(online), size=1, replace=False)[0])]
         seconds = profile.durations(seed, index, np.array([client]), np.array([work[client]]))[0]
         offline = availability.available_until(seed, now, np.array([client]))[0]
         busy.add(client)

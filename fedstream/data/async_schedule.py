@@ -14,10 +14,11 @@ version current when it started; the server steps after every `buffer_size`
         -- or client i goes offline before it finishes: its work is lost (counted)
         a new client starts now, from the version current after that step
 
-A new client is drawn uniformly from the clients that are online now
-(`Availability.available`), not training, and not waiting in the buffer,
-with a random stream of (seed, start index); when none is, the start waits
-until the first of them comes online (`Availability.next_available`). Its
+A new client is drawn uniformly from the clients that are online now, not
+training and not waiting in the buffer (`fedstream.data.clock.sample_online`,
+the draw of a synchronous round, with the start index as its task); when
+none is, the start waits until the first of them comes online
+(`Availability.next_available`) and draws then. Its
 job takes `DeviceProfile.durations(seed, start index, [client], work)`
 seconds: the start index is the clock's task. A client that goes offline
 (`Availability.available_until`) before it finishes is lost at that time,
@@ -38,9 +39,8 @@ import threading
 
 import numpy as np
 
-from fedstream.data.clock import Availability, DeviceProfile
+from fedstream.data.clock import Availability, DeviceProfile, sample_online
 
-_START_STREAM = 14  # the seed-sequence sub-stream of the asynchronous client draws (the clock's are 10..13)
 _ARRIVE, _LOST, _WAKE = 0, 1, 2
 
 
@@ -137,14 +137,15 @@ class AsyncSchedule:
         index = self._starts
         self._starts += 1
         free = np.flatnonzero(~self._busy)
-        online = free[np.asarray(self.availability.available(self.seed, now, free), bool)]
-        if online.size == 0:
+        if not np.asarray(self.availability.available(self.seed, now, free), bool).any():
             wake = float(self.availability.next_available(self.seed, now, free).min()) if free.size else math.inf
             if math.isfinite(wake):
                 heapq.heappush(self._events, (max(wake, now), index, _WAKE, -1, -1))
             return  # never again: this slot stays idle
-        rng = np.random.default_rng([self.seed, index, _START_STREAM])
-        client = int(online[rng.integers(online.size)])
+        # the clock's draw among the online clients (the start index is its task), as a synchronous round samples
+        _, chosen, _ = sample_online(self.seed, index, now, self.num_clients, 1, self.availability,
+                                     exclude=np.flatnonzero(self._busy))
+        client = int(chosen[0])
         one = np.array([client])
         seconds = float(self.profile.durations(self.seed, index, one, self.work[one])[0])
         offline = float(self.availability.available_until(self.seed, now, one)[0])
