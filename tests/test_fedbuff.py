@@ -141,6 +141,8 @@ def test_schedule_is_a_function_of_its_inputs_and_refuses_bad_options():
         AsyncSchedule(1, work, len(SIZES) + 1, 2, 3, PROFILE, DIURNAL)
     with pytest.raises(ValueError, match="clients_per_round"):
         AsyncSchedule(1, work, 6, 0, 3, PROFILE, DIURNAL)
+    with pytest.raises(ValueError, match="no free client"):  # 15 in flight + 6 waiting > 20 clients
+        AsyncSchedule(1, work, 15, 7, 3, PROFILE, DIURNAL)
 
 
 # --- the server steps: a NumPy reference on softmax regression -------------------------------------------------

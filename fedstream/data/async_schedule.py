@@ -92,6 +92,10 @@ class AsyncSchedule:
         if not 1 <= concurrency <= num_clients:
             raise ValueError(f"algorithm.options.concurrency={concurrency} must be in 1..{num_clients} (the clients "
                              "of the split)")
+        if concurrency + buffer_size - 1 > num_clients:
+            raise ValueError(f"algorithm.options.concurrency={concurrency} clients in flight plus up to "
+                             f"{buffer_size - 1} updates waiting in the buffer (clients_per_round={buffer_size}) "
+                             f"exceed the {num_clients} clients of the split: a refill could find no free client")
         if max_staleness < 0:
             raise ValueError(f"algorithm.options.max_staleness={max_staleness} must be >= 0")
         self.seed, self.num_clients = int(seed), num_clients
