@@ -198,7 +198,7 @@ CLOCK = ClockSettings(PROFILE, DIURNAL)
 def test_server_steps_match_numpy_reference_on_one_device():
     """The packed round of each server step (the cohort pipeline fed by the schedule) against NumPy FedBuff."""
     algorithm = fedbuff()
-    batching = ClientBatching(4, max_steps=4)
+    batching = ClientBatching(16)  # 1 to 4 local steps per client; 3 compiled shapes over the 6 steps
     pipeline = CohortPipeline(DATA, "train", ("x", "y"), seed=5, cohort_size=3, batching=batching, num_devices=1,
                               data_threads=0, chunk_bytes=0)
     schedule = AsyncSchedule(5, pipeline.client_work, 8, 3, 2, PROFILE, DIURNAL)
