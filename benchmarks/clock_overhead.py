@@ -8,6 +8,8 @@ Workload: the README run (`digits_fedavg`: the embedded digits, 100 clients, 2x2
 arms, each a `Simulation` of its own (in memory: no checkpoints, so only the rounds differ):
 
 * `plain`: FedAvg as it has always run (no clock).
+* `plain_again`: a second, identical plain simulation (the same cohorts): its ratio to `plain`
+  is the measurement's own noise (an A/A test).
 * `clock`: the same with the clock on and nothing dropped (always available, no
   over-selection, no deadline): every round keeps its 10 clients, so the rounds train as
   much as plain ones and the difference is the clock's own cost (its per-round sampling,
@@ -27,8 +29,8 @@ arm (an XLA compilation). Reported per arm: the median over its timed rounds, an
 over segments of (its median in the segment) / (plain's median in the same segment).
 
 Second table: the clock alone (`RoundClock.outcome`, diurnal availability, rounds computed one
-after another), microseconds per round for populations of 100 (the digits), 3,400 (EMNIST) and
-342,477 (Stack Overflow) clients.
+after another), wall and CPU microseconds per round for populations of 100 (the digits), 3,400
+(EMNIST) and 342,477 (Stack Overflow) clients.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from run_info import stamp
 
-ARMS = ("plain", "clock", "pipeline")
+ARMS = ("plain", "plain_again", "clock", "pipeline")
 
 
 def build(arm: str, data: Any, clients: int, seed: int) -> Any:
@@ -59,7 +61,7 @@ def build(arm: str, data: Any, clients: int, seed: int) -> Any:
     import fedstream as fs
     from fedstream.data.clock import Availability, ClockSettings
 
-    clock = {"plain": None, "clock": ClockSettings(availability=Availability("always")),
+    clock = {"plain": None, "plain_again": None, "clock": ClockSettings(availability=Availability("always")),
              "pipeline": ClockSettings.from_config(digits_fedavg_clock.get_config().clock)}[arm]
     model = fs.get_model("mlp", (8, 8, 1), 10, hidden=(200, 200))
     algorithm = fs.FedAvg(model, optax.sgd(0.1), optax.sgd(1.0))
@@ -99,6 +101,38 @@ class Arm:
             self.segments.append(rows)
 
 
+def host_path(data: Any, rounds: int, clients: int) -> dict[str, float]:
+    """CPU microseconds per round of what the loop's data path does per client with and without the clock.
+
+    `CohortPipeline.describe_position` for every position of a round (which
+    client, where it runs, its steps and weight: where the clock's cohort enters
+    the loop), plus the clock's metrics, after the clock of all rounds was
+    computed (as the pipeline does before the first round). Data reading,
+    packing and the round itself are the same with and without the clock.
+    """
+    from fedstream.data.clock import Availability, ClockSettings
+    from fedstream.data.cohort import ClientBatching, CohortPipeline
+
+    def pipeline(clock: Any) -> CohortPipeline:
+        return CohortPipeline(data, "train", ("x", "y"), seed=0, cohort_size=clients, batching=ClientBatching(10),
+                              num_devices=1, data_threads=0, clock=clock)
+
+    arms = {"plain": pipeline(None), "clock": pipeline(ClockSettings(availability=Availability("always")))}
+    arms["clock"].round_clock.outcome(rounds - 1)
+    out: dict[str, list[float]] = {name: [] for name in arms}
+    for _ in range(3):
+        for name, p in arms.items():
+            start = time.process_time()
+            per_round = p.chunks_per_round * p.chunk_clients
+            for r in range(rounds):
+                for i in range(r * per_round, (r + 1) * per_round):
+                    p.describe_position(i)
+                if p.round_clock is not None:
+                    p.round_clock.metrics(r)
+            out[name].append(1e6 * (time.process_time() - start) / rounds)
+    return {name: statistics.median(v) for name, v in out.items()}
+
+
 def clock_alone(populations: tuple[int, ...], rounds: int) -> list[dict[str, Any]]:
     """Microseconds per round of the clock by itself (diurnal availability, over-selection, a deadline)."""
     from fedstream.data.clock import Availability, ClockSettings, DeviceProfile
@@ -108,12 +142,13 @@ def clock_alone(populations: tuple[int, ...], rounds: int) -> list[dict[str, Any
         k = 10 if n <= 100 else 50
         work = np.random.default_rng(0).lognormal(np.log(100), 1.0, n)
         settings = ClockSettings(DeviceProfile(), Availability("diurnal", time_zones=24), 1.3, 60.0)
+        settings.round_clock(0, work, k).outcome(1)  # the per-client draws, cached for the run
         clock = settings.round_clock(0, work, k)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         clock.outcome(rounds - 1)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
         out.append({"population": n, "clients_per_round": k, "rounds": rounds,
-                    "us_per_round": 1e6 * seconds / rounds})
+                    "us_per_round": 1e6 * seconds / rounds, "cpu_us_per_round": 1e6 * cpu_seconds / rounds})
     return out
 
 
@@ -177,14 +212,19 @@ def main() -> None:
         print(f"{arm:9s} {result['median_round_ms']:16.2f} {ratio:15.3f} {result['ratio_with_setup']:11.3f} "
               f"{result['median_us_per_example']:18.1f} {ratio_ex:14.3f} {result['mean_examples_per_round']:15.1f} "
               f"{result['clock_setup_ms']:9.1f}")
+    host = host_path(data, args.clock_rounds, args.clients)
+    print(f"\nthe loop's per-client host path (describe_position + metrics), CPU us/round: plain {host['plain']:.0f}, "
+          f"clock {host['clock']:.0f}")
     alone = clock_alone((100, 3400, 342477), args.clock_rounds)
-    print(f"\n{'population':>10s} {'k':>4s} {'us per round (clock alone)':>28s}")
+    print(f"\nthe clock alone (diurnal, over-selection 1.3, deadline 60 s)\n{'population':>10s} {'k':>4s} "
+          f"{'wall us/round':>14s} {'CPU us/round':>13s}")
     for row in alone:
-        print(f"{row['population']:10d} {row['clients_per_round']:4d} {row['us_per_round']:28.0f}")
+        print(f"{row['population']:10d} {row['clients_per_round']:4d} {row['us_per_round']:14.0f} "
+              f"{row['cpu_us_per_round']:13.0f}")
     if args.json:
         record = stamp({"benchmark": "clock_overhead", "segments": args.segments, "segment": args.segment,
                         "warmup": args.warmup, "clients_per_round": args.clients, "arms": results,
-                        "clock_alone": alone})
+                        "clock_alone": alone, "host_path_cpu_us_per_round": host})
         with open(args.json, "a") as f:
             f.write(json.dumps(record) + "\n")
 

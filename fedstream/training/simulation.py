@@ -596,7 +596,7 @@ class Simulation:
                     if restored is not None:
                         self.state, meta = restored
                         check_config_unchanged(meta["config"], self.run_config, self.workdir)
-                        self._check_clock(meta, self.checkpointer_path(int(self.state.round)))
+                        self._check_clock(meta, self._checkpoint_path(int(self.state.round)))
                         start = int(self.state.round)
                         saved_privacy = meta.get("privacy")
                         self.log(f"resumed {self.workdir} from the checkpoint after round {start}")
@@ -812,7 +812,7 @@ class Simulation:
             callback.on_round_end(done, result, saved, self._checkpointer)
         return result
 
-    def checkpointer_path(self, step: int) -> pathlib.Path | None:
+    def _checkpoint_path(self, step: int) -> pathlib.Path | None:
         """Where the checkpoint of round `step` lives (None without a workdir)."""
         return None if self._checkpointer is None else self._checkpointer.step_path(step)
 
