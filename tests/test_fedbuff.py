@@ -5,7 +5,7 @@
   checked step by step against an event-driven reference written here with
   plain lists: it shares with the library only the clock's functions (the
   device profile and availability, `fedstream.data.clock`) and the random
-  stream a start draws its client from (a synchronous round's, by start index).
+  stream a start draws its client from.
 * The server steps are checked against plain-NumPy FedBuff on softmax
   regression: each arriving client trains from the version it started
   from, its delta is scaled by 1/sqrt(1 + staleness), the scaled deltas are
@@ -24,7 +24,7 @@ import pytest
 
 import fedstream as fs
 from fedstream.config import ConfigError
-from fedstream.data import clock
+from fedstream.data import async_schedule
 from fedstream.data.async_schedule import AsyncSchedule
 from fedstream.data.clock import Availability, ClockSettings, DeviceProfile
 from fedstream.data.cohort import CohortPipeline
@@ -66,15 +66,21 @@ def reference_schedule(seed, work, concurrency, k, max_staleness, profile, avail
     def start(now, version):
         index = counters["starts"]
         counters["starts"] += 1
+        draw = np.random.default_rng([seed, index, async_schedule._START_STREAM])
+        client = None
+        for c in draw.integers(n, size=async_schedule._TRIES).tolist():  # rejection: uniform over qualifying ones
+            if c not in busy and availability.available(seed, now, np.array([c]))[0]:
+                client = c
+                break
         free = [c for c in range(n) if c not in busy]
         online = [c for c in free if availability.available(seed, now, np.array([c]))[0]]
-        if not online:
+        if client is None and online:
+            client = online[int(draw.integers(len(online)))]
+        if client is None:
             wake = min((availability.next_available(seed, now, np.array([c]))[0] for c in free), default=math.inf)
             if math.isfinite(wake):
                 jobs.append([max(wake, now), index, "wake", None, None])
             return
-        draw = np.random.default_rng([seed, index, clock._SAMPLE_STREAM])  # the clock's draw: task = start index
-        client = online[int(draw.choice(len(online), size=1, replace=False)[0])]
         seconds = profile.durations(seed, index, np.array([client]), np.array([work[client]]))[0]
         offline = availability.available_until(seed, now, np.array([client]))[0]
         busy.add(client)

@@ -15,10 +15,12 @@ version current when it started; the server steps after every `buffer_size`
         a new client starts now, from the version current after that step
 
 A new client is drawn uniformly from the clients that are online now, not
-training and not waiting in the buffer (`fedstream.data.clock.sample_online`,
-the draw of a synchronous round, with the start index as its task); when
-none is, the start waits until the first of them comes online
-(`Availability.next_available`) and draws then. Its
+training and not waiting in the buffer, with a random stream of (seed, start
+index): by rejection (uniform draws over the population until one
+qualifies), so a refill costs O(1) rather than an availability pass over the
+population (`fedstream.data.clock.sample_online`, a synchronous round's draw,
+is that pass); when none qualifies, the start waits until the first free
+client comes online (`Availability.next_available`) and draws then. Its
 job takes `DeviceProfile.durations(seed, start index, [client], work)`
 seconds: the start index is the clock's task. A client that goes offline
 (`Availability.available_until`) before it finishes is lost at that time,
@@ -39,9 +41,11 @@ import threading
 
 import numpy as np
 
-from fedstream.data.clock import Availability, DeviceProfile, sample_online
+from fedstream.data.clock import Availability, DeviceProfile
 
 _ARRIVE, _LOST, _WAKE = 0, 1, 2
+_START_STREAM = 14  # the seed-sequence sub-stream of a refill's draw (the clock's streams are 10..13)
+_TRIES = 32  # uniform draws over the population before a refill scans the free clients
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,20 +140,34 @@ class AsyncSchedule:
 
     # --- the event loop ---------------------------------------------------------------------------------------
 
+    def _draw(self, index: int, now: float) -> int | None:
+        """A client drawn uniformly from the free clients online at `now` (None if there is none).
+
+        Rejection sampling: up to `_TRIES` uniform draws over the population,
+        the first free and online one kept; only when all miss (few such
+        clients) a vectorized pass over the free clients. Uniform either way,
+        and O(1) per refill in the common case where it is not O(population)
+        (a refill's availability pass over 342,477 clients costs milliseconds).
+        """
+        rng = np.random.default_rng([self.seed, index, _START_STREAM])
+        for client in rng.integers(self.num_clients, size=_TRIES).tolist():
+            if not self._busy[client] and self.availability.available(self.seed, now, np.array([client]))[0]:
+                return int(client)
+        free = np.flatnonzero(~self._busy)
+        online = free[np.asarray(self.availability.available(self.seed, now, free), bool)]
+        return int(online[rng.integers(online.size)]) if online.size else None
+
     def _start(self, now: float, version: int) -> None:
         """Starts one client at `now` from server `version`, or waits for the first free client to come online."""
         index = self._starts
         self._starts += 1
-        free = np.flatnonzero(~self._busy)
-        if not np.asarray(self.availability.available(self.seed, now, free), bool).any():
+        client = self._draw(index, now)
+        if client is None:
+            free = np.flatnonzero(~self._busy)
             wake = float(self.availability.next_available(self.seed, now, free).min()) if free.size else math.inf
             if math.isfinite(wake):
                 heapq.heappush(self._events, (max(wake, now), index, _WAKE, -1, -1))
             return  # never again: this slot stays idle
-        # the clock's draw among the online clients (the start index is its task), as a synchronous round samples
-        _, chosen, _ = sample_online(self.seed, index, now, self.num_clients, 1, self.availability,
-                                     exclude=np.flatnonzero(self._busy))
-        client = int(chosen[0])
         one = np.array([client])
         seconds = float(self.profile.durations(self.seed, index, one, self.work[one])[0])
         offline = float(self.availability.available_until(self.seed, now, one)[0])
