@@ -49,6 +49,7 @@ _EXPORTS = {
     "AgnosticFedAvg": "fedstream.algorithms.agnostic_fedavg",
     "HypCluster": "fedstream.algorithms.hyp_cluster",
     "Ditto": "fedstream.algorithms.ditto",
+    "APFL": "fedstream.algorithms.apfl",
     "FedBuff": "fedstream.algorithms.fedbuff",
     "Aggregated": "fedstream.algorithms.aggregators",
     "Aggregator": "fedstream.algorithms.aggregators",

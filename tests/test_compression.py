@@ -36,13 +36,16 @@ SHAPE = (int(np.prod(rt.INPUT_SHAPE)), rt.NUM_CLASSES)
 
 def test_fwht_is_the_orthonormal_hadamard_transform_and_rotation_inverts():
     x = np.random.default_rng(0).normal(size=(3, 64)).astype(np.float32)
-    np.testing.assert_allclose(np.asarray(fwht(jnp.asarray(x))), x @ hadamard(64).T / 8.0, rtol=1e-5, atol=1e-5)
+    # Jitted: one compilation each instead of one per eager operation (the test's time).
+    np.testing.assert_allclose(np.asarray(jax.jit(fwht)(jnp.asarray(x))), x @ hadamard(64).T / 8.0, rtol=1e-5,
+                               atol=1e-5)
     v = jnp.asarray(np.random.default_rng(1).normal(size=37), jnp.float32)
     key = jax.random.PRNGKey(5)
-    y = rotate(v, key)
+    y = jax.jit(rotate)(v, key)
     assert y.shape == (64,) and padded_size(37) == 64 and padded_size(64) == 64 and padded_size(1) == 1
     np.testing.assert_allclose(float(jnp.linalg.norm(y)), float(jnp.linalg.norm(v)), rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(unrotate(y, key, 37)), np.asarray(v), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(jax.jit(unrotate, static_argnums=2)(y, key, 37)), np.asarray(v), rtol=1e-5,
+                               atol=1e-6)
 
 
 def _draws(codec_fn, x, count, seed=0):
@@ -139,13 +142,18 @@ def test_topk_error_feedback_telescopes_and_counts_bits():
 def test_bits_and_bad_options():
     x = jnp.ones(28, jnp.float32)
     key = jax.random.PRNGKey(0)
-    assert float(make_codec("none").encode(x, key, None, None)[2]) == 32 * 28
-    assert float(make_codec("quantize", bits=4).encode(x, key, None, None)[2]) == 4 * 28 + 64
-    assert float(make_codec("quantize", bits=4, scale="norm").encode(x, key, None, None)[2]) == 4 * 28 + 32
-    assert float(make_codec("quantize", bits=4, rotate=True).encode(x, key, key, None)[2]) == 4 * 32 + 64
+
+    def bits(codec, round_key=None):  # jitted: one compilation per codec instead of one per eager operation
+        return float(jax.jit(lambda v, k, rk: codec.encode(v, k, rk, None)[2])(x, key, round_key))
+
+    assert bits(make_codec("none")) == 32 * 28
+    assert bits(make_codec("quantize", bits=4)) == 4 * 28 + 64
+    assert bits(make_codec("quantize", bits=4, scale="norm")) == 4 * 28 + 32
+    assert bits(make_codec("quantize", bits=4, rotate=True), key) == 4 * 32 + 64
     # A constant vector quantizes to itself (span 0), and so does the zero vector under 'norm'.
-    np.testing.assert_array_equal(np.asarray(quantize_minmax(x, 2, key)), np.ones(28))
-    np.testing.assert_array_equal(np.asarray(quantize_norm(jnp.zeros(5), 2, key)), np.zeros(5))
+    np.testing.assert_array_equal(np.asarray(jax.jit(quantize_minmax, static_argnums=1)(x, 2, key)), np.ones(28))
+    np.testing.assert_array_equal(np.asarray(jax.jit(quantize_norm, static_argnums=1)(jnp.zeros(5), 2, key)),
+                                  np.zeros(5))
     for bad in (dict(name="quantize", bits=0), dict(name="quantize", bits=1, scale="norm"),
                 dict(name="quantize", scale="max"), dict(name="topk", topk_fraction=0.0), dict(name="zip")):
         name = bad.pop("name")

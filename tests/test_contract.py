@@ -148,6 +148,7 @@ def test_capabilities_are_class_attributes():
         "mimelite": (True, False, False, False, False),
         "hyp_cluster": (True, False, False, True, False),
         "ditto": (False, True, True, False, False),
+        "apfl": (False, True, True, False, False),
     }
     for name, flags in expected.items():
         algorithm = build_algorithm(name, model, sgd, sgd, context=context)

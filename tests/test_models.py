@@ -15,10 +15,13 @@ def test_patches_conv_matches_lax_conv(padding, kernel):
     kx, kk = jax.random.split(jax.random.PRNGKey(0))
     x = jax.random.normal(kx, (3, 11, 9, 4))
     w = jax.random.normal(kk, (*kernel, 4, 6))
-    np.testing.assert_allclose(conv2d(x, w, padding, "patches"), conv2d(x, w, padding, "xla"), rtol=1e-5, atol=1e-5)
+    # Jitted: one compilation per implementation instead of one per eager operation (the test's time).
+    patches = jax.jit(lambda x, w: conv2d(x, w, padding, "patches"))
+    xla = jax.jit(lambda x, w: conv2d(x, w, padding, "xla"))
+    np.testing.assert_allclose(patches(x, w), xla(x, w), rtol=1e-5, atol=1e-5)
     # Gradients too (they drive training).
-    g1 = jax.grad(lambda x, w: jnp.sum(jnp.sin(conv2d(x, w, padding, "patches"))), (0, 1))(x, w)
-    g2 = jax.grad(lambda x, w: jnp.sum(jnp.sin(conv2d(x, w, padding, "xla"))), (0, 1))(x, w)
+    g1 = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(conv2d(x, w, padding, "patches"))), (0, 1)))(x, w)
+    g2 = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(conv2d(x, w, padding, "xla"))), (0, 1)))(x, w)
     for a, b in zip(g1, g2):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
@@ -28,20 +31,21 @@ def test_emnist_cnn_shape_params_and_dropout():
     params = model.init(jax.random.PRNGKey(0))
     assert sum(p.size for p in jax.tree.leaves(params)) == 1_206_590  # Reddi et al.'s CNN, 62 classes
     x = jax.random.normal(jax.random.PRNGKey(1), (4, 28, 28, 1))
-    eval_logits = model.apply(params, x)
+    apply = jax.jit(model.apply)  # jitted: one compilation instead of one per eager operation
+    eval_logits = apply(params, x)
     assert eval_logits.shape == (4, 62)
-    a = model.apply(params, x, rng=jax.random.PRNGKey(2))
-    b = model.apply(params, x, rng=jax.random.PRNGKey(3))
+    a = apply(params, x, rng=jax.random.PRNGKey(2))
+    b = apply(params, x, rng=jax.random.PRNGKey(3))
     assert not np.allclose(a, b)  # different keys, different dropout masks
-    np.testing.assert_array_equal(a, model.apply(params, x, rng=jax.random.PRNGKey(2)))
+    np.testing.assert_array_equal(a, apply(params, x, rng=jax.random.PRNGKey(2)))
     xla = get_model("cnn", (28, 28, 1), 62, conv_impl="xla")
-    np.testing.assert_allclose(xla.apply(params, x), eval_logits, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(jax.jit(xla.apply)(params, x), eval_logits, rtol=1e-4, atol=1e-4)
 
 
 def test_metrics_respect_mask():
     model = get_model("logistic", (2,), 3)
     logits = jnp.array([[5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0]])
-    m = model.metrics(logits, jnp.array([0, 0, 2]), jnp.array([True, False, True])).compute()
+    m = jax.jit(model.metrics)(logits, jnp.array([0, 0, 2]), jnp.array([True, False, True])).compute()  # jitted: fast
     assert float(m["accuracy"]) == 1.0
     with pytest.raises(ValueError, match="unknown model"):
         get_model("resnet", (2,), 3)
@@ -65,8 +69,9 @@ def test_sequence_scores_mask_special_tokens_like_a_numpy_reference():
     hit = logits.argmax(-1) == labels
     expected_loss = (nll * in_loss).sum() / in_loss.sum()
     expected_acc = (hit & in_acc).sum() / in_acc.sum()
-    np.testing.assert_allclose(model.batch_loss(jnp.array(logits), jnp.array(labels), jnp.array(mask)),
+    # Jitted: one compilation each instead of one per eager operation (the test's time).
+    np.testing.assert_allclose(jax.jit(model.batch_loss)(jnp.array(logits), jnp.array(labels), jnp.array(mask)),
                                expected_loss, rtol=1e-5)
-    m = model.metrics(jnp.array(logits), jnp.array(labels), jnp.array(mask)).compute()
+    m = jax.jit(model.metrics)(jnp.array(logits), jnp.array(labels), jnp.array(mask)).compute()
     np.testing.assert_allclose(float(m["loss"]), expected_loss, rtol=1e-5)
     np.testing.assert_allclose(float(m["accuracy"]), expected_acc, rtol=1e-6)

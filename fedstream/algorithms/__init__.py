@@ -326,6 +326,7 @@ def build_algorithm(name: str | AlgorithmFactory, model: Model, client_optimizer
 from fedstream.algorithms import agnostic_fedavg, fednova, fedprox, hyp_cluster, mime, mimelite  # noqa: E402,F401
 from fedstream.algorithms import dp_fedavg  # noqa: E402,F401  (dp_fedavg, compressed_fedavg)
 from fedstream.algorithms import ditto  # noqa: E402,F401
+from fedstream.algorithms import apfl  # noqa: E402,F401
 from fedstream.algorithms import fedbuff  # noqa: E402,F401
 
 __all__ = ["Algorithm", "Contribution", "RoundTotal", "FedAvg", "ServerState", "make_optimizer",

@@ -553,8 +553,8 @@ class Aggregated(Algorithm):
             template.update(s.client_template(size))
         return template
 
-    def personal_model(self, stored: Any) -> tuple[Params, Any]:
-        return self.base.personal_model(stored["inner"])
+    def personal_model(self, stored: Any, params: Params = None) -> tuple[Params, Any]:
+        return self.base.personal_model(stored["inner"], params)
 
     def log_values(self, metrics: Mapping[str, Any]) -> dict[str, float]:
         """The base's log values of its own metrics, and the aggregators' (`round_log`)."""

@@ -279,10 +279,12 @@ class Algorithm:
 
     # -- what else the runner and the simulation read --
 
-    def personal_model(self, stored: Any) -> tuple[Params, Any]:
+    def personal_model(self, stored: Any, params: Params = None) -> tuple[Params, Any]:
         """(personal params, whether the client has one) from stored states (leaves with any leading shape).
 
-        Only called when `has_personal_models`.
+        `params` is the current global model (host arrays, no leading axis),
+        for personal models defined relative to it (APFL's mix); Ditto's v_i
+        ignores it. Only called when `has_personal_models`.
         """
         raise NotImplementedError(f"{type(self).__name__} keeps no personal models")
 

@@ -130,8 +130,10 @@ class Ditto(FedAvg):
         delta = jax.tree.map(lambda d: jnp.where(finite, d, jnp.nan), contribution.weighted)
         return contribution.replace(weighted=delta), {"v": client.personal, "initialized": jnp.ones((), jnp.int32)}
 
-    def personal_model(self, stored: Any) -> tuple[Params, Any]:
-        """(v_i, whether client i has one) from stored states (leaves with any leading shape; NumPy or JAX)."""
+    def personal_model(self, stored: Any, params: Params = None) -> tuple[Params, Any]:
+        """(v_i, whether client i has one) from stored states (leaves with any leading shape; NumPy or JAX).
+
+        `params` (the global model) is not needed: v_i is a model of its own."""
         return stored["v"], stored["initialized"] > 0
 
 

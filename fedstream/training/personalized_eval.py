@@ -1,4 +1,4 @@
-"""Personalized evaluation: "FedAvg + fine-tune", and per-client personal models (Ditto) from the client-state store.
+"""Personalized evaluation: "FedAvg + fine-tune", and per-client personal models (Ditto, APFL) from the client store.
 
 For every client c of the test split, with w the server model:
 
@@ -8,7 +8,8 @@ For every client c of the test split, with w the server model:
         client_example_order(seed, round_index, c_train, n, ...) (see PersonalizedEvalPipeline);
         f_c is the plain model loss (the mean cross-entropy over the batch's scored targets).
     personal (evaluate_personal):
-        theta_c <- v_c from the store if client c has one (Ditto: it was sampled at least once), else w
+        theta_c <- client c's personal model if it has one (it was sampled at least once), else w:
+        Ditto's v_c from the store, APFL's alpha_c v_c + (1 - alpha_c) w (`Algorithm.personal_model`)
     then score theta_c on c's TEST examples and report `summarize_eval`'s pooled and client-mean loss/accuracy.
 
 Test clients without train data (or with no train client of the same id)
@@ -155,11 +156,12 @@ def _run(algorithm: Algorithm, params: Any, pipeline: PersonalizedEvalPipeline, 
     """Per-client sums over the test split, and the number of scored clients left on the global model."""
     sums: dict[str, list[np.ndarray]] = {key: [] for key in EVAL_SUMS}
     on_global = 0
+    host_params = jax.device_get(params) if store is not None else None  # for models mixed with w (APFL)
     for part in pipeline.chunks():
         batch = part["batch"]
         personal = None
         if store is not None:
-            v, has = algorithm.personal_model(store.read(part["slot_train_client"]))
+            v, has = algorithm.personal_model(store.read(part["slot_train_client"]), host_params)
             scored = part["slot_test_client"] >= 0
             use = np.asarray(has, bool) & (part["slot_train_client"] >= 0) & scored
             on_global += int((scored & ~use).sum())
@@ -194,11 +196,13 @@ def evaluate_finetuned(algorithm: Algorithm, params: Any, dataset: Any, config: 
 def evaluate_personal(algorithm: Algorithm, params: Any, store: ClientStateStore, dataset: Any,
                       config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
                       eval_fn: PersonalizedEvalFn | None = None) -> dict[str, float]:
-    """Each test client scored with its personal model from `store` (Ditto's v_c), or `params` if it has none.
+    """Each test client scored with its personal model from `store` (Ditto's v_c, APFL's mix with `params`), or
+    `params` if it has none.
 
-    `algorithm.personal_model(stored) -> (params pytree, has_one)` reads the
-    store's states; the store is indexed by train-split position and test
-    clients are matched by id. Returns `summarize_eval`'s numbers with a
+    `algorithm.personal_model(stored, params) -> (params pytree, has_one)`
+    reads the store's states (`params`: the global model, on the host); the
+    store is indexed by train-split position and test clients are matched
+    by id. Returns `summarize_eval`'s numbers with a
     `personal_` prefix, plus `personal_clients_on_global_model` (scored
     test clients never trained, or absent from the train split).
     """
