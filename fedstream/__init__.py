@@ -50,6 +50,7 @@ _EXPORTS = {
     "HypCluster": "fedstream.algorithms.hyp_cluster",
     "Ditto": "fedstream.algorithms.ditto",
     "APFL": "fedstream.algorithms.apfl",
+    "FedBuff": "fedstream.algorithms.fedbuff",
     "Aggregated": "fedstream.algorithms.aggregators",
     "Aggregator": "fedstream.algorithms.aggregators",
     "Clip": "fedstream.algorithms.aggregators",

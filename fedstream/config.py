@@ -365,7 +365,7 @@ def default_train_config() -> ml_collections.ConfigDict:
     # A simulated clock under the rounds (docs/simulated_clock.md): device speeds, availability, over-selection
     # and a deadline. Off: rounds are the idealized ones (every sampled client answers, instantly).
     c.clock = ml_collections.ConfigDict()
-    c.clock.enabled = False
+    c.clock.enabled = False  # run the rounds on the simulated clock (docs/simulated_clock.md)
     c.clock.over_selection = 1.0  # a round samples ceil(clients_per_round * this) online clients, keeps the first k
     c.clock.deadline = 0.0  # simulated seconds a round waits for its clients (0 = no deadline)
     c.clock.start_time = 0.0  # simulated time at which round 1 starts (seconds; shifts the diurnal cycle)

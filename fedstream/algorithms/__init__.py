@@ -328,6 +328,7 @@ from fedstream.algorithms import dp_fedavg  # noqa: E402,F401  (dp_fedavg, compr
 from fedstream.algorithms import dp_ftrl  # noqa: E402,F401  (dp_ftrl)
 from fedstream.algorithms import ditto  # noqa: E402,F401
 from fedstream.algorithms import apfl  # noqa: E402,F401
+from fedstream.algorithms import fedbuff  # noqa: E402,F401
 
 __all__ = ["Algorithm", "Contribution", "RoundTotal", "FedAvg", "ServerState", "make_optimizer",
            "OPTIMIZER_NAMES", "register_algorithm", "algorithm_names", "build_algorithm", "resolve_algorithm",

@@ -583,6 +583,18 @@ class Aggregated(Algorithm):
         return self.base.has_personal_models
 
     @property
+    def per_client_broadcast(self) -> bool:  # type: ignore[override]
+        return self.base.per_client_broadcast
+
+    @property
+    def slot_features(self) -> tuple[str, ...]:  # type: ignore[override]
+        return self.base.slot_features
+
+    @property
+    def is_asynchronous(self) -> bool:  # type: ignore[override]
+        return self.base.is_asynchronous
+
+    @property
     def is_clustered(self) -> bool:  # type: ignore[override]
         return self.base.is_clustered
 
@@ -666,6 +678,10 @@ class Aggregated(Algorithm):
         for s in self.stages:
             own.update(s.broadcast(extra, state.round))
         return self._join(self.base.broadcast(self._base_state(state)), own)
+
+    def client_broadcast(self, broadcast: Any, slot: Mapping[str, jax.Array]) -> Any:
+        inner, own = self._split(broadcast)
+        return self._join(self.base.client_broadcast(inner, slot), own)
 
     def client_init(self, broadcast: Any, stored: Any = None, prepass: Any = None) -> Any:
         return self.base.client_init(self._split(broadcast)[0], self._base_stored(stored), prepass)

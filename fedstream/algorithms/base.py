@@ -122,6 +122,7 @@ class Algorithm:
     compiled; `build_debug_round` runs the same eagerly):
 
         b = broadcast(state)                                      # once, replicated
+        [only if `per_client_broadcast`: each client i below uses b_i = client_broadcast(b, slot_i)]
         [only if `uses_prepass`: p_i = sum of prepass_step(b, batch) over client i's
          examples (each once), at the broadcast model; b = after_prepass(b, sum_i p_i)]
         per client i:  c = client_init(b, stored_i, p_i)          # stored_i: per-client state (if any)
@@ -177,6 +178,14 @@ class Algorithm:
     updates_on_empty_rounds: ClassVar[bool] = False
     # Dataset features the algorithm reads besides the model's input and label (e.g. domain_id).
     extra_features: ClassVar[tuple[str, ...]] = ()
+    # Each client gets its own view of the broadcast (`client_broadcast`), chosen by its slot features (FedBuff:
+    # the model version the client started from).
+    per_client_broadcast: ClassVar[bool] = False
+    # Per-client slot features the algorithm reads in `client_broadcast` (int32, besides the runner's own).
+    slot_features: ClassVar[tuple[str, ...]] = ()
+    # Clients train asynchronously on the simulated clock: a round is one server step over the updates that
+    # arrived for it (FedBuff; the algorithm has `concurrency` and `max_staleness`).
+    is_asynchronous: ClassVar[bool] = False
 
     # -- server side --
 
@@ -188,6 +197,15 @@ class Algorithm:
     def broadcast(self, state: ServerState) -> Any:
         """What every client of the round receives (here: the server params, under "params")."""
         return {"params": state.params}
+
+    def client_broadcast(self, broadcast: Any, slot: Mapping[str, jax.Array]) -> Any:
+        """One client's view of the broadcast, from its slot features (only called when `per_client_broadcast`).
+
+        `slot` holds the client's scalars: `slot_client`, `slot_weight`, ... and
+        the algorithm's own `slot_features`. The result replaces the broadcast
+        in every client hook of that client.
+        """
+        return broadcast
 
     def server_update(self, state: ServerState, total: RoundTotal, rng: jax.Array | None = None) -> ServerState:
         """The next server state from the round's sums (`rng`: the round's server key); round + 1."""

@@ -146,6 +146,16 @@ class CohortPipeline:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES  # packed bytes per round call; 0 = the whole round in one call
     # A simulated clock: rounds keep the first cohort_size over-selected online clients to finish (None = off).
     clock: ClockSettings | None = None
+    # Where each round's cohort comes from instead of sampling or the clock's rounds: an object with
+    # `cohort(round) -> client indices`, `slot_keys` and `slot_features(round) -> {key: value per cohort position}`
+    # (FedBuff's arrivals of a server step and the model versions they started from:
+    # `fedstream.data.async_schedule.AsyncSchedule`).
+    schedule: Any = None
+
+    @property
+    def extra_slot_keys(self) -> tuple[str, ...]:
+        """Per-client slot features of the schedule (none without one)."""
+        return tuple(self.schedule.slot_keys) if self.schedule is not None else ()
 
     def __post_init__(self) -> None:
         _fixed_features(self.source.schema, self.features)
@@ -164,6 +174,9 @@ class CohortPipeline:
             raise ValueError(f"lanes must be >= 1, got {self.lanes}")
         if self.chunk_bytes < 0:
             raise ValueError(f"chunk_bytes must be >= 0 (0 = no budget), got {self.chunk_bytes}")
+        if self.schedule is not None and (self.sampling != "uniform" or self.clock is not None):
+            raise ValueError("an asynchronous schedule chooses the clients itself on its own clock; it needs "
+                             "sampling='uniform' and no synchronous clock")
 
     @functools.cached_property
     def rate(self) -> float:
@@ -239,8 +252,11 @@ class CohortPipeline:
     def cohort(self, round_index: int) -> np.ndarray:
         """Client indices of round `round_index` (under Poisson sampling, at most `slots` of them, else an error).
 
-        With the simulated clock: the clients the round keeps (at most `slots`).
+        With the simulated clock: the clients the round keeps (at most `slots`); with an asynchronous
+        `schedule`: the updates of server step `round_index`.
         """
+        if self.schedule is not None:
+            return self.schedule.cohort(round_index)
         if self.round_clock is not None:
             return self.round_clock.outcome(round_index).kept
         cohort = _cached_cohort(self.seed, round_index, len(self.sizes), self.cohort_size, self.sampling, self.rate)
@@ -270,6 +286,10 @@ class CohortPipeline:
                                    "client": -1, "num_examples": 0, "steps": 0, "weight": 0.0, "examples_used": 0,
                                    "kept": 0, "bin": -1, "data": None, "order": None, "padding": True}
         position = int(layout.order[rest]) if rest < layout.order.size else len(cohort)
+        if self.schedule is not None:
+            features = self.schedule.slot_features(round_index)
+            element["slot_extra"] = {k: int(features[k][position]) if position < len(cohort) else 0
+                                     for k in self.extra_slot_keys}
         if position >= len(cohort):
             return element
         client = int(cohort[position])
@@ -295,7 +315,8 @@ class CohortPipeline:
     def empty_chunk(self, shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
         """An all-padding chunk of `shape` (from `chunk_shapes`) for this process's devices: to compile ahead."""
         return empty_chunk_batch(self.source.schema, self.features, self.batching.batch_size,
-                                 len(local_rows(self.local_devices, self.num_devices)), self.lanes, *shape)
+                                 len(local_rows(self.local_devices, self.num_devices)), self.lanes, *shape,
+                                 self.extra_slot_keys)
 
     def load_position(self, flat: int) -> dict[str, Any]:
         """One client of one chunk (`describe_position`) with its kept examples and step positions (Grain map)."""
@@ -318,7 +339,7 @@ class CohortPipeline:
         """Packs one chunk's client elements into the arrays of one round call, with its host-side statistics."""
         rows = local_rows(self.local_devices, self.num_devices)
         packed = pack_chunk(elements, self.source.schema, self.features, self.batching.batch_size, self.num_devices,
-                            self.lanes, rows, self.examples_per_step)
+                            self.lanes, rows, self.examples_per_step, self.extra_slot_keys)
         keys = {(int(e["round"]), int(e["chunk"])) for e in elements}
         if len(keys) != 1:
             raise RuntimeError(f"a packed chunk mixes (round, chunk) {sorted(keys)}; the cohort pipeline is misaligned")

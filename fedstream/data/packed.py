@@ -96,13 +96,14 @@ def chunk_clients_for_budget(client_bytes: np.ndarray, budget: int, slots: int) 
 
 
 def empty_chunk_batch(schema: Any, features: Sequence[str], batch_size: int, rows: int, lanes: int, steps: int,
-                      examples: int, slots: int) -> dict[str, np.ndarray]:
+                      examples: int, slots: int, extra_slot_keys: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """An all-padding chunk: `[rows, lanes, examples, ...]` features, a -1 `index` `[rows, lanes, steps, batch]`
-    and `[rows, lanes, slots]` slot arrays (weight 0: unused)."""
+    and `[rows, lanes, slots]` slot arrays (weight 0: unused), plus int32 `extra_slot_keys` (an algorithm's
+    own per-client slot features, e.g. FedBuff's `slot_version`)."""
     batch = {name: np.zeros((rows, lanes, examples, *schema[name].shape), np.dtype(schema[name].dtype))
              for name in features}
     batch["index"] = np.full((rows, lanes, steps, batch_size), -1, np.int32)
-    for key in SLOT_KEYS:
+    for key in (*SLOT_KEYS, *extra_slot_keys):
         batch[key] = np.zeros((rows, lanes, slots), np.float32 if key == "slot_weight" else np.int32)
     return batch
 
@@ -132,18 +133,21 @@ def chunk_dims(members: Sequence[Sequence[Mapping[str, Any]]], examples_per_step
 
 
 def pack_chunk(elements: Sequence[Mapping[str, Any]], schema: Any, features: Sequence[str], batch_size: int,
-               num_devices: int, lanes: int, rows: Sequence[int], examples_per_step: float = 0.0) -> dict[str, Any]:
+               num_devices: int, lanes: int, rows: Sequence[int], examples_per_step: float = 0.0,
+               extra_slot_keys: Sequence[str] = ()) -> dict[str, Any]:
     """Packs one chunk's client elements (in execution order) into the arrays of one round call.
 
     Each element has `bin`, `steps`, `weight`, `client`, `examples_used`,
     and, for clients of the devices in `rows` (mesh positions built here),
     `data` (its kept examples per feature) and `order` (`client_epoch_plan`'s
-    positions). Returns `batch` and the chunk's `executed_step_slots`: bins x
+    positions); with `extra_slot_keys`, `slot_extra` maps each key to the
+    client's value. Returns `batch` and the chunk's `executed_step_slots`: bins x
     the busiest device's lockstep steps (lanes wait for their slowest lane).
     """
     row_of = {d: i for i, d in enumerate(rows)}
     members = chunk_members(elements, num_devices * lanes)
-    batch = empty_chunk_batch(schema, features, batch_size, len(rows), lanes, *chunk_dims(members, examples_per_step))
+    batch = empty_chunk_batch(schema, features, batch_size, len(rows), lanes, *chunk_dims(members, examples_per_step),
+                              extra_slot_keys)
     for b, m in enumerate(members):
         device, lane = divmod(b, lanes)
         if device not in row_of:
@@ -164,6 +168,8 @@ def pack_chunk(elements: Sequence[Mapping[str, Any]], schema: Any, features: Seq
             batch["slot_weight"][r, lane, k] = e["weight"]
             batch["slot_client"][r, lane, k] = e["client"]
             batch["slot_examples"][r, lane, k] = e["examples_used"]
+            for key in extra_slot_keys:
+                batch[key][r, lane, k] = e["slot_extra"][key]
             t += s
             x += n
     lockstep = np.zeros(num_devices, np.int64)

@@ -281,8 +281,10 @@ def build_train_round(algorithm: Algorithm, mesh: jax.sharding.Mesh, seed: int, 
         return examples, index, slots, broadcast, prepass
 
     def carry_template(state: ServerState, batch: Mapping[str, jax.Array], stored: Any) -> Any:
-        _, _, _, broadcast, prepass = device_parts(state, batch, stored)
+        _, _, slots, broadcast, prepass = device_parts(state, batch, stored)
         one = lambda tree: jax.tree.map(lambda a: a[0, 0], tree)  # noqa: E731 - lane 0, slot 0
+        if algorithm.per_client_broadcast:
+            broadcast = algorithm.client_broadcast(broadcast, one(slots))
         sums = jax.eval_shape(lambda: client_total(algorithm.client_contribution(
             algorithm.client_init(broadcast, one(jax.tree.map(lambda a: a[0], stored)), one(prepass)), broadcast,
             jnp.float32(1), one(jax.tree.map(lambda a: a[0], stored)), one(prepass), jax.random.PRNGKey(0))[0],
@@ -307,18 +309,21 @@ def build_train_round(algorithm: Algorithm, mesh: jax.sharding.Mesh, seed: int, 
 
             def train(carry):
                 sums, metrics, bad = carry
+                # FedBuff: the client's own view (the model version it started from); others: the broadcast
+                mine = varying(algorithm.client_broadcast(broadcast, slot)) if algorithm.per_client_broadcast \
+                    else broadcast
 
                 def local_step(t, inner):
                     client, metrics = inner
                     key = step_key(seed, round_index, slot["slot_client"], t)
                     client, step_metrics = algorithm.client_step(
-                        client, gather_step(examples, index, lane, slot["slot_offset"] + t), key, broadcast)
+                        client, gather_step(examples, index, lane, slot["slot_offset"] + t), key, mine)
                     return varying((client, metrics.merge(step_metrics)))
 
-                start = varying((algorithm.client_init(broadcast, stored_i, prepass_i), TrainMetrics.empty()))
+                start = varying((algorithm.client_init(mine, stored_i, prepass_i), TrainMetrics.empty()))
                 client, client_metrics = jax.lax.fori_loop(0, slot["slot_steps"], local_step, start)
                 contribution, new_stored = algorithm.client_contribution(
-                    client, broadcast, slot["slot_weight"], stored_i, prepass_i,
+                    client, mine, slot["slot_weight"], stored_i, prepass_i,
                     client_key(seed, round_index, slot["slot_client"]))
                 contribution = client_total(contribution, slot["slot_weight"])  # weighted x p_i, p_i, summed, ...
                 # A client whose update is not finite (NaN/Inf) is left out of the round, its stored
@@ -429,16 +434,20 @@ def build_debug_round(
             for d, lane, j in clients:
                 client_id = int(host["slot_client"][d, lane, j])
                 stored_i = stored_of(d, lane, j)
-                client = algorithm.client_init(broadcast, stored_i, prepass.get((d, lane, j)))
+                mine = broadcast
+                if algorithm.per_client_broadcast:
+                    mine = algorithm.client_broadcast(broadcast, {k: jnp.asarray(v[d, lane, j]) for k, v in host.items()
+                                                                  if k.startswith("slot_")})
+                client = algorithm.client_init(mine, stored_i, prepass.get((d, lane, j)))
                 client_metrics = TrainMetrics.empty()
                 for t in range(int(host["slot_steps"][d, lane, j])):
                     key = step_key(seed, state.round, jnp.int32(client_id), jnp.int32(t))
                     client, step_metrics = algorithm.client_step(
-                        client, step_batch(d, lane, int(host["slot_offset"][d, lane, j]) + t), key, broadcast)
+                        client, step_batch(d, lane, int(host["slot_offset"][d, lane, j]) + t), key, mine)
                     client_metrics = client_metrics.merge(step_metrics)
                 weight = jnp.float32(host["slot_weight"][d, lane, j])
                 contribution, stored_out = algorithm.client_contribution(
-                    client, broadcast, weight, stored_i, prepass.get((d, lane, j)),
+                    client, mine, weight, stored_i, prepass.get((d, lane, j)),
                     client_key(seed, state.round, jnp.int32(client_id)))
                 contribution = client_total(contribution, weight)
                 if not all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(contribution)):
@@ -450,8 +459,10 @@ def build_debug_round(
                     new_stored = jax.tree.map(lambda all_, one: _set(all_, (d, lane, j), one), new_stored, stored_out)
             if sums is None:  # no client trained: zeros shaped like a contribution
                 d, lane, j = clients[0] if clients else (0, 0, 0)
+                mine = broadcast if not algorithm.per_client_broadcast else algorithm.client_broadcast(
+                    broadcast, {k: jnp.asarray(v[d, lane, j]) for k, v in host.items() if k.startswith("slot_")})
                 shape = jax.eval_shape(lambda: client_total(algorithm.client_contribution(
-                    algorithm.client_init(broadcast, stored_of(d, lane, j), None), broadcast, jnp.float32(1),
+                    algorithm.client_init(mine, stored_of(d, lane, j), None), mine, jnp.float32(1),
                     stored_of(d, lane, j), None, jax.random.PRNGKey(0))[0], jnp.float32(1)))
                 sums = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shape)
             key = server_key(seed, state.round)

@@ -38,6 +38,7 @@ from fedstream.algorithms.aggregators import Aggregator
 from fedstream.algorithms.base import Algorithm, ServerState
 from fedstream.algorithms.privacy import PrivacyLedger, PrivacyLedgerError, TreeMechanism
 from fedstream.config import ConfigError, check_clients_per_round, flatten, validate_train_config
+from fedstream.data.async_schedule import AsyncSchedule
 from fedstream.data.augment import get_augmentation
 from fedstream.data.clock import ClockSettings
 from fedstream.data.packed import idle_step_fraction
@@ -375,7 +376,9 @@ class Simulation:
         hooks; results equal the compiled round's to float rounding; slow).
       clock: run the rounds on a simulated clock (`fedstream.data.clock.ClockSettings`: device speeds,
         availability, over-selection, a deadline); each round's train metrics then carry `simulated_time`
-        and its dropped clients. None: the idealized rounds.
+        and its dropped clients. None: the idealized rounds. An asynchronous algorithm (FedBuff) always runs
+        on a clock (None: `ClockSettings()`): a round is then one server step, its cohort the K =
+        `clients_per_round` updates that arrive for it (`fedstream.data.async_schedule`).
     """
 
     def __init__(self, dataset: Any, algorithm: Algorithm, *, clients_per_round: int = 10, batch_size: int = 10,
@@ -424,13 +427,18 @@ class Simulation:
         self.lanes = resolve_lanes(lanes, self.mesh, param_bytes)
         if debug or algorithm.uses_prepass:  # a prepass needs the whole round; the debug round takes one call
             chunk_bytes = 0
+        batching = ClientBatching(train_batch, epochs, max_examples, max_steps)
         self.pipeline = CohortPipeline(
             dataset, train_split, features, seed=seed, cohort_size=clients_per_round,
-            batching=ClientBatching(train_batch, epochs, max_examples, max_steps), num_devices=self.mesh.size,
+            batching=batching, num_devices=self.mesh.size,
             uniform_weights=aggregation == "uniform", data_threads=auto_data_threads(data_threads),
             local_devices=_local_devices(self.mesh), augment=get_augmentation(augment), sampling=sampling,
             sampling_rate=sampling_rate, max_cohort_size=max_clients_per_round, label_range=_label_range(algorithm),
-            lanes=self.lanes, chunk_bytes=_count("chunk_bytes", chunk_bytes, low=0), clock=clock)
+            lanes=self.lanes, chunk_bytes=_count("chunk_bytes", chunk_bytes, low=0),
+            clock=None if algorithm.is_asynchronous else clock)
+        if algorithm.is_asynchronous:  # its own clock: the server steps of the asynchronous schedule
+            self.pipeline = dataclasses.replace(self.pipeline, schedule=self._async_schedule(clock))
+        self.schedule = self.pipeline.schedule
         check_accounted_participation(algorithm, self.pipeline)
         self.state: ServerState = replicate(algorithm.init(jax.random.PRNGKey(int(s.seed))), self.mesh)
         self.debug = debug
@@ -448,6 +456,23 @@ class Simulation:
         self._iterator_rounds = (0, 0)  # (first, end) rounds of the open iterator
         self._metrics_log: MetricsLog | None = None
         self._last_finished_at = 0.0  # perf_counter when the latest round's metrics were read
+
+    def _async_schedule(self, clock: ClockSettings | None) -> AsyncSchedule:
+        """The server steps of an asynchronous algorithm on the simulated clock (FedBuff)."""
+        s, algorithm = self.settings, self.algorithm
+        clock = clock if clock is not None else ClockSettings()
+        if clock.over_selection != 1.0 or clock.deadline:
+            raise ConfigError(f"config keys clock.over_selection and clock.deadline describe synchronous rounds; "
+                              f"algorithm {type(algorithm).__name__} is asynchronous (set them to 1 and 0)")
+        if s.sampling != "uniform":
+            raise ConfigError(f"algorithm {type(algorithm).__name__} chooses its clients on the simulated clock; "
+                              "config key sampling must be 'uniform'")
+        try:
+            return AsyncSchedule(int(s.seed), self.pipeline.client_work, int(algorithm.concurrency),
+                                 int(s.clients_per_round), int(algorithm.max_staleness), clock.profile,
+                                 clock.availability, start_time=clock.start_time)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     # --- public ------------------------------------------------------------------------------------------------
 
@@ -778,7 +803,9 @@ class Simulation:
             "data_wait_seconds": round_.data_wait,
             "examples_per_second": element["num_examples"] / max(seconds, 1e-9),
         }
-        if self.pipeline.round_clock is not None:
+        if self.schedule is not None:  # simulated time, staleness and dropped clients of the server step
+            train.update(self.schedule.metrics(r))
+        elif self.pipeline.round_clock is not None:
             train.update(self.pipeline.round_clock.metrics(r))
         if self._metrics_log is not None:
             self._metrics_log.write(r + 1, "train", train)
@@ -793,8 +820,8 @@ class Simulation:
                     "data_iterator": {"next_round": done}}
             if self._ledger is not None:
                 meta["privacy"] = {**self._ledger.to_json(), "epsilon": self._epsilon}  # checked on resume
-            if self.pipeline.round_clock is not None:
-                meta["clock"] = {"simulated_time": self.pipeline.round_clock.outcome(r).end_time}  # checked on resume
+            if self.pipeline.round_clock is not None or self.schedule is not None:
+                meta["clock"] = {"simulated_time": self._simulated_time(r)}  # checked on resume
             client_index = self._store.index() if self._store is not None else None
             client_files = self._store.file_digests(client_index) if self._store is not None else None
             saved = self._checkpointer.save(done, round_.state, meta, force=done == num_rounds,
@@ -814,20 +841,26 @@ class Simulation:
         """Where the checkpoint of round `step` lives (None without a workdir)."""
         return None if self._checkpointer is None else self._checkpointer.step_path(step)
 
+    def _simulated_time(self, r: int) -> float:
+        """Simulated seconds at the end of round r + 1 (0-based r): the synchronous clock's or the server step's."""
+        if self.schedule is not None:
+            return self.schedule.step(r).time
+        return self.pipeline.round_clock.outcome(r).end_time
+
     def _check_clock(self, meta: Mapping[str, Any], path: pathlib.Path | None) -> None:
         """Refuses to resume when the clock recomputed from round 1 disagrees with the checkpoint's simulated time.
 
         The config names a trace file, not its content: a trace edited since the
         run started would silently change the cohorts of the rounds still to run.
         """
-        clock, done = self.pipeline.round_clock, int(self.state.round)
+        done = int(self.state.round)
         saved = meta.get("clock")
-        if clock is None or done == 0:
+        if (self.pipeline.round_clock is None and self.schedule is None) or done == 0:
             return
         if not isinstance(saved, Mapping) or "simulated_time" not in saved:
             raise ConfigError(f"the checkpoint of round {done} in {path} has no simulated time, but the run uses the "
                               "simulated clock (config key clock.enabled)")
-        now = clock.outcome(done - 1).end_time
+        now = self._simulated_time(done - 1)
         if saved["simulated_time"] != now:
             raise ConfigError(f"the simulated clock after round {done} is at {now!r} s, but the checkpoint in {path} "
                               f"recorded {saved['simulated_time']!r} s: the clock's inputs changed since the run "
