@@ -124,8 +124,40 @@ def test_beam_route_refuses_what_it_does_not_support(tmp_path):
     _csv(tmp_path / "train.csv", 50, 0)
     with pytest.raises(ConfigError, match="client_key"):
         run_preprocess_beam("tabular", tmp_path / "o", [f"train={tmp_path / 'train.csv'}"], progress=None)
-    with pytest.raises(ConfigError, match="supports the recipe 'tabular'"):
+    with pytest.raises(ConfigError, match=r"supports the recipes .*tabular.*not 'digits'"):
         run_preprocess_beam("digits", tmp_path / "o", [], progress=None)
     with pytest.raises(ConfigError, match="DataflowRunner is not supported yet"):
         run_preprocess_beam("tabular", tmp_path / "o", [f"train={tmp_path / 'train.csv'}", "client_key=user"],
                             runner="DataflowRunner", progress=None)
+
+
+@pytest.mark.skipif(not HAVE_BEAM, reason="apache_beam is not installed (pip install 'fedstream[beam]')")
+@pytest.mark.parametrize("case", [
+    ("savez", ["partitioner=dirichlet", "alpha=0.3", "test_fraction=0.2"]),
+    ("savez_compressed", ["partitioner=shards", "shards_per_client=3"]),
+    ("savez", ["client_key=g", "test_fraction=0.25", "features=x,y"]),
+])
+def test_beam_arrays_digest_equals_single_process(tmp_path, case):
+    """The partitioner's assignment (and the test split's shuffle) computed once on the driver, rows read
+    by workers (memory-mapped from a stored .npz, decompressed from a compressed one): the same dataset."""
+    from fedstream.data.beam import run_preprocess_beam
+    from fedstream.data.preprocessing import run_preprocess
+
+    save, overrides = case
+    rng = np.random.default_rng(3)
+    n = 2000
+    getattr(np, save)(tmp_path / "data.npz", x=rng.random((n, 2, 3)), y=rng.integers(0, 10, n).astype(np.int16),
+                      g=np.array([f"c{i}" for i in rng.integers(0, 29, n)]))
+    overrides = [f"path={tmp_path / 'data.npz'}", "num_clients=17", "seed=5"] + overrides
+    if "client_key=g" not in overrides:
+        overrides.append("features=x,y")
+    single = run_preprocess("arrays", tmp_path / "single", overrides, progress=None)
+    beam = run_preprocess_beam("arrays", tmp_path / "beam", overrides, beam_options=MULTI_PROCESS,
+                               task_examples=300, records_per_shard=250, progress=None)
+    a, b = FederatedDataset(single), FederatedDataset(beam)
+    assert set(a.metadata["splits"]) == set(b.metadata["splits"])
+    for split in a.metadata["splits"]:
+        assert a.content_digest(split) == b.content_digest(split)
+    assert len(b.metadata["splits"]["train"]["shards"]) > 1
+    np.testing.assert_array_equal(a.get_client("train", a.client_ids("train")[3])["x"],
+                                  b.get_client("train", a.client_ids("train")[3])["x"])

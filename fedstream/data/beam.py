@@ -24,6 +24,7 @@ DirectRunner, a shared mount for Flink/Spark): see docs/beam.md.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib
 import json
 import logging
@@ -48,6 +49,7 @@ RANGE_BYTES = 64 << 20  # bytes of CSV per read task
 PARTS_DIR = "_beam_parts"
 MANIFEST = "_manifest"
 _TABULAR = "fedstream.recipes.tabular"
+_ARRAYS = "fedstream.recipes.arrays"
 
 
 def _beam() -> Any:
@@ -303,52 +305,22 @@ def _write_parts_fn(parts_dir: str, options: str, records_per_shard: int) -> Any
 # ---------------------------------------------------------------------------------------------- driver
 
 
-def run_preprocess_beam(
-    recipe: str,
-    output: str | os.PathLike,
-    overrides: Sequence[str] = (),
-    *,
-    runner: str = "DirectRunner",
-    beam_options: Sequence[str] = (),
-    force: bool = False,
-    compression: str = DEFAULT_COMPRESSION,
-    records_per_shard: int = 4096,
-    range_bytes: int = RANGE_BYTES,
-    progress: Callable[[str], None] | None = print,
-) -> pathlib.Path:
-    """Writes the dataset of `recipe` (only `tabular` with a client column) into `output` with Beam.
+@dataclasses.dataclass
+class _Plan:
+    """What the driver needs to run one recipe on Beam."""
 
-    `runner` and `beam_options` (`KEY=VALUE`, Beam's pipeline options without `--`) choose where
-    the pipeline runs. Otherwise as `run_preprocess`: same metadata, same no-op rerun, `force`
-    to replace. Returns the output path.
-    """
+    schema: Schema
+    tasks: list[Any]  # the pipeline's input, one element per read task
+    stages: Callable[[Any], Any]  # tasks PCollection -> PCollection of (split, client id, n, encoded records)
+    what: str  # for the progress line, e.g. "12 read tasks"
+
+
+def _tabular_plan(module: Any, config: ml_collections.ConfigDict, range_bytes: int) -> _Plan:
+    """Read tasks over the CSV byte ranges / Parquet row groups, grouped by the client column."""
     beam = _beam()
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    say = progress or (lambda _: None)
-    args = pipeline_args(runner, beam_options)
-    if runner == "DataflowRunner":
-        raise ConfigError("DataflowRunner is not supported yet: this route reads and writes with local paths, and "
-                          "Dataflow workers share no filesystem with the driver (object-store output, e.g. gs://, "
-                          "is not implemented; see docs/beam.md)")
-    if logging.getLogger("apache_beam").level == logging.NOTSET:  # Beam logs every worker's start at INFO
-        logging.getLogger("apache_beam").setLevel(logging.WARNING)
-    module = load_module(recipe, RECIPES_PACKAGE)
-    name = recipe_name(recipe)
-    if getattr(module, "__name__", "") != _TABULAR:
-        raise ConfigError(f"the Beam route (--runner) supports the recipe 'tabular' with a client column, "
-                          f"not {name!r}; run it without --runner")
-    config = apply_overrides(module.get_config(), overrides)
     splits = _check_config(config, module)
     fmt = module._format(config)
-    config_json = json.loads(to_json(config))
-    fingerprint = str(module.fingerprint(config))
-    output = pathlib.Path(output).absolute()
-    if up_to_date(output, name, config_json, fingerprint, compression, force, say):
-        return output
     schema = _schema(module, config, splits)
-    metadata = {"recipe": name, "config": config_json, "source": module.SOURCE, "seed": config_json.get("seed"),
-                "fedstream_version": __version__, "input_fingerprint": fingerprint}
     tasks = _tasks(splits, fmt, config.csv_delimiter, int(range_bytes))
     headers: dict[int, Any] = {}
     for file_index, source in enumerate(splits.values()):
@@ -363,20 +335,176 @@ def run_preprocess_beam(
                                    "arrow_schema": arrow_schema.serialize().to_pybytes()}
     from fedstream.data.format import schema_to_json
 
-    say(f"preprocessing {name} into {output} on {runner} ({len(tasks)} read tasks)")
+    client_key, delimiter = config.client_key, config.csv_delimiter
+    config_dict, schema_json = config.to_dict(), schema_to_json(schema)
+
+    def stages(tasks_pc: Any) -> Any:
+        return (tasks_pc
+                | "Reshuffle" >> beam.Reshuffle()
+                | "Read" >> beam.FlatMap(read_task, client_key, delimiter)
+                | "GroupByClient" >> beam.GroupByKey()
+                | "Convert" >> beam.Map(convert_client, config_dict, headers, schema_json))
+
+    return _Plan(schema, tasks, stages, f"{len(tasks)} read tasks")
+
+
+# ---------------------------------------------------------------------------------------------- arrays
+
+ARRAYS_TASK_EXAMPLES = 1 << 16  # example indices per `arrays` conversion task
+
+
+def _arrays_plan(module: Any, config: ml_collections.ConfigDict, task_examples: int) -> _Plan:
+    """The client assignment, computed once on the driver by the recipe's own `assignment` (the
+    partitioners of fedstream.data.partition, the test split's RNG stream), cut into tasks of about
+    `task_examples` indices; workers read their clients' rows from the .npz and encode them."""
+    beam = _beam()
+    from fedstream.data.format import schema_to_json
+
+    try:
+        schema = module.schema(config)
+        n = module.num_examples(config)
+        keys = module.assignment_keys(config)
+        with np.load(config.path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in keys}
+        tasks: list[list[tuple[str, str, np.ndarray]]] = [[]]
+        size = 0
+        for split, client_id, idx in module.assignment(config, arrays, n):
+            if size >= task_examples and tasks[-1]:
+                tasks.append([])
+                size = 0
+            tasks[-1].append((split, client_id, np.asarray(idx, np.int64)))
+            size += len(idx) + 1
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    del arrays
+    config_dict, schema_json = config.to_dict(), schema_to_json(schema)
+
+    def stages(tasks_pc: Any) -> Any:
+        return (tasks_pc
+                | "Reshuffle" >> beam.Reshuffle()
+                | "Convert" >> beam.FlatMap(convert_arrays_task, config_dict, schema_json))
+
+    return _Plan(schema, [t for t in tasks if t], stages, f"{sum(len(t) for t in tasks):,} clients in "
+                 f"{len([t for t in tasks if t])} tasks")
+
+
+_NPZ_CACHE: dict[tuple[str, str, int, int], np.ndarray] = {}
+
+
+def npz_array(path: str, key: str) -> np.ndarray:
+    """Array `key` of the .npz at `path`: memory-mapped when the member is stored uncompressed
+    (`np.savez`), else decompressed once per worker process (`np.savez_compressed`)."""
+    import struct
+    import zipfile
+
+    stat = os.stat(path)
+    cache_key = (path, key, stat.st_size, stat.st_mtime_ns)
+    if cache_key in _NPZ_CACHE:
+        return _NPZ_CACHE[cache_key]
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(f"{key}.npy")
+        if info.compress_type == zipfile.ZIP_STORED:
+            with open(path, "rb") as f:
+                f.seek(info.header_offset)
+                local = f.read(30)  # the member's local file header: its name and extra field follow
+                name_len, extra_len = struct.unpack("<HH", local[26:30])
+                f.seek(info.header_offset + 30 + name_len + extra_len)
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, fortran, dtype = read_header(f)
+                offset = f.tell()
+            if dtype.hasobject:
+                raise ValueError(f"{path}: array {key!r} is an object array")
+            array = np.memmap(path, dtype, "r", offset=offset, shape=shape, order="F" if fortran else "C")
+        else:
+            with z.open(info) as f:
+                array = np.lib.format.read_array(f, allow_pickle=False)
+    _NPZ_CACHE.clear()  # one file's arrays at a time
+    _NPZ_CACHE[cache_key] = array
+    return array
+
+
+def convert_arrays_task(task: list[tuple[str, str, np.ndarray]], config_dict: dict[str, Any],
+                        schema_json: dict[str, Any]) -> Iterator[tuple[str, str, int, list[bytes]]]:
+    """One task's clients -> `(split, client id, n, encoded records)`, rows in the assignment's order."""
+    from fedstream.data.format import schema_from_json
+
+    arrays = importlib.import_module(_ARRAYS)
+    config = ml_collections.ConfigDict(config_dict)
+    schema = schema_from_json(schema_json)
+    cache: dict[str, np.ndarray] = {}
+    for split, client_id, idx in task:
+        columns = {}
+        for key, spec in schema.items():
+            if key not in cache:
+                cache[key] = npz_array(config.path, key)
+            values = arrays.stored(config, key, np.asarray(cache[key][idx]))
+            columns[key] = _check_array(split, client_id, key, spec, values)
+        yield split, client_id, len(idx), encode_examples(schema, columns, len(idx))
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def run_preprocess_beam(
+    recipe: str,
+    output: str | os.PathLike,
+    overrides: Sequence[str] = (),
+    *,
+    runner: str = "DirectRunner",
+    beam_options: Sequence[str] = (),
+    force: bool = False,
+    compression: str = DEFAULT_COMPRESSION,
+    records_per_shard: int = 4096,
+    range_bytes: int = RANGE_BYTES,
+    task_examples: int = ARRAYS_TASK_EXAMPLES,
+    progress: Callable[[str], None] | None = print,
+) -> pathlib.Path:
+    """Writes the dataset of `recipe` (`tabular` with a client column, `arrays`, `grouped`) into `output` with Beam.
+
+    `runner` and `beam_options` (`KEY=VALUE`, Beam's pipeline options without `--`) choose where
+    the pipeline runs. Otherwise as `run_preprocess`: same metadata, same no-op rerun, `force`
+    to replace. `range_bytes` is the size of a CSV / JSON Lines read task, `task_examples` the
+    examples per `arrays` task. Returns the output path.
+    """
+    beam = _beam()
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    say = progress or (lambda _: None)
+    args = pipeline_args(runner, beam_options)
+    if runner == "DataflowRunner":
+        raise ConfigError("DataflowRunner is not supported yet: this route reads and writes with local paths, and "
+                          "Dataflow workers share no filesystem with the driver (object-store output, e.g. gs://, "
+                          "is not implemented; see docs/beam.md)")
+    if logging.getLogger("apache_beam").level == logging.NOTSET:  # Beam logs every worker's start at INFO
+        logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    module = load_module(recipe, RECIPES_PACKAGE)
+    name = recipe_name(recipe)
+    module_name = getattr(module, "__name__", "")
+    if module_name not in _ROUTES:
+        raise ConfigError(f"the Beam route (--runner) supports the recipes {', '.join(sorted(ROUTE_RECIPES))}, "
+                          f"not {name!r}; run it without --runner")
+    config = apply_overrides(module.get_config(), overrides)
+    config_json = json.loads(to_json(config))
+    try:
+        fingerprint = str(module.fingerprint(config))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    output = pathlib.Path(output).absolute()
+    if up_to_date(output, name, config_json, fingerprint, compression, force, say):
+        return output
+    size = task_examples if module_name == _ARRAYS else range_bytes
+    plan = _ROUTES[module_name](module, config, int(size))
+    metadata = {"recipe": name, "config": config_json, "source": module.SOURCE, "seed": config_json.get("seed"),
+                "fedstream_version": __version__, "input_fingerprint": fingerprint}
+    say(f"preprocessing {name} into {output} on {runner} ({plan.what})")
     start = time.perf_counter()
-    with DatasetWriter(output, schema, metadata=metadata, compression=compression) as writer:
+    with DatasetWriter(output, plan.schema, metadata=metadata, compression=compression) as writer:
         parts_dir = writer.tmp_dir / PARTS_DIR
         parts_dir.mkdir()
-        client_key, delimiter = config.client_key, config.csv_delimiter
-        config_dict, schema_json = config.to_dict(), schema_to_json(schema)
         with beam.Pipeline(options=PipelineOptions(args)) as pipeline:
-            _ = (pipeline
-                 | "Tasks" >> beam.Create(tasks)
-                 | "Reshuffle" >> beam.Reshuffle()
-                 | "Read" >> beam.FlatMap(read_task, client_key, delimiter)
-                 | "GroupByClient" >> beam.GroupByKey()
-                 | "Convert" >> beam.Map(convert_client, config_dict, headers, schema_json)
+            _ = (plan.stages(pipeline | "Tasks" >> beam.Create(plan.tasks))
                  | "WriteParts" >> beam.ParDo(_write_parts_fn(str(parts_dir), writer.options, records_per_shard))
                  | "Manifest" >> beam.io.WriteToText(str(writer.tmp_dir / MANIFEST / "part"), file_name_suffix=".jsonl"))
         parts = []
@@ -392,6 +520,14 @@ def run_preprocess_beam(
             tally[1] += sum(int(n) for _, n in part["clients"])
         shutil.rmtree(parts_dir)  # parts of retried bundles that no manifest line names
         shutil.rmtree(writer.tmp_dir / MANIFEST)
+        if callable(getattr(module, "assets", None)):
+            for asset_name, data in module.assets(config).items():
+                writer.add_asset(asset_name, data)
     summary = "; ".join(f"{split}: {c:,} clients / {n:,} examples" for split, (c, n) in sorted(counts.items()))
     say(f"wrote {summary or 'no clients'} to {output} in {time.perf_counter() - start:.1f} s")
     return output
+
+
+_ROUTES: dict[str, Callable[[Any, ml_collections.ConfigDict, int], _Plan]] = {
+    _TABULAR: _tabular_plan, _ARRAYS: _arrays_plan}
+ROUTE_RECIPES = tuple(k.rsplit(".", 1)[1] for k in _ROUTES)
