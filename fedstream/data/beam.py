@@ -50,6 +50,7 @@ PARTS_DIR = "_beam_parts"
 MANIFEST = "_manifest"
 _TABULAR = "fedstream.recipes.tabular"
 _ARRAYS = "fedstream.recipes.arrays"
+_GROUPED = "fedstream.recipes.grouped"
 
 
 def _beam() -> Any:
@@ -444,6 +445,84 @@ def convert_arrays_task(task: list[tuple[str, str, np.ndarray]], config_dict: di
         yield split, client_id, len(idx), encode_examples(schema, columns, len(idx))
 
 
+# ---------------------------------------------------------------------------------------------- grouped
+
+
+def _grouped_plan(module: Any, config: ml_collections.ConfigDict, range_bytes: int) -> _Plan:
+    """Read tasks over the JSON Lines / CSV byte ranges or Parquet row groups, records keyed by group,
+    grouped with GroupByKey, each group put back in input order and converted by the recipe's own
+    `select` and `client_examples`."""
+    beam = _beam()
+    from fedstream.data.format import schema_to_json
+
+    try:
+        schema = module.schema(config)
+        files, fmt = module.input_files(config)
+        tasks: list[dict[str, Any]] = []
+        for file_index, source in enumerate(files):
+            path = str(pathlib.Path(source).absolute())
+            if fmt == "parquet":
+                import pyarrow.parquet as pq
+
+                metadata = pq.ParquetFile(path).metadata
+                first = 0
+                for group in range(metadata.num_row_groups):
+                    tasks.append({"file": file_index, "path": path, "row_group": group, "first_row": first})
+                    first += metadata.row_group(group).num_rows
+                continue
+            header, start = module.csv_header(path, config.csv_delimiter) if fmt == "csv" else (None, 0)
+            if header is not None and config.group_key not in header:
+                raise ValueError(f"{source}: no column {config.group_key!r} (columns: {', '.join(header)})")
+            size = os.path.getsize(path)
+            for begin in range(start, size, range_bytes):
+                tasks.append({"file": file_index, "path": path, "fmt": fmt, "header": header, "start": begin,
+                              "end": min(begin + range_bytes, size),
+                              "first_line": (1 if header is None else 2) if begin == start else None})
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    config_dict, schema_json = config.to_dict(), schema_to_json(schema)
+
+    def stages(tasks_pc: Any) -> Any:
+        return (tasks_pc
+                | "Reshuffle" >> beam.Reshuffle()
+                | "Read" >> beam.FlatMap(read_grouped_task, config_dict)
+                | "GroupByKey" >> beam.GroupByKey()
+                | "Convert" >> beam.FlatMap(convert_group, config_dict, schema_json))
+
+    return _Plan(schema, tasks, stages, f"{len(tasks)} read tasks")
+
+
+def read_grouped_task(task: dict[str, Any], config_dict: dict[str, Any]) -> Iterator[tuple[str, tuple]]:
+    """Records of one read task as `(group key, (file, position, value))`; position orders records in a file."""
+    grouped = importlib.import_module(_GROUPED)
+    config = ml_collections.ConfigDict(config_dict)
+    if "row_group" in task:
+        rows = grouped.parquet_records(config, task["path"], task["row_group"], task["first_row"])
+    else:
+        rows = grouped.line_records(config, task["fmt"], task["path"], task["header"], task["start"], task["end"],
+                                    task["first_line"])
+    for position, group, value in rows:
+        yield group, (task["file"], position, value)
+
+
+def convert_group(element: tuple[str, Iterable[tuple]], config_dict: dict[str, Any],
+                  schema_json: dict[str, Any]) -> Iterator[tuple[str, str, int, list[bytes]]]:
+    """One group's records (any order) -> `(split, client id, n, encoded records)`, or nothing if dropped."""
+    from fedstream.data.format import schema_from_json
+
+    grouped = importlib.import_module(_GROUPED)
+    group, rows = element
+    config = ml_collections.ConfigDict(config_dict)
+    values = grouped.select(config, [r[2] for r in sorted(rows, key=lambda r: (r[0], r[1]))])
+    if values is None:
+        return
+    schema = schema_from_json(schema_json)
+    features = grouped.client_examples(config, group, values)
+    columns = {k: _check_array("train", group, k, spec, features[k]) for k, spec in schema.items()}
+    n = len(next(iter(columns.values())))
+    yield "train", group, n, encode_examples(schema, columns, n)
+
+
 # ---------------------------------------------------------------------------------------------- driver
 
 
@@ -529,5 +608,5 @@ def run_preprocess_beam(
 
 
 _ROUTES: dict[str, Callable[[Any, ml_collections.ConfigDict, int], _Plan]] = {
-    _TABULAR: _tabular_plan, _ARRAYS: _arrays_plan}
+    _TABULAR: _tabular_plan, _ARRAYS: _arrays_plan, _GROUPED: _grouped_plan}
 ROUTE_RECIPES = tuple(k.rsplit(".", 1)[1] for k in _ROUTES)
