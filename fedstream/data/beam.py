@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import time
 import uuid
@@ -525,6 +526,18 @@ def convert_group(element: tuple[str, Iterable[tuple]], config_dict: dict[str, A
 
 # ---------------------------------------------------------------------------------------------- driver
 
+_WORKER_ERROR = re.compile(r"^(?:ValueError|ConfigError|fedstream\.config\.ConfigError): (.+?)(?: \[while running '[^']*'\])*$",
+                           re.MULTILINE)
+
+
+def _worker_error(error: BaseException) -> str | None:
+    """The one-line message of the ValueError a recipe function raised on a worker (it names the file,
+    line or byte, client and key), from the runner's wrapped error; None for any other failure."""
+    if isinstance(error, ValueError) and "Traceback" not in str(error):
+        return _WORKER_ERROR.sub(r"\1", f"ValueError: {error}").strip() or None
+    found = _WORKER_ERROR.findall(str(error))
+    return found[-1] if found else None
+
 
 def run_preprocess_beam(
     recipe: str,
@@ -558,6 +571,9 @@ def run_preprocess_beam(
                           "is not implemented; see docs/beam.md)")
     if logging.getLogger("apache_beam").level == logging.NOTSET:  # Beam logs every worker's start at INFO
         logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    for logger in ("apache_beam.runners.portability.local_job_service", "apache_beam.runners.common"):
+        if logging.getLogger(logger).level == logging.NOTSET:  # a failed DoFn's traceback, summed up below
+            logging.getLogger(logger).setLevel(logging.CRITICAL)
     module = load_module(recipe, RECIPES_PACKAGE)
     name = recipe_name(recipe)
     module_name = getattr(module, "__name__", "")
@@ -582,10 +598,17 @@ def run_preprocess_beam(
     with DatasetWriter(output, plan.schema, metadata=metadata, compression=compression) as writer:
         parts_dir = writer.tmp_dir / PARTS_DIR
         parts_dir.mkdir()
-        with beam.Pipeline(options=PipelineOptions(args)) as pipeline:
-            _ = (plan.stages(pipeline | "Tasks" >> beam.Create(plan.tasks))
-                 | "WriteParts" >> beam.ParDo(_write_parts_fn(str(parts_dir), writer.options, records_per_shard))
-                 | "Manifest" >> beam.io.WriteToText(str(writer.tmp_dir / MANIFEST / "part"), file_name_suffix=".jsonl"))
+        try:
+            with beam.Pipeline(options=PipelineOptions(args)) as pipeline:
+                _ = (plan.stages(pipeline | "Tasks" >> beam.Create(plan.tasks))
+                     | "WriteParts" >> beam.ParDo(_write_parts_fn(str(parts_dir), writer.options, records_per_shard))
+                     | "Manifest" >> beam.io.WriteToText(str(writer.tmp_dir / MANIFEST / "part"),
+                                                         file_name_suffix=".jsonl"))
+        except Exception as e:  # a worker's error arrives wrapped in the runner's, with its traceback as text
+            message = _worker_error(e)
+            if message is None:
+                raise
+            raise ValueError(message) from None
         parts = []
         for manifest in sorted((writer.tmp_dir / MANIFEST).glob("part*.jsonl")):
             parts.extend(json.loads(line) for line in manifest.read_text().splitlines() if line)
