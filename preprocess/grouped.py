@@ -218,10 +218,11 @@ def _record(config: ml_collections.ConfigDict, fields: dict[str, Any], where: st
     return group, value
 
 
-def _parse_line(config: ml_collections.ConfigDict, fmt: str, header: list[str] | None, line: bytes,
-                where: str) -> tuple[str, Value]:
+def parse_line(config: ml_collections.ConfigDict, fmt: str, header: list[str] | None, line: bytes,
+               where: str) -> tuple[str, Value]:
+    """`(group key, value)` of one JSON Lines or CSV line; errors start with `where` (file and line)."""
     try:
-        decoded = line.decode("utf-8")
+        decoded = line.rstrip(b"\r\n").decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{where}: not UTF-8 ({e.reason})") from None
     if fmt == "jsonl":
@@ -243,8 +244,9 @@ def _parse_line(config: ml_collections.ConfigDict, fmt: str, header: list[str] |
 
 
 def line_records(config: ml_collections.ConfigDict, fmt: str, path: str, header: list[str] | None, start: int,
-                 end: int, first_line: int | None = None) -> Iterator[tuple[int, str, Value]]:
-    """`(byte offset, group key, value)` of the JSON Lines / CSV records whose line starts in [start, end).
+                 end: int, first_line: int | None = None) -> Iterator[tuple[int, int, str, Value]]:
+    """`(byte offset, line length, group key, value)` of the JSON Lines / CSV records whose line starts in
+    [start, end).
 
     Errors name `path` and the line number when `first_line` (the number of the line at `start`)
     is known, else the byte offset (a Beam read task that starts mid-file does not know it).
@@ -262,8 +264,8 @@ def line_records(config: ml_collections.ConfigDict, fmt: str, path: str, header:
                 break
             if line.strip(b"\r\n \t"):
                 where = f"{path} line {number}" if number is not None else f"{path} byte {position}"
-                group, value = _parse_line(config, fmt, header, line.rstrip(b"\r\n"), where)
-                yield position, group, value
+                group, value = parse_line(config, fmt, header, line, where)
+                yield position, len(line), group, value
             position += len(line)
             if number is not None:
                 number += 1
@@ -297,8 +299,8 @@ def records(config: ml_collections.ConfigDict) -> Iterator[tuple[str, Value]]:
         header, start = csv_header(path, config.csv_delimiter) if fmt == "csv" else (None, 0)
         if header is not None and config.group_key not in header:
             raise ValueError(f"{path}: no column {config.group_key!r} (columns: {', '.join(header)})")
-        for _, key, value in line_records(config, fmt, path, header, start, os.path.getsize(path),
-                                          first_line=2 if header is not None else 1):
+        for _, _, key, value in line_records(config, fmt, path, header, start, os.path.getsize(path),
+                                             first_line=2 if header is not None else 1):
             yield key, value
 
 

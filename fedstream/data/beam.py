@@ -304,7 +304,7 @@ def _write_parts_fn(parts_dir: str, options: str, records_per_shard: int) -> Any
     return WriteParts()
 
 
-# ---------------------------------------------------------------------------------------------- driver
+# ---------------------------------------------------------------------------------------------- plans
 
 
 @dataclasses.dataclass
@@ -460,6 +460,7 @@ def _grouped_plan(module: Any, config: ml_collections.ConfigDict, range_bytes: i
         schema = module.schema(config)
         files, fmt = module.input_files(config)
         tasks: list[dict[str, Any]] = []
+        files_info: dict[int, Any] = {}
         for file_index, source in enumerate(files):
             path = str(pathlib.Path(source).absolute())
             if fmt == "parquet":
@@ -474,6 +475,7 @@ def _grouped_plan(module: Any, config: ml_collections.ConfigDict, range_bytes: i
             header, start = module.csv_header(path, config.csv_delimiter) if fmt == "csv" else (None, 0)
             if header is not None and config.group_key not in header:
                 raise ValueError(f"{source}: no column {config.group_key!r} (columns: {', '.join(header)})")
+            files_info[file_index] = (path, fmt, header)
             size = os.path.getsize(path)
             for begin in range(start, size, range_bytes):
                 tasks.append({"file": file_index, "path": path, "fmt": fmt, "header": header, "start": begin,
@@ -488,35 +490,57 @@ def _grouped_plan(module: Any, config: ml_collections.ConfigDict, range_bytes: i
                 | "Reshuffle" >> beam.Reshuffle()
                 | "Read" >> beam.FlatMap(read_grouped_task, config_dict)
                 | "GroupByKey" >> beam.GroupByKey()
-                | "Convert" >> beam.FlatMap(convert_group, config_dict, schema_json))
+                | "Convert" >> beam.FlatMap(convert_group, config_dict, files_info, schema_json))
 
     return _Plan(schema, tasks, stages, f"{len(tasks)} read tasks")
 
 
 def read_grouped_task(task: dict[str, Any], config_dict: dict[str, Any]) -> Iterator[tuple[str, tuple]]:
-    """Records of one read task as `(group key, (file, position, value))`; position orders records in a file."""
+    """Records of one read task as `(group key, (file, position, payload))`; position orders records in a
+    file. Every record is parsed (a bad one fails here, naming the file and line or byte), but a JSON
+    Lines / CSV record's payload is only its line's length: the group's converter reads the line
+    again, so the shuffle carries tens of bytes per record instead of its text. A Parquet record's
+    payload is its value (a row cannot be re-read cheaply)."""
     grouped = importlib.import_module(_GROUPED)
     config = ml_collections.ConfigDict(config_dict)
     if "row_group" in task:
-        rows = grouped.parquet_records(config, task["path"], task["row_group"], task["first_row"])
-    else:
-        rows = grouped.line_records(config, task["fmt"], task["path"], task["header"], task["start"], task["end"],
-                                    task["first_line"])
-    for position, group, value in rows:
-        yield group, (task["file"], position, value)
+        for position, group, value in grouped.parquet_records(config, task["path"], task["row_group"],
+                                                              task["first_row"]):
+            yield group, (task["file"], position, value)
+        return
+    for position, length, group, _ in grouped.line_records(config, task["fmt"], task["path"], task["header"],
+                                                           task["start"], task["end"], task["first_line"]):
+        yield group, (task["file"], position, length)
 
 
-def convert_group(element: tuple[str, Iterable[tuple]], config_dict: dict[str, Any],
+def convert_group(element: tuple[str, Iterable[tuple]], config_dict: dict[str, Any], files: dict[int, Any],
                   schema_json: dict[str, Any]) -> Iterator[tuple[str, str, int, list[bytes]]]:
-    """One group's records (any order) -> `(split, client id, n, encoded records)`, or nothing if dropped."""
+    """One group's records (any order) -> `(split, client id, n, encoded records)`, or nothing if dropped.
+    Records are put back in input order and selected (min/max examples) first, then the kept JSON Lines /
+    CSV lines are read again from `files` (file index -> path, format, CSV header)."""
     from fedstream.data.format import schema_from_json
 
     grouped = importlib.import_module(_GROUPED)
     group, rows = element
     config = ml_collections.ConfigDict(config_dict)
-    values = grouped.select(config, [r[2] for r in sorted(rows, key=lambda r: (r[0], r[1]))])
-    if values is None:
+    kept = grouped.select(config, sorted(rows, key=lambda r: (r[0], r[1])))
+    if kept is None:
         return
+    values, handles = [], {}
+    try:
+        for file, position, payload in kept:
+            if not isinstance(payload, int):
+                values.append(payload)
+                continue
+            path, fmt, header = files[file]
+            if file not in handles:
+                handles[file] = open(path, "rb")
+            handles[file].seek(position)
+            line = handles[file].read(payload)
+            values.append(grouped.parse_line(config, fmt, header, line, f"{path} byte {position}")[1])
+    finally:
+        for handle in handles.values():
+            handle.close()
     schema = schema_from_json(schema_json)
     features = grouped.client_examples(config, group, values)
     columns = {k: _check_array("train", group, k, spec, features[k]) for k, spec in schema.items()}
