@@ -126,6 +126,11 @@ def test_beam_route_refuses_what_it_does_not_support(tmp_path):
         run_preprocess_beam("tabular", tmp_path / "o", [f"train={tmp_path / 'train.csv'}"], progress=None)
     with pytest.raises(ConfigError, match=r"supports the recipes .*tabular.*not 'digits'"):
         run_preprocess_beam("digits", tmp_path / "o", [], progress=None)
+    with pytest.raises(ConfigError, match=r"--output=gs://b/o: object-store paths are not supported"):
+        run_preprocess_beam("tabular", "gs://b/o", [f"train={tmp_path / 'train.csv'}", "client_key=user"],
+                            progress=None)
+    with pytest.raises(ConfigError, match=r"--config.inputs=s3://b/\*.jsonl: object-store paths"):
+        run_preprocess_beam("grouped", tmp_path / "o", ["inputs=s3://b/*.jsonl", "group_key=k"], progress=None)
     with pytest.raises(ConfigError, match="DataflowRunner is not supported yet"):
         run_preprocess_beam("tabular", tmp_path / "o", [f"train={tmp_path / 'train.csv'}", "client_key=user"],
                             runner="DataflowRunner", progress=None)

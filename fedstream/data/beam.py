@@ -1,24 +1,36 @@
-"""`fedstream preprocess --runner ...`: the `tabular` recipe grouped by a client column on Apache Beam.
+"""`fedstream preprocess --runner ...`: recipes `tabular` (client column), `arrays` and `grouped` on Apache Beam.
 
-The single-process route (`fedstream.data.preprocessing.run_preprocess`) holds a split's table in
-memory. This route streams: the input is cut into byte ranges (CSV) or row groups (Parquet) that
-workers read in parallel; rows are keyed by `(split, client id)` and grouped with `GroupByKey`;
-each client's rows are put back in file order (every row carries its file and byte offset / row
-number) and converted with the recipe's own functions (`tabular._x`, `tabular._y`), so a client's
-examples are the same arrays as on the single-process route; workers encode them with the
-dataset format's record encoding and write ArrayRecord part files into the output's temporary
-directory, one file per bundle and split (a new one every `records_per_shard` records). A manifest
-(JSON lines: part file, split, clients and counts) is the pipeline's only other output. The driver
-then renames the parts listed in the manifest to `<split>/shard-NNNNN.array_record`, deletes parts
-that no manifest line names (retried bundles), and lets `DatasetWriter.close()` write `index.npz`,
-`metadata.json`, `_SUCCESS` and rename the directory into place. The content digest
-(`FederatedDataset.content_digest`) equals the single-process route's on the same input.
+The single-process route (`fedstream.data.preprocessing.run_preprocess`) runs a recipe's
+`generate` in one process. This route runs the same conversion as a Beam pipeline, one plan per
+recipe (`_ROUTES`):
+
+- `tabular` with `client_key`: the input is cut into byte ranges (CSV) or row groups (Parquet)
+  that workers read in parallel; rows are keyed by `(split, client id)` and grouped with
+  `GroupByKey`; each client's rows are put back in file order (every row carries its file and
+  byte offset / row number) and converted with the recipe's own functions (`tabular._x`, `_y`).
+- `arrays`: the client assignment (a client-id array or a partitioner of
+  fedstream/data/partition.py, and the per-client test split) needs every label at once, so the
+  driver computes it once with the recipe's own `assignment` from the ids or labels alone; tasks
+  of clients' example indices go to workers, which read those rows (memory-mapped from an
+  uncompressed .npz) and encode them.
+- `grouped`: byte ranges (JSON Lines, CSV) or row groups (Parquet); every record is parsed on
+  the worker that reads it, keyed by its group, and grouped; a line-format record travels through
+  the shuffle as (file, offset, length) only, and the group's converter reads its kept lines
+  again, so the shuffle is tens of bytes per record.
+
+Workers encode clients with the dataset format's record encoding and write ArrayRecord part
+files into the output's temporary directory, one file per bundle and split (a new one every
+`records_per_shard` records). A manifest (JSON lines: part file, split, clients and counts) is
+the pipeline's only other output. The driver then renames the parts listed in the manifest to
+`<split>/shard-NNNNN.array_record`, deletes parts that no manifest line names (retried bundles),
+and lets `DatasetWriter.close()` write `index.npz`, `metadata.json`, `_SUCCESS` and rename the
+directory into place. The content digest (`FederatedDataset.content_digest`) equals the
+single-process route's on the same input and config.
 
 Needs `apache-beam` (`pip install fedstream[beam]`); it is imported only when this route runs.
-DataflowRunner is refused for now (no object-store output yet).
-Supported: recipe `tabular` with `client_key`, formats csv and parquet, numeric labels, no
-`test_fraction`. The output path must be on a filesystem every worker can write (local for the
-DirectRunner, a shared mount for Flink/Spark): see docs/beam.md.
+DataflowRunner and object-store paths (gs://, s3://) are refused: inputs and output must be on a
+filesystem every worker mounts (local for the DirectRunner, a shared mount for Flink/Spark); see
+docs/beam.md.
 """
 
 from __future__ import annotations
@@ -554,6 +566,9 @@ _WORKER_ERROR = re.compile(r"^(?:ValueError|ConfigError|fedstream\.config\.Confi
                            re.MULTILINE)
 
 
+_OBJECT_STORE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 def _worker_error(error: BaseException) -> str | None:
     """The one-line message of the ValueError a recipe function raised on a worker (it names the file,
     line or byte, client and key), from the runner's wrapped error; None for any other failure."""
@@ -593,6 +608,12 @@ def run_preprocess_beam(
         raise ConfigError("DataflowRunner is not supported yet: this route reads and writes with local paths, and "
                           "Dataflow workers share no filesystem with the driver (object-store output, e.g. gs://, "
                           "is not implemented; see docs/beam.md)")
+    for where, value in [("--output", str(output))] + [(f"--config.{o.partition('=')[0]}", o.partition("=")[2])
+                                                          for o in overrides]:
+        if _OBJECT_STORE.match(value.strip()):
+            raise ConfigError(f"{where}={value}: object-store paths are not supported by the Beam route (it opens "
+                              "local paths and finishes with a directory rename, which an object store does not "
+                              "have; see docs/beam.md); use a filesystem every worker mounts")
     if logging.getLogger("apache_beam").level == logging.NOTSET:  # Beam logs every worker's start at INFO
         logging.getLogger("apache_beam").setLevel(logging.WARNING)
     for logger in ("apache_beam.runners.portability.local_job_service", "apache_beam.runners.common"):
