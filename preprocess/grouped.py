@@ -39,6 +39,7 @@ that is not JSON or CSV, a record without the group field, text or feature, a wr
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import hashlib
@@ -210,7 +211,7 @@ def _record(config: ml_collections.ConfigDict, fields: dict[str, Any], where: st
     if config.label_key:
         label = get(config.label_key)
         try:
-            if isinstance(label, bool) or isinstance(label, float) or not isinstance(label, (int, str)):
+            if isinstance(label, (bool, float)) or not isinstance(label, (int, str)):
                 raise TypeError
             value[2] = int(label)
         except (TypeError, ValueError):
@@ -348,13 +349,10 @@ def bucket_of(group: str, buckets: int) -> int:
 def _spill(config: ml_collections.ConfigDict, directory: str, buckets: int) -> list[str]:
     """Streams the input into `buckets` JSON Lines files `[group, value]`, each in input order."""
     paths = [os.path.join(directory, f"bucket-{b:05d}.jsonl") for b in range(buckets)]
-    files = [open(p, "w", encoding="ascii", buffering=1 << 16) for p in paths]
-    try:
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(open(p, "w", encoding="ascii", buffering=1 << 16)) for p in paths]
         for group, value in records(config):
             files[bucket_of(group, buckets)].write(json.dumps([group, value]) + "\n")
-    finally:
-        for f in files:
-            f.close()
     return paths
 
 

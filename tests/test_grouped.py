@@ -7,8 +7,8 @@ route's equality with this one is in tests/test_beam.py.
 from __future__ import annotations
 
 import json
-import re
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -93,8 +93,7 @@ def test_min_max_examples_chars_and_csv_input(tmp_path):
     # The same records as CSV give the same dataset as the JSON Lines file.
     with open(tmp_path / "data.csv", "w", encoding="utf-8") as f:
         f.write("domain,text,v,w,label\n")
-        for r in records:
-            f.write(f'{r["domain"]},"{r["text"]}",{r["v"]!r},{r["w"]},{r["label"]}\n')
+        f.writelines(f'{r["domain"]},"{r["text"]}",{r["v"]!r},{r["w"]},{r["label"]}\n' for r in records)
     numeric = ["feature_keys=v,w", "label_key=label", "text_key="]
     a = FederatedDataset(run_preprocess("grouped", tmp_path / "a", base + numeric, progress=None))
     b = FederatedDataset(run_preprocess("grouped", tmp_path / "b", [f"inputs={tmp_path}/data.csv"] + base[1:] + numeric,

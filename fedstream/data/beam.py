@@ -35,6 +35,7 @@ docs/beam.md.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import importlib
@@ -539,20 +540,17 @@ def convert_group(element: tuple[str, Iterable[tuple]], config_dict: dict[str, A
     if kept is None:
         return
     values, handles = [], {}
-    try:
+    with contextlib.ExitStack() as stack:
         for file, position, payload in kept:
             if not isinstance(payload, int):
                 values.append(payload)
                 continue
             path, fmt, header = files[file]
             if file not in handles:
-                handles[file] = open(path, "rb")
+                handles[file] = stack.enter_context(open(path, "rb"))
             handles[file].seek(position)
             line = handles[file].read(payload)
             values.append(grouped.parse_line(config, fmt, header, line, f"{path} byte {position}")[1])
-    finally:
-        for handle in handles.values():
-            handle.close()
     schema = schema_from_json(schema_json)
     features = grouped.client_examples(config, group, values)
     columns = {k: _check_array("train", group, k, spec, features[k]) for k, spec in schema.items()}
