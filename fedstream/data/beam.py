@@ -435,7 +435,8 @@ def npz_array(path: str, key: str) -> np.ndarray:
         else:
             with z.open(info) as f:
                 array = np.lib.format.read_array(f, allow_pickle=False)
-    _NPZ_CACHE.clear()  # one file's arrays at a time
+    for old in [k for k in _NPZ_CACHE if k[0] != path or k[2:] != cache_key[2:]]:
+        del _NPZ_CACHE[old]  # one file's arrays at a time (all its features stay cached)
     _NPZ_CACHE[cache_key] = array
     return array
 
