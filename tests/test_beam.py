@@ -141,6 +141,7 @@ def test_beam_route_refuses_what_it_does_not_support(tmp_path):
     ("savez", ["partitioner=dirichlet", "alpha=0.3", "test_fraction=0.2"]),
     ("savez_compressed", ["partitioner=shards", "shards_per_client=3"]),
     ("savez", ["client_key=g", "test_fraction=0.25", "features=x,y"]),
+    ("savez", ["partitioner=iid", "float_dtype="]),
 ])
 def test_beam_arrays_digest_equals_single_process(tmp_path, case):
     """The partitioner's assignment (and the test split's shuffle) computed once on the driver, rows read
