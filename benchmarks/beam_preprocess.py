@@ -142,8 +142,8 @@ def run_route(name: str, command: list[str], examples: int, input_bytes: int) ->
         sys.exit(f"{name} failed ({process.returncode}):\n{output[-4000:]}")
     return {"route": name, "wall_s": round(wall, 1), "examples_per_s": round(examples / wall),
             "input_MB_per_s": round(input_bytes / 1e6 / wall, 1),
-            "peak_rss_driver_MB": round(sampler.peak_driver / 1024), "peak_rss_one_process_MB": round(sampler.peak_one / 1024),
-            "peak_rss_tree_MB": round(sampler.peak_tree / 1024), "processes": sampler.max_processes,
+            "peak_rss_driver_MiB": round(sampler.peak_driver / 1024), "peak_rss_one_process_MiB": round(sampler.peak_one / 1024),
+            "peak_rss_tree_MiB": round(sampler.peak_tree / 1024), "processes": sampler.max_processes,
             "command": " ".join(command)}
 
 
