@@ -119,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shard compression: uncompressed (fastest to read, default), snappy, zstd:1, zstd:3, ...")
     p.add_argument("--runner", choices=("DirectRunner", "FlinkRunner", "SparkRunner", "DataflowRunner",
                                         "PortableRunner", "PrismRunner"),
-                   help="run on Apache Beam with this runner (pip install 'fedstream[beam]'; recipe tabular with "
-                        "--config.client_key; see docs/beam.md); default: one process")
+                   help="run on Apache Beam with this runner (pip install 'fedstream[beam]'; recipes tabular with "
+                        "--config.client_key, arrays, grouped; see docs/beam.md); default: one process")
     p.add_argument("--beam-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a Beam pipeline option, repeatable (e.g. direct_num_workers=4, "
                         "flink_master=HOST:8081); needs --runner")

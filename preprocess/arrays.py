@@ -20,6 +20,10 @@ input fingerprint, so rerunning after the file changed needs --force.
 
     fedstream preprocess arrays --output data/mine --config.path=mine.npz \
         --config.partitioner=dirichlet --config.alpha=0.3 --config.num_clients=50
+
+On Apache Beam (`--runner`, docs/beam.md) the assignment (`assignment`) is computed once on the
+driver from the ids or labels alone, and workers read their clients' rows (memory-mapped from an
+uncompressed .npz); the content digest equals this route's.
 """
 
 from __future__ import annotations
@@ -162,9 +166,8 @@ def _id_text(value: object) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def _clients(config: ml_collections.ConfigDict, arrays: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
-    """(client id, example indices in file order) per client."""
-    n = len(arrays[next(iter(arrays))])
+def _clients(config: ml_collections.ConfigDict, arrays: dict[str, np.ndarray], n: int) -> list[tuple[str, np.ndarray]]:
+    """(client id, example indices in file order) per client; `arrays` holds the ids or labels it needs."""
     if config.client_key:
         ids = arrays[config.client_key]
         _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
@@ -197,21 +200,45 @@ def _clients(config: ml_collections.ConfigDict, arrays: dict[str, np.ndarray]) -
     return [(f"client_{i:0{width}d}", part) for i, part in enumerate(parts)]
 
 
-def generate(config: ml_collections.ConfigDict) -> Iterator[tuple[str, str, dict[str, np.ndarray]]]:
-    """Yields each client's examples ('train', then 'test' when test_fraction > 0)."""
-    features, _ = _keys(config)
-    extra = [config.client_key] if config.client_key else (
-        [config.label_key] if config.partitioner in ("dirichlet", "shards") else [])
-    arrays = _load(config, features + extra)
-    for key in features:
-        arrays[key] = arrays[key].astype(_stored_dtype(config, arrays[key].dtype), copy=False)
+def assignment_keys(config: ml_collections.ConfigDict) -> list[str]:
+    """The arrays the client assignment reads: the client ids, the labels (dirichlet, shards) or none (iid)."""
+    if config.client_key:
+        return [config.client_key]
+    return [config.label_key] if config.partitioner in ("dirichlet", "shards") else []
+
+
+def assignment(config: ml_collections.ConfigDict, arrays: dict[str, np.ndarray],
+               n: int) -> Iterator[tuple[str, str, np.ndarray]]:
+    """`(split, client id, example indices)` in writing order: each client's 'train', then its 'test'
+    when test_fraction > 0. Reads only the `assignment_keys` arrays, so the Beam route computes it once
+    on the driver and ships the indices to workers."""
     rng = np.random.default_rng([config.seed, 1])
-    for client_id, idx in _clients(config, arrays):
+    for client_id, idx in _clients(config, arrays, n):
         if config.test_fraction > 0:
             shuffled = rng.permutation(idx)
             num_test = math.ceil(config.test_fraction * len(idx))
-            train, test = shuffled[: len(idx) - num_test], shuffled[len(idx) - num_test:]
-            yield "train", client_id, {k: arrays[k][train] for k in features}
-            yield "test", client_id, {k: arrays[k][test] for k in features}
+            yield "train", client_id, shuffled[: len(idx) - num_test]
+            yield "test", client_id, shuffled[len(idx) - num_test:]
         else:
-            yield "train", client_id, {k: arrays[k][idx] for k in features}
+            yield "train", client_id, idx
+
+
+def num_examples(config: ml_collections.ConfigDict) -> int:
+    """The examples in the file (the leading dimension of its feature arrays, from the headers)."""
+    features, headers = _keys(config)
+    return int(headers[features[0]][1][0])
+
+
+def stored(config: ml_collections.ConfigDict, key: str, values: np.ndarray) -> np.ndarray:
+    """`values` of feature `key` as stored (floats as float_dtype)."""
+    return values.astype(_stored_dtype(config, values.dtype), copy=False)
+
+
+def generate(config: ml_collections.ConfigDict) -> Iterator[tuple[str, str, dict[str, np.ndarray]]]:
+    """Yields each client's examples ('train', then 'test' when test_fraction > 0)."""
+    features, headers = _keys(config)
+    arrays = _load(config, features + assignment_keys(config))
+    for key in features:
+        arrays[key] = stored(config, key, arrays[key])
+    for split, client_id, idx in assignment(config, arrays, int(headers[features[0]][1][0])):
+        yield split, client_id, {k: arrays[k][idx] for k in features}

@@ -124,8 +124,104 @@ def test_beam_route_refuses_what_it_does_not_support(tmp_path):
     _csv(tmp_path / "train.csv", 50, 0)
     with pytest.raises(ConfigError, match="client_key"):
         run_preprocess_beam("tabular", tmp_path / "o", [f"train={tmp_path / 'train.csv'}"], progress=None)
-    with pytest.raises(ConfigError, match="supports the recipe 'tabular'"):
+    with pytest.raises(ConfigError, match=r"supports the recipes .*tabular.*not 'digits'"):
         run_preprocess_beam("digits", tmp_path / "o", [], progress=None)
+    with pytest.raises(ConfigError, match=r"--output=gs://b/o: object-store paths are not supported"):
+        run_preprocess_beam("tabular", "gs://b/o", [f"train={tmp_path / 'train.csv'}", "client_key=user"],
+                            progress=None)
+    with pytest.raises(ConfigError, match=r"--config.inputs=s3://b/\*.jsonl: object-store paths"):
+        run_preprocess_beam("grouped", tmp_path / "o", ["inputs=s3://b/*.jsonl", "group_key=k"], progress=None)
     with pytest.raises(ConfigError, match="DataflowRunner is not supported yet"):
         run_preprocess_beam("tabular", tmp_path / "o", [f"train={tmp_path / 'train.csv'}", "client_key=user"],
                             runner="DataflowRunner", progress=None)
+
+
+@pytest.mark.skipif(not HAVE_BEAM, reason="apache_beam is not installed (pip install 'fedstream[beam]')")
+@pytest.mark.parametrize("case", [
+    ("savez", ["partitioner=dirichlet", "alpha=0.3", "test_fraction=0.2"]),
+    ("savez_compressed", ["partitioner=shards", "shards_per_client=3"]),
+    ("savez", ["client_key=g", "test_fraction=0.25", "features=x,y"]),
+    ("savez", ["partitioner=iid", "float_dtype="]),
+])
+def test_beam_arrays_digest_equals_single_process(tmp_path, case):
+    """The partitioner's assignment (and the test split's shuffle) computed once on the driver, rows read
+    by workers (memory-mapped from a stored .npz, decompressed from a compressed one): the same dataset."""
+    from fedstream.data.beam import run_preprocess_beam
+    from fedstream.data.preprocessing import run_preprocess
+
+    save, overrides = case
+    rng = np.random.default_rng(3)
+    n = 2000
+    getattr(np, save)(tmp_path / "data.npz", x=rng.random((n, 2, 3)), y=rng.integers(0, 10, n).astype(np.int16),
+                      g=np.array([f"c{i}" for i in rng.integers(0, 29, n)]))
+    overrides = [f"path={tmp_path / 'data.npz'}", "num_clients=17", "seed=5"] + overrides
+    if "client_key=g" not in overrides:
+        overrides.append("features=x,y")
+    single = run_preprocess("arrays", tmp_path / "single", overrides, progress=None)
+    beam = run_preprocess_beam("arrays", tmp_path / "beam", overrides, beam_options=MULTI_PROCESS,
+                               task_examples=300, records_per_shard=250, progress=None)
+    a, b = FederatedDataset(single), FederatedDataset(beam)
+    assert set(a.metadata["splits"]) == set(b.metadata["splits"])
+    for split in a.metadata["splits"]:
+        assert a.content_digest(split) == b.content_digest(split)
+    assert len(b.metadata["splits"]["train"]["shards"]) > 1
+    np.testing.assert_array_equal(a.get_client("train", a.client_ids("train")[3])["x"],
+                                  b.get_client("train", a.client_ids("train")[3])["x"])
+
+
+def _flat_corpus(directory: pathlib.Path, fmt: str, seed: int) -> str:
+    """Two files of records over 31 domains of skewed sizes (interleaved), as JSON Lines, CSV or Parquet."""
+    import json
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for k in range(2):
+        rows = [{"domain": f"d{int(rng.zipf(1.5)) % 31}", "text": "xyz é " * int(rng.integers(0, 6)),
+                 "v": float(rng.normal()), "label": int(rng.integers(0, 4))} for _ in range(700)]
+        path = directory / f"part-{k}.{fmt}"
+        if fmt == "jsonl":
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        elif fmt == "csv":
+            path.write_text("domain,text,v,label\n" + "".join(
+                f'{r["domain"]},"{r["text"]}",{r["v"]!r},{r["label"]}\n' for r in rows))
+        else:
+            pa = pytest.importorskip("pyarrow")
+            pq = pytest.importorskip("pyarrow.parquet")
+            pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=111)
+        paths.append(str(path))
+    return f"{directory}/part-*.{fmt}"
+
+
+@pytest.mark.skipif(not HAVE_BEAM, reason="apache_beam is not installed (pip install 'fedstream[beam]')")
+@pytest.mark.parametrize("fmt, extra", [
+    ("jsonl", ["feature_keys=v", "label_key=label", "max_examples=40"]),
+    ("csv", ["text_encoding=chars", "sequence_length=16", "min_examples=3"]),
+    ("parquet", ["min_examples=2", "max_examples=100"]),
+])
+def test_beam_grouped_digest_equals_single_process(tmp_path, fmt, extra):
+    """A flat corpus grouped by key: byte ranges / row groups read by 2 worker processes and grouped with
+    GroupByKey give the dataset of the single-process route (several spill buckets)."""
+    from fedstream.data.beam import run_preprocess_beam
+    from fedstream.data.preprocessing import run_preprocess
+
+    overrides = [f"inputs={_flat_corpus(tmp_path, fmt, 4)}", "group_key=domain", "bucket_bytes=3000"] + extra
+    single = run_preprocess("grouped", tmp_path / "single", overrides, progress=None)
+    beam = run_preprocess_beam("grouped", tmp_path / "beam", overrides, beam_options=MULTI_PROCESS, range_bytes=4096,
+                               records_per_shard=200, progress=None)
+    a, b = FederatedDataset(single), FederatedDataset(beam)
+    assert a.content_digest("train") == b.content_digest("train")
+    assert sorted(a.client_ids("train")) == sorted(b.client_ids("train"))
+    assert len(b.metadata["splits"]["train"]["shards"]) > 1
+    assert b.metadata.get("assets") == a.metadata.get("assets")
+
+
+@pytest.mark.skipif(not HAVE_BEAM, reason="apache_beam is not installed (pip install 'fedstream[beam]')")
+def test_beam_grouped_bad_record_names_file_and_offset(tmp_path):
+    from fedstream.data.beam import run_preprocess_beam
+
+    good = '{"domain": "a", "text": "fine"}\n'
+    (tmp_path / "c.jsonl").write_text(good * 300 + '{"text": "no domain"}\n' + good)
+    with pytest.raises(ValueError, match=r"^\S+c\.jsonl byte 9600: no field 'domain' \(fields: text\)$"):
+        run_preprocess_beam("grouped", tmp_path / "o", [f"inputs={tmp_path}/c.jsonl", "group_key=domain"],
+                            range_bytes=4096, beam_options=MULTI_PROCESS, progress=None)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())

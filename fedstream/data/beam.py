@@ -1,34 +1,49 @@
-"""`fedstream preprocess --runner ...`: the `tabular` recipe grouped by a client column on Apache Beam.
+"""`fedstream preprocess --runner ...`: recipes `tabular` (client column), `arrays` and `grouped` on Apache Beam.
 
-The single-process route (`fedstream.data.preprocessing.run_preprocess`) holds a split's table in
-memory. This route streams: the input is cut into byte ranges (CSV) or row groups (Parquet) that
-workers read in parallel; rows are keyed by `(split, client id)` and grouped with `GroupByKey`;
-each client's rows are put back in file order (every row carries its file and byte offset / row
-number) and converted with the recipe's own functions (`tabular._x`, `tabular._y`), so a client's
-examples are the same arrays as on the single-process route; workers encode them with the
-dataset format's record encoding and write ArrayRecord part files into the output's temporary
-directory, one file per bundle and split (a new one every `records_per_shard` records). A manifest
-(JSON lines: part file, split, clients and counts) is the pipeline's only other output. The driver
-then renames the parts listed in the manifest to `<split>/shard-NNNNN.array_record`, deletes parts
-that no manifest line names (retried bundles), and lets `DatasetWriter.close()` write `index.npz`,
-`metadata.json`, `_SUCCESS` and rename the directory into place. The content digest
-(`FederatedDataset.content_digest`) equals the single-process route's on the same input.
+The single-process route (`fedstream.data.preprocessing.run_preprocess`) runs a recipe's
+`generate` in one process. This route runs the same conversion as a Beam pipeline, one plan per
+recipe (`_ROUTES`):
+
+- `tabular` with `client_key`: the input is cut into byte ranges (CSV) or row groups (Parquet)
+  that workers read in parallel; rows are keyed by `(split, client id)` and grouped with
+  `GroupByKey`; each client's rows are put back in file order (every row carries its file and
+  byte offset / row number) and converted with the recipe's own functions (`tabular._x`, `_y`).
+- `arrays`: the client assignment (a client-id array or a partitioner of
+  fedstream/data/partition.py, and the per-client test split) needs every label at once, so the
+  driver computes it once with the recipe's own `assignment` from the ids or labels alone; tasks
+  of clients' example indices go to workers, which read those rows (memory-mapped from an
+  uncompressed .npz) and encode them.
+- `grouped`: byte ranges (JSON Lines, CSV) or row groups (Parquet); every record is parsed on
+  the worker that reads it, keyed by its group, and grouped; a line-format record travels through
+  the shuffle as (file, offset, length) only, and the group's converter reads its kept lines
+  again, so the shuffle is tens of bytes per record.
+
+Workers encode clients with the dataset format's record encoding and write ArrayRecord part
+files into the output's temporary directory, one file per bundle and split (a new one every
+`records_per_shard` records). A manifest (JSON lines: part file, split, clients and counts) is
+the pipeline's only other output. The driver then renames the parts listed in the manifest to
+`<split>/shard-NNNNN.array_record`, deletes parts that no manifest line names (retried bundles),
+and lets `DatasetWriter.close()` write `index.npz`, `metadata.json`, `_SUCCESS` and rename the
+directory into place. The content digest (`FederatedDataset.content_digest`) equals the
+single-process route's on the same input and config.
 
 Needs `apache-beam` (`pip install fedstream[beam]`); it is imported only when this route runs.
-DataflowRunner is refused for now (no object-store output yet).
-Supported: recipe `tabular` with `client_key`, formats csv and parquet, numeric labels, no
-`test_fraction`. The output path must be on a filesystem every worker can write (local for the
-DirectRunner, a shared mount for Flink/Spark): see docs/beam.md.
+DataflowRunner and object-store paths (gs://, s3://) are refused: inputs and output must be on a
+filesystem every worker mounts (local for the DirectRunner, a shared mount for Flink/Spark); see
+docs/beam.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
 import importlib
 import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import time
 import uuid
@@ -48,6 +63,8 @@ RANGE_BYTES = 64 << 20  # bytes of CSV per read task
 PARTS_DIR = "_beam_parts"
 MANIFEST = "_manifest"
 _TABULAR = "fedstream.recipes.tabular"
+_ARRAYS = "fedstream.recipes.arrays"
+_GROUPED = "fedstream.recipes.grouped"
 
 
 def _beam() -> Any:
@@ -300,55 +317,25 @@ def _write_parts_fn(parts_dir: str, options: str, records_per_shard: int) -> Any
     return WriteParts()
 
 
-# ---------------------------------------------------------------------------------------------- driver
+# ---------------------------------------------------------------------------------------------- plans
 
 
-def run_preprocess_beam(
-    recipe: str,
-    output: str | os.PathLike,
-    overrides: Sequence[str] = (),
-    *,
-    runner: str = "DirectRunner",
-    beam_options: Sequence[str] = (),
-    force: bool = False,
-    compression: str = DEFAULT_COMPRESSION,
-    records_per_shard: int = 4096,
-    range_bytes: int = RANGE_BYTES,
-    progress: Callable[[str], None] | None = print,
-) -> pathlib.Path:
-    """Writes the dataset of `recipe` (only `tabular` with a client column) into `output` with Beam.
+@dataclasses.dataclass
+class _Plan:
+    """What the driver needs to run one recipe on Beam."""
 
-    `runner` and `beam_options` (`KEY=VALUE`, Beam's pipeline options without `--`) choose where
-    the pipeline runs. Otherwise as `run_preprocess`: same metadata, same no-op rerun, `force`
-    to replace. Returns the output path.
-    """
+    schema: Schema
+    tasks: list[Any]  # the pipeline's input, one element per read task
+    stages: Callable[[Any], Any]  # tasks PCollection -> PCollection of (split, client id, n, encoded records)
+    what: str  # for the progress line, e.g. "12 read tasks"
+
+
+def _tabular_plan(module: Any, config: ml_collections.ConfigDict, range_bytes: int) -> _Plan:
+    """Read tasks over the CSV byte ranges / Parquet row groups, grouped by the client column."""
     beam = _beam()
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    say = progress or (lambda _: None)
-    args = pipeline_args(runner, beam_options)
-    if runner == "DataflowRunner":
-        raise ConfigError("DataflowRunner is not supported yet: this route reads and writes with local paths, and "
-                          "Dataflow workers share no filesystem with the driver (object-store output, e.g. gs://, "
-                          "is not implemented; see docs/beam.md)")
-    if logging.getLogger("apache_beam").level == logging.NOTSET:  # Beam logs every worker's start at INFO
-        logging.getLogger("apache_beam").setLevel(logging.WARNING)
-    module = load_module(recipe, RECIPES_PACKAGE)
-    name = recipe_name(recipe)
-    if getattr(module, "__name__", "") != _TABULAR:
-        raise ConfigError(f"the Beam route (--runner) supports the recipe 'tabular' with a client column, "
-                          f"not {name!r}; run it without --runner")
-    config = apply_overrides(module.get_config(), overrides)
     splits = _check_config(config, module)
     fmt = module._format(config)
-    config_json = json.loads(to_json(config))
-    fingerprint = str(module.fingerprint(config))
-    output = pathlib.Path(output).absolute()
-    if up_to_date(output, name, config_json, fingerprint, compression, force, say):
-        return output
     schema = _schema(module, config, splits)
-    metadata = {"recipe": name, "config": config_json, "source": module.SOURCE, "seed": config_json.get("seed"),
-                "fedstream_version": __version__, "input_fingerprint": fingerprint}
     tasks = _tasks(splits, fmt, config.csv_delimiter, int(range_bytes))
     headers: dict[int, Any] = {}
     for file_index, source in enumerate(splits.values()):
@@ -363,22 +350,309 @@ def run_preprocess_beam(
                                    "arrow_schema": arrow_schema.serialize().to_pybytes()}
     from fedstream.data.format import schema_to_json
 
-    say(f"preprocessing {name} into {output} on {runner} ({len(tasks)} read tasks)")
+    client_key, delimiter = config.client_key, config.csv_delimiter
+    config_dict, schema_json = config.to_dict(), schema_to_json(schema)
+
+    def stages(tasks_pc: Any) -> Any:
+        return (tasks_pc
+                | "Reshuffle" >> beam.Reshuffle()
+                | "Read" >> beam.FlatMap(read_task, client_key, delimiter)
+                | "GroupByClient" >> beam.GroupByKey()
+                | "Convert" >> beam.Map(convert_client, config_dict, headers, schema_json))
+
+    return _Plan(schema, tasks, stages, f"{len(tasks)} read tasks")
+
+
+# ---------------------------------------------------------------------------------------------- arrays
+
+ARRAYS_TASK_EXAMPLES = 1 << 16  # example indices per `arrays` conversion task
+
+
+def _arrays_plan(module: Any, config: ml_collections.ConfigDict, task_examples: int) -> _Plan:
+    """The client assignment, computed once on the driver by the recipe's own `assignment` (the
+    partitioners of fedstream.data.partition, the test split's RNG stream), cut into tasks of about
+    `task_examples` indices; workers read their clients' rows from the .npz and encode them."""
+    beam = _beam()
+    from fedstream.data.format import schema_to_json
+
+    try:
+        schema = module.schema(config)
+        n = module.num_examples(config)
+        keys = module.assignment_keys(config)
+        with np.load(config.path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in keys}
+        tasks: list[list[tuple[str, str, np.ndarray]]] = [[]]
+        size = 0
+        for split, client_id, idx in module.assignment(config, arrays, n):
+            if size >= task_examples and tasks[-1]:
+                tasks.append([])
+                size = 0
+            tasks[-1].append((split, client_id, np.asarray(idx, np.int64)))
+            size += len(idx) + 1
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    del arrays
+    config_dict, schema_json = config.to_dict(), schema_to_json(schema)
+
+    def stages(tasks_pc: Any) -> Any:
+        return (tasks_pc
+                | "Reshuffle" >> beam.Reshuffle()
+                | "Convert" >> beam.FlatMap(convert_arrays_task, config_dict, schema_json))
+
+    return _Plan(schema, [t for t in tasks if t], stages, f"{sum(len(t) for t in tasks):,} clients in "
+                 f"{len([t for t in tasks if t])} tasks")
+
+
+_NPZ_CACHE: dict[tuple[str, str, int, int], np.ndarray] = {}
+
+
+def npz_array(path: str, key: str) -> np.ndarray:
+    """Array `key` of the .npz at `path`: memory-mapped when the member is stored uncompressed
+    (`np.savez`), else decompressed once per worker process (`np.savez_compressed`)."""
+    import struct
+    import zipfile
+
+    stat = os.stat(path)
+    cache_key = (path, key, stat.st_size, stat.st_mtime_ns)
+    if cache_key in _NPZ_CACHE:
+        return _NPZ_CACHE[cache_key]
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(f"{key}.npy")
+        if info.compress_type == zipfile.ZIP_STORED:
+            with open(path, "rb") as f:
+                f.seek(info.header_offset)
+                local = f.read(30)  # the member's local file header: its name and extra field follow
+                name_len, extra_len = struct.unpack("<HH", local[26:30])
+                f.seek(info.header_offset + 30 + name_len + extra_len)
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, fortran, dtype = read_header(f)
+                offset = f.tell()
+            if dtype.hasobject:
+                raise ValueError(f"{path}: array {key!r} is an object array")
+            array = np.memmap(path, dtype, "r", offset=offset, shape=shape, order="F" if fortran else "C")
+        else:
+            with z.open(info) as f:
+                array = np.lib.format.read_array(f, allow_pickle=False)
+    for old in [k for k in _NPZ_CACHE if k[0] != path or k[2:] != cache_key[2:]]:
+        del _NPZ_CACHE[old]  # one file's arrays at a time (all its features stay cached)
+    _NPZ_CACHE[cache_key] = array
+    return array
+
+
+def convert_arrays_task(task: list[tuple[str, str, np.ndarray]], config_dict: dict[str, Any],
+                        schema_json: dict[str, Any]) -> Iterator[tuple[str, str, int, list[bytes]]]:
+    """One task's clients -> `(split, client id, n, encoded records)`, rows in the assignment's order."""
+    from fedstream.data.format import schema_from_json
+
+    arrays = importlib.import_module(_ARRAYS)
+    config = ml_collections.ConfigDict(config_dict)
+    schema = schema_from_json(schema_json)
+    cache: dict[str, np.ndarray] = {}
+    for split, client_id, idx in task:
+        columns = {}
+        for key, spec in schema.items():
+            if key not in cache:
+                cache[key] = npz_array(config.path, key)
+            values = arrays.stored(config, key, np.asarray(cache[key][idx]))
+            columns[key] = _check_array(split, client_id, key, spec, values)
+        yield split, client_id, len(idx), encode_examples(schema, columns, len(idx))
+
+
+# ---------------------------------------------------------------------------------------------- grouped
+
+
+def _grouped_plan(module: Any, config: ml_collections.ConfigDict, range_bytes: int) -> _Plan:
+    """Read tasks over the JSON Lines / CSV byte ranges or Parquet row groups, records keyed by group,
+    grouped with GroupByKey, each group put back in input order and converted by the recipe's own
+    `select` and `client_examples`."""
+    beam = _beam()
+    from fedstream.data.format import schema_to_json
+
+    try:
+        schema = module.schema(config)
+        files, fmt = module.input_files(config)
+        tasks: list[dict[str, Any]] = []
+        files_info: dict[int, Any] = {}
+        for file_index, source in enumerate(files):
+            path = str(pathlib.Path(source).absolute())
+            if fmt == "parquet":
+                import pyarrow.parquet as pq
+
+                metadata = pq.ParquetFile(path).metadata
+                first = 0
+                for group in range(metadata.num_row_groups):
+                    tasks.append({"file": file_index, "path": path, "row_group": group, "first_row": first})
+                    first += metadata.row_group(group).num_rows
+                continue
+            header, start = module.csv_header(path, config.csv_delimiter) if fmt == "csv" else (None, 0)
+            if header is not None and config.group_key not in header:
+                raise ValueError(f"{source}: no column {config.group_key!r} (columns: {', '.join(header)})")
+            files_info[file_index] = (path, fmt, header)
+            size = os.path.getsize(path)
+            for begin in range(start, size, range_bytes):
+                tasks.append({"file": file_index, "path": path, "fmt": fmt, "header": header, "start": begin,
+                              "end": min(begin + range_bytes, size),
+                              "first_line": (1 if header is None else 2) if begin == start else None})
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    config_dict, schema_json = config.to_dict(), schema_to_json(schema)
+
+    def stages(tasks_pc: Any) -> Any:
+        return (tasks_pc
+                | "Reshuffle" >> beam.Reshuffle()
+                | "Read" >> beam.FlatMap(read_grouped_task, config_dict)
+                | "GroupByKey" >> beam.GroupByKey()
+                | "Convert" >> beam.FlatMap(convert_group, config_dict, files_info, schema_json))
+
+    return _Plan(schema, tasks, stages, f"{len(tasks)} read tasks")
+
+
+def read_grouped_task(task: dict[str, Any], config_dict: dict[str, Any]) -> Iterator[tuple[str, tuple]]:
+    """Records of one read task as `(group key, (file, position, payload))`; position orders records in a
+    file. Every record is parsed (a bad one fails here, naming the file and line or byte), but a JSON
+    Lines / CSV record's payload is only its line's length: the group's converter reads the line
+    again, so the shuffle carries tens of bytes per record instead of its text. A Parquet record's
+    payload is its value (a row cannot be re-read cheaply)."""
+    grouped = importlib.import_module(_GROUPED)
+    config = ml_collections.ConfigDict(config_dict)
+    if "row_group" in task:
+        for position, group, value in grouped.parquet_records(config, task["path"], task["row_group"],
+                                                              task["first_row"]):
+            yield group, (task["file"], position, value)
+        return
+    for position, length, group, _ in grouped.line_records(config, task["fmt"], task["path"], task["header"],
+                                                           task["start"], task["end"], task["first_line"]):
+        yield group, (task["file"], position, length)
+
+
+def convert_group(element: tuple[str, Iterable[tuple]], config_dict: dict[str, Any], files: dict[int, Any],
+                  schema_json: dict[str, Any]) -> Iterator[tuple[str, str, int, list[bytes]]]:
+    """One group's records (any order) -> `(split, client id, n, encoded records)`, or nothing if dropped.
+    Records are put back in input order and selected (min/max examples) first, then the kept JSON Lines /
+    CSV lines are read again from `files` (file index -> path, format, CSV header)."""
+    from fedstream.data.format import schema_from_json
+
+    grouped = importlib.import_module(_GROUPED)
+    group, rows = element
+    config = ml_collections.ConfigDict(config_dict)
+    kept = grouped.select(config, sorted(rows, key=lambda r: (r[0], r[1])))
+    if kept is None:
+        return
+    values, handles = [], {}
+    with contextlib.ExitStack() as stack:
+        for file, position, payload in kept:
+            if not isinstance(payload, int):
+                values.append(payload)
+                continue
+            path, fmt, header = files[file]
+            if file not in handles:
+                handles[file] = stack.enter_context(open(path, "rb"))
+            handles[file].seek(position)
+            line = handles[file].read(payload)
+            values.append(grouped.parse_line(config, fmt, header, line, f"{path} byte {position}")[1])
+    schema = schema_from_json(schema_json)
+    features = grouped.client_examples(config, group, values)
+    columns = {k: _check_array("train", group, k, spec, features[k]) for k, spec in schema.items()}
+    n = len(next(iter(columns.values())))
+    yield "train", group, n, encode_examples(schema, columns, n)
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+_WORKER_ERROR = re.compile(r"^(?:ValueError|ConfigError|fedstream\.config\.ConfigError): (.+?)(?: \[while running '[^']*'\])*$",
+                           re.MULTILINE)
+
+
+_OBJECT_STORE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _worker_error(error: BaseException) -> str | None:
+    """The one-line message of the ValueError a recipe function raised on a worker (it names the file,
+    line or byte, client and key), from the runner's wrapped error; None for any other failure."""
+    if isinstance(error, ValueError) and "Traceback" not in str(error):
+        return _WORKER_ERROR.sub(r"\1", f"ValueError: {error}").strip() or None
+    found = _WORKER_ERROR.findall(str(error))
+    return found[-1] if found else None
+
+
+def run_preprocess_beam(
+    recipe: str,
+    output: str | os.PathLike,
+    overrides: Sequence[str] = (),
+    *,
+    runner: str = "DirectRunner",
+    beam_options: Sequence[str] = (),
+    force: bool = False,
+    compression: str = DEFAULT_COMPRESSION,
+    records_per_shard: int = 4096,
+    range_bytes: int = RANGE_BYTES,
+    task_examples: int = ARRAYS_TASK_EXAMPLES,
+    progress: Callable[[str], None] | None = print,
+) -> pathlib.Path:
+    """Writes the dataset of `recipe` (`tabular` with a client column, `arrays`, `grouped`) into `output` with Beam.
+
+    `runner` and `beam_options` (`KEY=VALUE`, Beam's pipeline options without `--`) choose where
+    the pipeline runs. Otherwise as `run_preprocess`: same metadata, same no-op rerun, `force`
+    to replace. `range_bytes` is the size of a CSV / JSON Lines read task, `task_examples` the
+    examples per `arrays` task. Returns the output path.
+    """
+    beam = _beam()
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    say = progress or (lambda _: None)
+    args = pipeline_args(runner, beam_options)
+    if runner == "DataflowRunner":
+        raise ConfigError("DataflowRunner is not supported yet: this route reads and writes with local paths, and "
+                          "Dataflow workers share no filesystem with the driver (object-store output, e.g. gs://, "
+                          "is not implemented; see docs/beam.md)")
+    for where, value in [("--output", str(output))] + [(f"--config.{o.partition('=')[0]}", o.partition("=")[2])
+                                                          for o in overrides]:
+        if _OBJECT_STORE.match(value.strip()):
+            raise ConfigError(f"{where}={value}: object-store paths are not supported by the Beam route (it opens "
+                              "local paths and finishes with a directory rename, which an object store does not "
+                              "have; see docs/beam.md); use a filesystem every worker mounts")
+    if logging.getLogger("apache_beam").level == logging.NOTSET:  # Beam logs every worker's start at INFO
+        logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    for logger in ("apache_beam.runners.portability.local_job_service", "apache_beam.runners.common"):
+        if logging.getLogger(logger).level == logging.NOTSET:  # a failed DoFn's traceback, summed up below
+            logging.getLogger(logger).setLevel(logging.CRITICAL)
+    module = load_module(recipe, RECIPES_PACKAGE)
+    name = recipe_name(recipe)
+    module_name = getattr(module, "__name__", "")
+    if module_name not in _ROUTES:
+        raise ConfigError(f"the Beam route (--runner) supports the recipes {', '.join(sorted(ROUTE_RECIPES))}, "
+                          f"not {name!r}; run it without --runner")
+    config = apply_overrides(module.get_config(), overrides)
+    config_json = json.loads(to_json(config))
+    try:
+        fingerprint = str(module.fingerprint(config))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    output = pathlib.Path(output).absolute()
+    if up_to_date(output, name, config_json, fingerprint, compression, force, say):
+        return output
+    size = task_examples if module_name == _ARRAYS else range_bytes
+    plan = _ROUTES[module_name](module, config, int(size))
+    metadata = {"recipe": name, "config": config_json, "source": module.SOURCE, "seed": config_json.get("seed"),
+                "fedstream_version": __version__, "input_fingerprint": fingerprint}
+    say(f"preprocessing {name} into {output} on {runner} ({plan.what})")
     start = time.perf_counter()
-    with DatasetWriter(output, schema, metadata=metadata, compression=compression) as writer:
+    with DatasetWriter(output, plan.schema, metadata=metadata, compression=compression) as writer:
         parts_dir = writer.tmp_dir / PARTS_DIR
         parts_dir.mkdir()
-        client_key, delimiter = config.client_key, config.csv_delimiter
-        config_dict, schema_json = config.to_dict(), schema_to_json(schema)
-        with beam.Pipeline(options=PipelineOptions(args)) as pipeline:
-            _ = (pipeline
-                 | "Tasks" >> beam.Create(tasks)
-                 | "Reshuffle" >> beam.Reshuffle()
-                 | "Read" >> beam.FlatMap(read_task, client_key, delimiter)
-                 | "GroupByClient" >> beam.GroupByKey()
-                 | "Convert" >> beam.Map(convert_client, config_dict, headers, schema_json)
-                 | "WriteParts" >> beam.ParDo(_write_parts_fn(str(parts_dir), writer.options, records_per_shard))
-                 | "Manifest" >> beam.io.WriteToText(str(writer.tmp_dir / MANIFEST / "part"), file_name_suffix=".jsonl"))
+        try:
+            with beam.Pipeline(options=PipelineOptions(args)) as pipeline:
+                _ = (plan.stages(pipeline | "Tasks" >> beam.Create(plan.tasks))
+                     | "WriteParts" >> beam.ParDo(_write_parts_fn(str(parts_dir), writer.options, records_per_shard))
+                     | "Manifest" >> beam.io.WriteToText(str(writer.tmp_dir / MANIFEST / "part"),
+                                                         file_name_suffix=".jsonl"))
+        except Exception as e:  # a worker's error arrives wrapped in the runner's, with its traceback as text
+            message = _worker_error(e)
+            if message is None:
+                raise
+            raise ValueError(message) from None
         parts = []
         for manifest in sorted((writer.tmp_dir / MANIFEST).glob("part*.jsonl")):
             parts.extend(json.loads(line) for line in manifest.read_text().splitlines() if line)
@@ -392,6 +666,14 @@ def run_preprocess_beam(
             tally[1] += sum(int(n) for _, n in part["clients"])
         shutil.rmtree(parts_dir)  # parts of retried bundles that no manifest line names
         shutil.rmtree(writer.tmp_dir / MANIFEST)
+        if callable(getattr(module, "assets", None)):
+            for asset_name, data in module.assets(config).items():
+                writer.add_asset(asset_name, data)
     summary = "; ".join(f"{split}: {c:,} clients / {n:,} examples" for split, (c, n) in sorted(counts.items()))
     say(f"wrote {summary or 'no clients'} to {output} in {time.perf_counter() - start:.1f} s")
     return output
+
+
+_ROUTES: dict[str, Callable[[Any, ml_collections.ConfigDict, int], _Plan]] = {
+    _TABULAR: _tabular_plan, _ARRAYS: _arrays_plan, _GROUPED: _grouped_plan}
+ROUTE_RECIPES = tuple(k.rsplit(".", 1)[1] for k in _ROUTES)
