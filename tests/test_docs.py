@@ -80,6 +80,7 @@ def test_readme_python_api_example_runs_as_written(tmp_path, monkeypatch, capsys
     assert list(tmp_path.iterdir()) == []  # in memory: nothing written
 
 
+@pytest.mark.slow  # about 4 s; CI runs it
 def test_fedjax_port_runs_on_a_small_stand_in(tmp_path, monkeypatch, digits):
     """docs/porting_from_fedjax.md's fedstream block, with the digits in place of EMNIST and 2 rounds."""
     blocks = python_blocks("porting_from_fedjax.md")
@@ -141,6 +142,7 @@ def test_every_documented_command_parses_and_resolves():
     assert checked >= 15
 
 
+@pytest.mark.slow  # about 10 s (preprocessing and training runs); CI runs it
 def test_tutorial_runs_as_written(tmp_path, monkeypatch, capsys):
     """docs/tutorial.md, every command in order, in a fresh directory; then what the page promises."""
     import json

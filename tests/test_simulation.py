@@ -253,10 +253,11 @@ def test_bad_arguments_are_named(digits):
                                       optax.sgd(0.1), optax.sgd(1.0)))
 
 
-# fedavg on 4 devices and mime (a prepass) run on CI (slow): the default suite keeps one stateless and one
-# stateful case under its time budget.
+# fedavg on 4 devices, scaffold (client state) on 4 and mime (a prepass) run on CI (slow): the default suite
+# keeps one case under its time budget (test_contract checks the debug round's weighting on its own).
 @pytest.mark.parametrize("name,num_devices", [("fedavg", 1), pytest.param("fedavg", 4, marks=pytest.mark.slow),
-                                              ("scaffold", 4), pytest.param("mime", 1, marks=pytest.mark.slow)])
+                                              pytest.param("scaffold", 4, marks=pytest.mark.slow),
+                                              pytest.param("mime", 1, marks=pytest.mark.slow)])
 def test_debug_mode_runs_clients_eagerly_and_matches_the_compiled_round(name, num_devices):
     """fedavg, a stateful algorithm (per-client control variates) and one with a prepass (Mime)."""
     data = small_digits()
