@@ -15,12 +15,11 @@ import pytest
 import fedstream as fs
 from fedstream.algorithms import build_algorithm, make_optimizer
 from fedstream.algorithms.apfl import APFL
-from fedstream.data.cohort import ClientBatching, CohortPipeline, client_example_order, sample_cohort
+from fedstream.data.cohort import ClientBatching, client_example_order, sample_cohort
 from fedstream.models import get_model
-from fedstream.training.client_store import ClientStateStore
 from fedstream.training.personalized_eval import evaluate_personal
-from fedstream.training.rounds import build_train_round, make_mesh, replicate, shard_batch
 from support import SplitSource, assert_bit_identical, softmax, train_records
+from test_personalization import store_rounds
 
 # Train clients: an empty one (b), some smaller than a batch; test clients: one absent from train (x), one whose
 # train data is empty (b), one without test data (d).
@@ -85,21 +84,7 @@ def run_apfl(num_devices, store_dir, options, rounds=ROUNDS):
     algorithm = build_algorithm("apfl", model(), make_optimizer("sgd", LR), make_optimizer("sgd", SERVER_LR),
                                 context={"client_learning_rate": LR}, **options)
     assert isinstance(algorithm, APFL)
-    mesh = make_mesh(num_devices)
-    pipeline = CohortPipeline(data, "train", ("x", "y"), seed=SEED, cohort_size=COHORT,
-                              batching=ClientBatching(BATCH), num_devices=num_devices, data_threads=0)
-    state = algorithm.init(jax.random.PRNGKey(0))
-    theta0 = flat(state.params)
-    template = jax.tree.map(np.asarray, algorithm.client_state_template(state.params))
-    store = ClientStateStore(store_dir, template, len(TRAIN))
-    state = replicate(state, mesh)
-    round_fn = build_train_round(algorithm, mesh, seed=SEED)
-    iterator = pipeline.iterator(rounds)
-    for r in range(rounds):
-        batch = next(iterator)["batch"]
-        clients = np.where(batch["slot_steps"] > 0, batch["slot_client"], -1)
-        state, _, new = round_fn(state, shard_batch(batch, mesh), shard_batch(store.read(clients), mesh))
-        store.write(r + 1, clients, clients >= 0, jax.device_get(new))
+    state, store, mesh, theta0 = store_rounds(algorithm, data, num_devices, store_dir, rounds)  # the same seed, cohort, batch
     stored = store.read(np.arange(len(TRAIN)))
     personal = evaluate_personal(algorithm, state.params, store, data, eval_config(), mesh)  # two chunks
     return {"theta": flat(state.params), "theta0": theta0, "initialized": np.asarray(stored["initialized"]),

@@ -31,6 +31,7 @@ from fedstream.data.cohort import CohortPipeline
 from fedstream.data.sampling import ClientBatching, client_example_order
 from fedstream.training.rounds import build_train_round, make_mesh, shard_batch
 from support import flatten_tree, softmax
+from test_chunked_rounds import dataset
 from test_fedavg_reference import NumpyServerOpt
 
 SIZES = [0, 3, 17, 40, 2, 25, 9, 1, 60, 12, 33, 5, 21, 8, 14, 47, 6, 11, 29, 4]
@@ -41,17 +42,7 @@ PROFILE = DeviceProfile(seconds_per_example=0.2, speed_sigma=1.0, network_second
 DIURNAL = Availability("diurnal", day_seconds=300.0, available_fraction=0.6, time_zones=3)
 
 
-def dataset(sizes=SIZES, seed=0):
-    rng = np.random.default_rng(seed)
-
-    def client(n):
-        return {"x": rng.normal(size=(n, 3, 2, 1)).astype(np.float32), "y": rng.integers(0, 4, n).astype(np.int32)}
-
-    return fs.InMemoryDataset({"train": {f"c{i:02d}": client(n) for i, n in enumerate(sizes)},
-                               "test": {f"c{i:02d}": client(5) for i in range(len(sizes))}})
-
-
-DATA = dataset()
+DATA = dataset(SIZES)  # test_chunked_rounds' small image-shaped clients, with these sizes
 
 
 # --- the schedule: an event-driven reference ---------------------------------------------------------------------

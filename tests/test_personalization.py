@@ -199,19 +199,18 @@ def test_finetune_pipeline_packs_clients_onto_devices():
 DITTO_CASES = {"client_lr": dict(ditto_lambda=0.5), "own_lr": dict(ditto_lambda=2.0, personal_learning_rate=0.05)}
 
 
-def run_ditto(num_devices, store_dir, options, rounds=ROUNDS, evals=True):
-    """Ditto rounds through the sharded runner and the on-disk store; params, stored states and personal evals."""
-    data = source()
-    algorithm = build_algorithm("ditto", model(), make_optimizer("sgd", LR), make_optimizer("sgd", SERVER_LR),
-                                context={"client_learning_rate": LR}, **options)
-    assert isinstance(algorithm, Ditto)
+def store_rounds(algorithm, data, num_devices, store_dir, rounds):
+    """`rounds` rounds of a stateful algorithm through the sharded runner and the on-disk client-state store.
+
+    Returns (server state, store, mesh, the initial parameters flattened).
+    """
     mesh = make_mesh(num_devices)
     pipeline = CohortPipeline(data, "train", ("x", "y"), seed=SEED, cohort_size=COHORT,
                               batching=ClientBatching(BATCH), num_devices=num_devices, data_threads=0)
     state = algorithm.init(jax.random.PRNGKey(0))
     theta0 = flat(state.params)
     template = jax.tree.map(np.asarray, algorithm.client_state_template(state.params))
-    store = ClientStateStore(store_dir, template, len(TRAIN))
+    store = ClientStateStore(store_dir, template, data.client_sizes("train").size)
     state = replicate(state, mesh)
     round_fn = build_train_round(algorithm, mesh, seed=SEED)
     iterator = pipeline.iterator(rounds)
@@ -220,6 +219,16 @@ def run_ditto(num_devices, store_dir, options, rounds=ROUNDS, evals=True):
         clients = np.where(batch["slot_steps"] > 0, batch["slot_client"], -1)
         state, _, new = round_fn(state, shard_batch(batch, mesh), shard_batch(store.read(clients), mesh))
         store.write(r + 1, clients, clients >= 0, jax.device_get(new))
+    return state, store, mesh, theta0
+
+
+def run_ditto(num_devices, store_dir, options, rounds=ROUNDS, evals=True):
+    """Ditto rounds through the sharded runner and the on-disk store; params, stored states and personal evals."""
+    data = source()
+    algorithm = build_algorithm("ditto", model(), make_optimizer("sgd", LR), make_optimizer("sgd", SERVER_LR),
+                                context={"client_learning_rate": LR}, **options)
+    assert isinstance(algorithm, Ditto)
+    state, store, mesh, theta0 = store_rounds(algorithm, data, num_devices, store_dir, rounds)
     stored = store.read(np.arange(len(TRAIN)))
     personal = finetuned = {}
     if evals:  # two chunks of test clients

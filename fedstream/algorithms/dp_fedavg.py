@@ -81,7 +81,7 @@ from fedstream.algorithms.aggregators import (  # noqa: F401  (re-exported: the 
     CODEC_SALT, COUNT_NOISE_SALT, NOISE_SALT, ROTATION_SALT, TRANSFORM_METRICS, Aggregated, Aggregator, Clip,
     Compress, GaussianNoise, adapted_clip_norm, delta_noise_multiplier, round_log)
 from fedstream.algorithms.compression import make_codec
-from fedstream.algorithms.privacy import DPMechanism, calibrate_noise_multiplier, default_delta
+from fedstream.algorithms.privacy import DPMechanism, default_delta, noise_for_target
 from fedstream.models import Model
 
 
@@ -158,14 +158,9 @@ def build_transformed(
                                     cohort_size=int(clients_per_round))
             denominator = denominator or float(clients_per_round)
     delta = target_delta or (default_delta(population) if population > 0 else 0.0)
-    if target_epsilon > 0:
-        if noise_multiplier:
-            raise ValueError("set either noise_multiplier or target_epsilon, not both")
-        rounds = int(calibration_rounds or num_rounds)
-        if mechanism is None or rounds < 1:
-            raise ValueError("target_epsilon needs population, the sampling and num_rounds (or calibration_rounds)")
-        noise_multiplier = calibrate_noise_multiplier(mechanism, rounds, target_epsilon, delta, accountant)
-        mechanism = mechanism.with_noise(noise_multiplier)
+    noise_multiplier, mechanism = noise_for_target(mechanism, noise_multiplier, target_epsilon, delta,
+                                                   int(calibration_rounds or num_rounds), accountant,
+                                                   needs="population, the sampling")
     if denominator <= 0:
         raise ValueError("DP-FedAvg needs the expected clients per round: context population, sampling and "
                          "clients_per_round (or sampling_rate), or the option denominator")

@@ -60,7 +60,7 @@ import optax
 from fedstream.algorithms.aggregators import Aggregated, Clip, TreeNoise
 from fedstream.algorithms.base import RoundTotal, ServerState
 from fedstream.algorithms.fedavg import FedAvg
-from fedstream.algorithms.privacy import TreeMechanism, calibrate_noise_multiplier, default_delta
+from fedstream.algorithms.privacy import TreeMechanism, default_delta, noise_for_target
 from fedstream.models import Model
 
 
@@ -163,15 +163,9 @@ def dp_ftrl(
         raise ValueError("dp_ftrl needs restart_every >= 1 when the run's population and clients_per_round are not "
                          "known (they set the epoch)")
     delta = target_delta or (default_delta(population) if population > 0 else 0.0)
-    if target_epsilon > 0:
-        if noise_multiplier:
-            raise ValueError("set either noise_multiplier or target_epsilon, not both")
-        rounds = int(calibration_rounds or num_rounds)
-        if mechanism is None or rounds < 1:
-            raise ValueError("target_epsilon needs population, clients_per_round and num_rounds (or "
-                             "calibration_rounds)")
-        noise_multiplier = calibrate_noise_multiplier(mechanism, rounds, target_epsilon, delta, "rdp")
-        mechanism = mechanism.with_noise(noise_multiplier)
+    noise_multiplier, mechanism = noise_for_target(mechanism, noise_multiplier, target_epsilon, delta,
+                                                   int(calibration_rounds or num_rounds), "rdp",
+                                                   needs="population, clients_per_round")
     if denominator <= 0:
         raise ValueError("dp_ftrl needs the clients per round (context clients_per_round) or the option denominator")
     base = FTRL(model, client_optimizer, optax.identity(), server_learning_rate=float(server_learning_rate),

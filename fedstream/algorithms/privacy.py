@@ -293,6 +293,22 @@ def calibrate_noise_multiplier(mechanism: Mechanism, rounds: int, target_epsilon
     return float(z)
 
 
+def noise_for_target(mechanism: Mechanism | None, noise_multiplier: float, target_epsilon: float, target_delta: float,
+                     rounds: int, accountant: str, needs: str) -> tuple[float, Mechanism | None]:
+    """(z, mechanism): the configured z, or with target_epsilon > 0 the z calibrated so that `rounds` rounds end there.
+
+    `needs` names, in the error, what the calibration needs besides the rounds (the run's population, ...).
+    """
+    if not target_epsilon > 0:
+        return noise_multiplier, mechanism
+    if noise_multiplier:
+        raise ValueError("set either noise_multiplier or target_epsilon, not both")
+    if mechanism is None or rounds < 1:
+        raise ValueError(f"target_epsilon needs {needs} and num_rounds (or calibration_rounds)")
+    z = calibrate_noise_multiplier(mechanism, rounds, target_epsilon, target_delta, accountant)
+    return z, mechanism.with_noise(z)
+
+
 class PrivacyLedger:
     """Rounds of DP-FedAvg spent so far, and epsilon(delta) of them.
 
