@@ -303,10 +303,15 @@ def _hf_dataset(config: ml_collections.ConfigDict) -> Any:
         raise ValueError(f"hf dataset {source!r}: cannot load ({_one_line(e)})") from None
 
 
-def _read_hf(config: ml_collections.ConfigDict, split: str) -> _Table:
+def _hf_name(config: ml_collections.ConfigDict, split: str) -> str:
+    """How messages name an HF split."""
+    return f"hf dataset {config.hf_dataset!r} split {split!r}"
+
+
+def _hf_split(config: ml_collections.ConfigDict, split: str) -> Any:
+    """The `datasets.Dataset` of HF split `split` (a single saved Dataset is the split `train`)."""
     datasets = _datasets()
     loaded = _hf_dataset(config)
-    name = f"hf dataset {config.hf_dataset!r} split {split!r}"
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise ValueError(f"hf dataset {config.hf_dataset!r}: no split {split!r} (splits: {', '.join(loaded)})")
@@ -316,6 +321,13 @@ def _read_hf(config: ml_collections.ConfigDict, split: str) -> _Table:
     else:
         raise ValueError(f"hf dataset {config.hf_dataset!r} is a single Dataset without splits; "
                          f"there is no split {split!r}")
+    return ds
+
+
+def _read_hf(config: ml_collections.ConfigDict, split: str) -> _Table:
+    datasets = _datasets()
+    ds = _hf_split(config, split)
+    name = _hf_name(config, split)
 
     def images(key: str) -> Callable[[], np.ndarray]:
         def load() -> np.ndarray:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import importlib
 import json
 import logging
@@ -97,8 +98,8 @@ def pipeline_args(runner: str, beam_options: Sequence[str]) -> list[str]:
 def _check_config(config: ml_collections.ConfigDict, tabular: Any) -> dict[str, str]:
     """The splits' input files; raises ConfigError for what this route does not support."""
     fmt = tabular._format(config)
-    if fmt not in ("csv", "parquet"):
-        raise ConfigError(f"the Beam route reads csv and parquet files, not format {fmt!r}")
+    if fmt not in ("csv", "parquet", "hf"):
+        raise ConfigError(f"the Beam route reads csv, parquet and hf, not format {fmt!r}")
     if not config.client_key:
         raise ConfigError("the Beam route groups rows by a client column: set --config.client_key (the partitioners "
                           "need every label at once; use the single-process route for them)")
@@ -109,7 +110,7 @@ def _check_config(config: ml_collections.ConfigDict, tabular: Any) -> dict[str, 
         raise ConfigError("the Beam route needs a fixed --config.input_dtype (one client's rows cannot tell the "
                           "dtype that the whole column would infer)")
     splits = tabular._splits(config)
-    for source in splits.values():
+    for source in splits.values() if fmt != "hf" else ():
         if not pathlib.Path(source).is_file():
             raise ConfigError(f"{source}: no such file")
     return splits
@@ -128,8 +129,10 @@ def _csv_header(path: pathlib.Path, delimiter: str) -> tuple[list[str], int]:
     return header, len(line)
 
 
-def _tasks(splits: dict[str, str], fmt: str, delimiter: str, range_bytes: int) -> list[dict[str, Any]]:
-    """One read task per byte range (csv) or row group (parquet) of every input file."""
+def _tasks(splits: dict[str, str], fmt: str, delimiter: str, range_bytes: int,
+           names: dict[str, str]) -> list[dict[str, Any]]:
+    """One read task per byte range (csv) or row group (parquet) of every input file; `names` are the
+    splits' names in messages."""
     tasks: list[dict[str, Any]] = []
     for file_index, (split, source) in enumerate(splits.items()):
         path = pathlib.Path(source).absolute()
@@ -146,12 +149,12 @@ def _tasks(splits: dict[str, str], fmt: str, delimiter: str, range_bytes: int) -
             metadata = pq.ParquetFile(path).metadata
             for group in range(metadata.num_row_groups):
                 tasks.append({"split": split, "file": file_index, "path": str(path), "row_group": group,
-                              "first_row": offset})
+                              "first_row": offset, "name": names[split]})
                 offset += metadata.row_group(group).num_rows
     return tasks
 
 
-def _head_table(tabular: Any, config: ml_collections.ConfigDict, source: str, rows: int = 1000) -> Any:
+def _head_table(tabular: Any, config: ml_collections.ConfigDict, source: str, name: str, rows: int = 1000) -> Any:
     """The first rows of `source` as the recipe's `_Table` (to derive the schema on the driver)."""
     path = pathlib.Path(source)
     if tabular._format(config) == "csv":
@@ -170,12 +173,13 @@ def _head_table(tabular: Any, config: ml_collections.ConfigDict, source: str, ro
 
     parquet = pq.ParquetFile(path)
     table = parquet.read_row_group(0) if parquet.metadata.num_row_groups else parquet.schema_arrow.empty_table()
-    return tabular._arrow_table(str(path), table.slice(0, rows))
+    return tabular._arrow_table(name, table.slice(0, rows))
 
 
-def _schema(tabular: Any, config: ml_collections.ConfigDict, splits: dict[str, str]) -> Schema:
+def _schema(tabular: Any, config: ml_collections.ConfigDict, splits: dict[str, str], names: dict[str, str]
+            ) -> Schema:
     """x and y as `tabular.schema` derives them, from the head of the train file."""
-    table = _head_table(tabular, config, splits["train"])
+    table = _head_table(tabular, config, splits["train"], names["train"])
     ids = tabular._client_ids(table, config.client_key)
     features = {"x": tabular._x(config, table, ids)}
     if config.label_key:
@@ -219,7 +223,7 @@ def read_task(task: dict[str, Any], client_key: str, delimiter: str) -> Iterator
 
         table = pq.ParquetFile(name).read_row_group(task["row_group"])
         tabular = importlib.import_module(_TABULAR)
-        ids = tabular._client_ids(tabular._arrow_table(name, table), client_key)
+        ids = tabular._client_ids(tabular._arrow_table(task["name"], table), client_key)
         for i, row in enumerate(table.to_pylist()):
             yield (split, str(ids[i])), (task["file"], task["first_row"] + i, row)
         return
@@ -255,7 +259,7 @@ def convert_client(element: tuple[tuple[str, str], Iterable[tuple]], config_dict
     config = ml_collections.ConfigDict(config_dict)
     schema = schema_from_json(schema_json)
     header = headers[rows[0][0]]
-    name = f"{header['path']} (client {client_id!r})"
+    name = f"{header['name']} (client {client_id!r})"
     if header["kind"] == "csv":
         table = _csv_table(name, header["columns"], [r[2] for r in rows])
     else:
@@ -328,25 +332,86 @@ class _Plan:
     tasks: list[Any]  # the pipeline's input, one element per read task
     stages: Callable[[Any], Any]  # tasks PCollection -> PCollection of (split, client id, n, encoded records)
     what: str  # for the progress line, e.g. "12 read tasks"
+    cleanup: Callable[[], None] = lambda: None  # deletes the plan's temporary files (run after the pipeline)
 
 
-def _tabular_plan(module: Any, config: ml_collections.ConfigDict, range_bytes: int) -> _Plan:
-    """Read tasks over the CSV byte ranges / Parquet row groups, grouped by the client column."""
-    beam = _beam()
+def _hf_to_parquet(module: Any, config: ml_collections.ConfigDict, splits: dict[str, str], directory: pathlib.Path,
+                   range_bytes: int) -> dict[str, str]:
+    """Writes the columns that the recipe reads of each HF split (`tabular._hf_split`, rows in the
+    dataset's order) to `directory/<split>.parquet`, row groups of about `range_bytes` of Arrow data
+    (one read task each); returns {split: Parquet file}. Image columns are refused: the
+    single-process route decodes them with `datasets`, which the Parquet route does not."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    datasets = module._datasets()
+    out = {}
+    for split, hf_split in splits.items():
+        ds = module._hf_split(config, hf_split)
+        name = module._hf_name(config, hf_split)
+        columns = dict.fromkeys(ds.column_names)
+        used = module._inputs(config, module._Table(name, columns, len(ds)))
+        used += [k for k in (config.label_key, config.client_key) if k]
+        for key in used:
+            if key not in columns:
+                raise ValueError(f"{name}: no column {key!r} (columns: {', '.join(columns) or 'none'})")
+            if isinstance(ds.features[key], datasets.Image):
+                raise ConfigError(f"{name}: column {key!r} holds images; the Beam route does not decode images "
+                                  "(use the single-process route)")
+        ds = ds.select_columns([k for k in columns if k in used]).with_format("arrow")
+        rows = max(1, int(range_bytes * len(ds) // max(ds.data.nbytes, 1))) if len(ds) else 1
+        path = directory / f"{split}.parquet"
+        first = ds[0:rows]
+        try:
+            with pq.ParquetWriter(path, first.schema) as writer:
+                writer.write_table(first, row_group_size=rows)
+                for start in range(rows, len(ds), rows):
+                    writer.write_table(ds[start:start + rows], row_group_size=rows)
+        except (pa.ArrowException, OSError) as e:
+            raise ValueError(f"{name}: cannot write it as Parquet ({module._one_line(e)})") from None
+        out[split] = str(path)
+    return out
+
+
+def _tabular_plan(module: Any, config: ml_collections.ConfigDict, range_bytes: int, scratch: pathlib.Path) -> _Plan:
+    """Read tasks over the CSV byte ranges / Parquet row groups, grouped by the client column. An HF
+    dataset's splits are first written to Parquet files under `scratch` (the plan's cleanup deletes
+    them) and read as Parquet."""
     splits = _check_config(config, module)
     fmt = module._format(config)
-    schema = _schema(module, config, splits)
-    tasks = _tasks(splits, fmt, config.csv_delimiter, int(range_bytes))
+    names = dict(splits)
+    cleanup: Callable[[], None] = lambda: None
+    if fmt == "hf":
+        names = {split: module._hf_name(config, hf_split) for split, hf_split in splits.items()}
+        scratch.mkdir()
+        cleanup = functools.partial(shutil.rmtree, scratch, ignore_errors=True)
+        try:
+            splits, fmt = _hf_to_parquet(module, config, splits, scratch, range_bytes), "parquet"
+        except BaseException:
+            cleanup()
+            raise
+    try:
+        return _tabular_stages(module, config, range_bytes, splits, fmt, names, cleanup)
+    except BaseException:
+        cleanup()
+        raise
+
+
+def _tabular_stages(module: Any, config: ml_collections.ConfigDict, range_bytes: int, splits: dict[str, str],
+                    fmt: str, names: dict[str, str], cleanup: Callable[[], None]) -> _Plan:
+    beam = _beam()
+    schema = _schema(module, config, splits, names)
+    tasks = _tasks(splits, fmt, config.csv_delimiter, int(range_bytes), names)
     headers: dict[int, Any] = {}
-    for file_index, source in enumerate(splits.values()):
+    for file_index, (split, source) in enumerate(splits.items()):
         if fmt == "csv":
-            headers[file_index] = {"kind": "csv", "path": source,
+            headers[file_index] = {"kind": "csv", "name": names[split],
                                    "columns": _csv_header(pathlib.Path(source), config.csv_delimiter)[0]}
         else:
             import pyarrow.parquet as pq
 
             arrow_schema = pq.ParquetFile(source).schema_arrow
-            headers[file_index] = {"kind": "parquet", "path": source,
+            headers[file_index] = {"kind": "parquet", "name": names[split],
                                    "arrow_schema": arrow_schema.serialize().to_pybytes()}
     from fedstream.data.format import schema_to_json
 
@@ -360,7 +425,7 @@ def _tabular_plan(module: Any, config: ml_collections.ConfigDict, range_bytes: i
                 | "GroupByClient" >> beam.GroupByKey()
                 | "Convert" >> beam.Map(convert_client, config_dict, headers, schema_json))
 
-    return _Plan(schema, tasks, stages, f"{len(tasks)} read tasks")
+    return _Plan(schema, tasks, stages, f"{len(tasks)} read tasks", cleanup)
 
 
 # ---------------------------------------------------------------------------------------------- arrays
@@ -598,9 +663,7 @@ def run_preprocess_beam(
     to replace. `range_bytes` is the size of a CSV / JSON Lines read task, `task_examples` the
     examples per `arrays` task. Returns the output path.
     """
-    beam = _beam()
-    from apache_beam.options.pipeline_options import PipelineOptions
-
+    _beam()
     say = progress or (lambda _: None)
     args = pipeline_args(runner, beam_options)
     if runner == "DataflowRunner":
@@ -634,7 +697,25 @@ def run_preprocess_beam(
     if up_to_date(output, name, config_json, fingerprint, compression, force, say):
         return output
     size = task_examples if module_name == _ARRAYS else range_bytes
-    plan = _ROUTES[module_name](module, config, int(size))
+    if module_name == _TABULAR:  # an HF dataset's splits go to Parquet files here, next to the output
+        scratch = output.with_name(f".{output.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-hf")
+        plan = _tabular_plan(module, config, int(size), scratch)
+    else:
+        plan = _ROUTES[module_name](module, config, int(size))
+    try:
+        return _run_plan(plan, module, config, output, name, runner, args, compression, records_per_shard,
+                         config_json, fingerprint, say)
+    finally:
+        plan.cleanup()
+
+
+def _run_plan(plan: _Plan, module: Any, config: ml_collections.ConfigDict, output: pathlib.Path, name: str,
+              runner: str, args: list[str], compression: str, records_per_shard: int, config_json: dict[str, Any],
+              fingerprint: str, say: Callable[[str], None]) -> pathlib.Path:
+    """Runs `plan`'s pipeline into the output's temporary directory and finishes the dataset."""
+    beam = _beam()
+    from apache_beam.options.pipeline_options import PipelineOptions
+
     metadata = {"recipe": name, "config": config_json, "source": module.SOURCE, "seed": config_json.get("seed"),
                 "fedstream_version": __version__, "input_fingerprint": fingerprint}
     say(f"preprocessing {name} into {output} on {runner} ({plan.what})")
@@ -674,6 +755,5 @@ def run_preprocess_beam(
     return output
 
 
-_ROUTES: dict[str, Callable[[Any, ml_collections.ConfigDict, int], _Plan]] = {
-    _TABULAR: _tabular_plan, _ARRAYS: _arrays_plan, _GROUPED: _grouped_plan}
+_ROUTES: dict[str, Callable[..., _Plan]] = {_TABULAR: _tabular_plan, _ARRAYS: _arrays_plan, _GROUPED: _grouped_plan}
 ROUTE_RECIPES = tuple(k.rsplit(".", 1)[1] for k in _ROUTES)
