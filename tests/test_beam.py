@@ -17,6 +17,7 @@ from fedstream.data.reader import FederatedDataset
 from fedstream.data.writer import DatasetWriter
 
 HAVE_BEAM = importlib.util.find_spec("apache_beam") is not None
+HAVE_DATASETS = importlib.util.find_spec("datasets") is not None
 MULTI_PROCESS = ["direct_num_workers=2", "direct_running_mode=multi_processing"]
 
 
@@ -38,6 +39,25 @@ def _parquet(path: pathlib.Path, rows: int, seed: int) -> None:
                       "pixels": [list(map(int, rng.integers(0, 255, 6))) for _ in range(rows)],
                       "label": rng.integers(0, 10, rows).astype(np.int16)})
     pq.write_table(table, path, row_group_size=97)
+
+
+def _hf_dataset_dict(directory: pathlib.Path) -> dict[str, dict[str, list]]:
+    """A DatasetDict saved with save_to_disk: train and test splits, 11 interleaved clients, a sequence column,
+    a float column, a class label and an unused text column. Returns the columns per split."""
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.default_rng(7)
+    features = datasets.Features({"note": datasets.Value("string"), "pixels": datasets.Sequence(datasets.Value("int16")),
+                                  "user": datasets.Value("string"), "v": datasets.Value("float32"),
+                                  "label": datasets.ClassLabel(names=["a", "b", "c"])})
+    parts = {}
+    for split, n in (("train", 700), ("test", 150)):
+        parts[split] = {"note": ["x" * int(k) for k in rng.integers(0, 9, n)],
+                        "pixels": rng.integers(-300, 300, (n, 4)).tolist(),
+                        "user": [f"u{k}" for k in rng.integers(0, 11, n)],
+                        "v": rng.random(n).astype(np.float32).tolist(), "label": rng.integers(0, 3, n).tolist()}
+    datasets.DatasetDict({k: datasets.Dataset.from_dict(v, features=features) for k, v in parts.items()}
+                         ).save_to_disk(str(directory))
+    return parts
 
 
 def test_add_shard_gives_the_same_content_as_add_client(tmp_path):
@@ -225,3 +245,64 @@ def test_beam_grouped_bad_record_names_file_and_offset(tmp_path):
         run_preprocess_beam("grouped", tmp_path / "o", [f"inputs={tmp_path}/c.jsonl", "group_key=domain"],
                             range_bytes=4096, beam_options=MULTI_PROCESS, progress=None)
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not (HAVE_BEAM and HAVE_DATASETS), reason="needs apache_beam and datasets")
+def test_beam_hf_digest_equals_single_process(tmp_path, monkeypatch):
+    """A save_to_disk DatasetDict grouped by its client column: the driver writes the splits' used columns to
+    Parquet, 2 worker processes read its row groups: the single-process route's dataset, temporary files gone."""
+    from fedstream.data.beam import run_preprocess_beam
+    from fedstream.data.preprocessing import run_preprocess
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    parts = _hf_dataset_dict(tmp_path / "hf")
+    saved = sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in (tmp_path / "hf").rglob("*"))
+    overrides = [f"hf_dataset={tmp_path / 'hf'}", "test=test", "client_key=user", "input_key=v,pixels",
+                 "input_scale=0.5"]
+    single = run_preprocess("tabular", tmp_path / "single", overrides, progress=None)
+    beam = run_preprocess_beam("tabular", tmp_path / "beam", overrides, beam_options=MULTI_PROCESS,
+                               range_bytes=2048, records_per_shard=150, progress=None)
+    a, b = FederatedDataset(single), FederatedDataset(beam)
+    for split in ("train", "test"):
+        assert a.content_digest(split) == b.content_digest(split)
+    assert len(b.metadata["splits"]["train"]["shards"]) > 1
+    assert b.metadata["input_fingerprint"] == a.metadata["input_fingerprint"]
+    # One client against the columns it was built from (x = [v, pixels] * 0.5, rows in dataset order).
+    cols = parts["test"]
+    rows = [i for i, u in enumerate(cols["user"]) if u == "u3"]
+    got = b.get_client("test", "u3")
+    np.testing.assert_array_equal(got["x"], np.array([[cols["v"][i], *cols["pixels"][i]] for i in rows],
+                                                     np.float64).astype(np.float32) * np.float32(0.5))
+    np.testing.assert_array_equal(got["y"], [cols["label"][i] for i in rows])
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no Parquet or temporary directory left
+    assert sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in (tmp_path / "hf").rglob("*")) == saved
+    before = (beam / "_SUCCESS").stat().st_mtime_ns
+    run_preprocess_beam("tabular", beam, overrides, progress=None)  # same input: a no-op
+    assert (beam / "_SUCCESS").stat().st_mtime_ns == before
+
+
+@pytest.mark.skipif(not (HAVE_BEAM and HAVE_DATASETS), reason="needs apache_beam and datasets")
+def test_beam_hf_bad_input_is_one_line(tmp_path, monkeypatch):
+    from fedstream.config import ConfigError
+    from fedstream.data.beam import run_preprocess_beam
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    _hf_dataset_dict(tmp_path / "hf")
+    hf = f"hf_dataset={tmp_path / 'hf'}"
+    with pytest.raises(ValueError, match=r"^hf dataset '\S+' split 'test': no column 'client' "
+                                         r"\(columns: note, pixels, user, v, label\)$"):
+        run_preprocess_beam("tabular", tmp_path / "o", [hf, "train=test", "client_key=client"], progress=None)
+    with pytest.raises(ValueError, match=r"^hf dataset '\S+': no split 'validation' \(splits: train, test\)$"):
+        run_preprocess_beam("tabular", tmp_path / "o", [hf, "test=validation", "client_key=user"], progress=None)
+    datasets = pytest.importorskip("datasets")
+    pytest.importorskip("PIL")
+    images = datasets.Dataset.from_dict(
+        {"image": [np.zeros((2, 2), np.uint8)] * 3, "user": ["a", "b", "a"], "label": [0, 1, 0]},
+        features=datasets.Features({"image": datasets.Image(), "user": datasets.Value("string"),
+                                    "label": datasets.Value("int64")}))
+    images.save_to_disk(str(tmp_path / "images"))
+    with pytest.raises(ConfigError, match=r"^hf dataset '\S+' split 'train': column 'image' holds images; the Beam "
+                                          r"route does not decode images \(use the single-process route\)$"):
+        run_preprocess_beam("tabular", tmp_path / "o", [f"hf_dataset={tmp_path / 'images'}", "client_key=user"],
+                            progress=None)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # the Parquet directory is removed
