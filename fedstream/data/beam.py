@@ -8,6 +8,11 @@ recipe (`_ROUTES`):
   that workers read in parallel; rows are keyed by `(split, client id)` and grouped with
   `GroupByKey`; each client's rows are put back in file order (every row carries its file and
   byte offset / row number) and converted with the recipe's own functions (`tabular._x`, `_y`).
+  A Hugging Face dataset (format `hf`) is loaded on the driver with the recipe's own `_hf_split`
+  (a save_to_disk directory, or `datasets.load_dataset`); the columns the recipe reads are
+  written to one Parquet file per split in a hidden sibling of the output (deleted when the run
+  ends, also on failure), which the Parquet path then reads. Image columns are refused (the
+  single-process route decodes them with `datasets`).
 - `arrays`: the client assignment (a client-id array or a partitioner of
   fedstream/data/partition.py, and the per-client test split) needs every label at once, so the
   driver computes it once with the recipe's own `assignment` from the ids or labels alone; tasks
@@ -660,8 +665,9 @@ def run_preprocess_beam(
 
     `runner` and `beam_options` (`KEY=VALUE`, Beam's pipeline options without `--`) choose where
     the pipeline runs. Otherwise as `run_preprocess`: same metadata, same no-op rerun, `force`
-    to replace. `range_bytes` is the size of a CSV / JSON Lines read task, `task_examples` the
-    examples per `arrays` task. Returns the output path.
+    to replace. `range_bytes` is the size of a CSV / JSON Lines read task (and the Arrow bytes of
+    an HF split's Parquet row group), `task_examples` the examples per `arrays` task. Returns the
+    output path.
     """
     _beam()
     say = progress or (lambda _: None)
