@@ -218,6 +218,7 @@ def test_lanes_equal_one_lane_for_an_algorithm_with_a_prepass():
     assert_close(one, run_algorithm.run(spec, 4, lanes=4), "mime, 4 lanes")
 
 
+@pytest.mark.slow  # about 3.5 s; lanes (test_lanes_equal_one_lane) and stateful chunks are checked by default
 def test_lanes_equal_one_lane_for_stateful_algorithms():
     model = fs.get_model("logistic", (3, 2, 1), 4)
     for algorithm in (fs.Scaffold(model, optax.sgd(0.2), optax.sgd(1.0), client_learning_rate=0.2, population=len(SIZES)),

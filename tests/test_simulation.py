@@ -294,6 +294,7 @@ def test_debug_mode_lets_a_client_step_use_python_on_values():
     assert len(seen) == first["train"]["steps"] and all(np.isfinite(seen))
 
 
+@pytest.mark.slow  # about 3 s; the debug round itself is checked in the default run above
 def test_cli_debug_flag_trains_eagerly_to_the_same_model(tmp_path, digits):
     args = ["train", "digits_fedavg", f"--config.data.path={digits}", "--config.num_rounds=1",
             "--config.clients_per_round=3", "--config.model.name=logistic"]
