@@ -16,19 +16,14 @@ import fedstream as fs
 from fedstream.algorithms import build_algorithm, make_optimizer
 from fedstream.algorithms.apfl import APFL
 from fedstream.data.cohort import ClientBatching, client_example_order, sample_cohort
-from fedstream.models import get_model
 from fedstream.training.personalized_eval import evaluate_personal
 from support import SplitSource, assert_bit_identical, softmax, train_records
-from test_personalization import store_rounds
+from test_personalization import (BATCH, COHORT, INPUT_SHAPE, LR, NUM_CLASSES, ROUNDS, SEED, SERVER_LR, SHAPE,
+                                  TEST, TOL, TRAIN, client_data, flat, grad, model, store_rounds)
 
-# Train clients: an empty one (b), some smaller than a batch; test clients: one absent from train (x), one whose
-# train data is empty (b), one without test data (d).
-TRAIN = {"a": 12, "b": 0, "c": 30, "d": 7, "e": 3, "f": 20, "g": 1, "h": 16}
-TEST = {"c": 9, "x": 5, "a": 4, "b": 6, "d": 0, "f": 11, "g": 3, "h": 2, "e": 8}
-INPUT_SHAPE, NUM_CLASSES = (3, 2, 1), 4
-SHAPE = (int(np.prod(INPUT_SHAPE)), NUM_CLASSES)
-SEED, COHORT, ROUNDS, BATCH, LR, SERVER_LR = 5, 4, 3, 5, 0.2, 0.9
-TOL = dict(rtol=2e-4, atol=2e-5)
+# The clients, constants and NumPy helpers of the Ditto tests (test_personalization), with a source of its own
+# (seed 11): train clients with an empty one (b) and some smaller than a batch; test clients with one absent from
+# train (x), one whose train data is empty (b), one without test data (d).
 
 CASES = {
     # the paper's single step size: SGD at LR for w_i, v_i and alpha_i
@@ -41,29 +36,6 @@ CASES = {
 
 def source():
     return SplitSource({"train": TRAIN, "test": TEST}, input_shape=INPUT_SHAPE, num_classes=NUM_CLASSES, seed=11)
-
-
-def model():
-    return get_model("logistic", INPUT_SHAPE, NUM_CLASSES)
-
-
-def flat(params):
-    return np.concatenate([np.asarray(params["Dense_0"]["kernel"], np.float64).ravel(),
-                           np.asarray(params["Dense_0"]["bias"], np.float64)])
-
-
-def grad(theta, x, y):
-    """Gradient of the mean softmax cross-entropy over the batch."""
-    k = SHAPE[0] * SHAPE[1]
-    p = softmax(x @ theta[:k].reshape(SHAPE) + theta[k:])
-    p[np.arange(len(y)), y] -= 1.0
-    p /= len(y)
-    return np.concatenate([(x.T @ p).ravel(), p.sum(0)])
-
-
-def client_data(data, split, position):
-    d = data.get_client(split, position)
-    return d["x"].reshape(len(d["y"]), SHAPE[0]).astype(np.float64), d["y"]
 
 
 def eval_config(chunk_clients=5):
