@@ -17,9 +17,9 @@ from fedstream.algorithms import build_algorithm, make_optimizer
 from fedstream.algorithms.apfl import APFL
 from fedstream.data.cohort import ClientBatching, client_example_order, sample_cohort
 from fedstream.training.personalized_eval import evaluate_personal
-from support import SplitSource, assert_bit_identical, softmax, train_records
-from test_personalization import (BATCH, COHORT, INPUT_SHAPE, LR, NUM_CLASSES, ROUNDS, SEED, SERVER_LR, SHAPE,
-                                  TEST, TOL, TRAIN, client_data, flat, grad, model, store_rounds)
+from support import SplitSource, assert_bit_identical, train_records
+from test_personalization import (BATCH, COHORT, INPUT_SHAPE, LR, NUM_CLASSES, ROUNDS, SEED, SERVER_LR,
+                                  TEST, TOL, TRAIN, client_data, flat, grad, model, reference_summary, store_rounds)
 
 # The clients, constants and NumPy helpers of the Ditto tests (test_personalization), with a source of its own
 # (seed 11): train clients with an empty one (b) and some smaller than a batch; test clients with one absent from
@@ -96,26 +96,6 @@ def reference_apfl(theta0, alpha_init, adaptive_alpha=True, alpha_learning_rate=
     return theta, personal, clipped
 
 
-def reference_summary(data, theta_of):
-    """summarize_eval's numbers with test client c scored by theta_of(its id)."""
-    losses, corrects, per_client = [], [], []
-    for position, cid in enumerate(data.client_ids("test").tolist()):
-        x, y = client_data(data, "test", position)
-        if not len(y):
-            continue
-        theta = theta_of(cid)
-        k = SHAPE[0] * SHAPE[1]
-        p = softmax(x @ theta[:k].reshape(SHAPE) + theta[k:])
-        loss = -np.log(p[np.arange(len(y)), y])
-        correct = (p.argmax(1) == y).astype(np.float64)
-        losses.append(loss)
-        corrects.append(correct)
-        per_client.append((loss.mean(), correct.mean()))
-    return {"loss": np.concatenate(losses).mean(), "accuracy": np.concatenate(corrects).mean(),
-            "client_mean_loss": np.mean([a for a, _ in per_client]),
-            "client_mean_accuracy": np.mean([b for _, b in per_client]), "num_clients": len(per_client)}
-
-
 def check_apfl(got, personal_eval, options):
     theta, personal, clipped = reference_apfl(got["theta0"], **options)
     np.testing.assert_allclose(got["theta"], theta, **TOL)
@@ -140,7 +120,7 @@ def check_apfl(got, personal_eval, options):
         v, alpha = personal[train_ids.index(cid)]
         return alpha * v + (1 - alpha) * theta
 
-    ref = reference_summary(data, theta_of)
+    ref = reference_summary(data, lambda _, cid: theta_of(cid))
     for key in ("loss", "accuracy", "client_mean_loss", "client_mean_accuracy"):
         np.testing.assert_allclose(personal_eval["personal_" + key], ref[key], rtol=1e-4, atol=1e-5, err_msg=key)
     assert personal_eval["personal_num_clients"] == ref["num_clients"]
